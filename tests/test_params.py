@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from tunery.cli import main as cli_main
+from tunery.config import Params, WordnetSource, load_params
+from tunery.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def base_tree() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_committed_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert isinstance(params.ingest.source, WordnetSource)
+    assert len(params.ingest.source.categories) >= 8
+
+
+def test_models_are_frozen():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(ValidationError):
+        params.prepare.split_salt = "x"  # type: ignore[misc]
+
+
+def test_typo_names_the_key_path(tmp_path):
+    tree = base_tree()
+    tree["prepare"]["fractionz"] = tree["prepare"].pop("fractions")
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, tree))
+    msg = str(err.value)
+    assert "prepare.fractionz: unknown key" in msg
+    assert "prepare.fractions: Field required" in msg
+
+
+def test_wrong_type_names_the_key_and_value(tmp_path):
+    tree = base_tree()
+    tree["ingest"]["min_per_class"] = "many"
+    with pytest.raises(ConfigError, match=r"ingest.min_per_class: .*integer.*'many'"):
+        load_params(write(tmp_path, tree))
+
+
+def test_yaml_float_gotcha_is_harmless(tmp_path):
+    tree = base_tree()
+    tree["prepare"]["fractions"]["val"] = "1e-1"  # what PyYAML makes of `1e-1`
+    assert load_params(write(tmp_path, tree)).prepare.fractions.val == 0.1
+    tree["prepare"]["fractions"]["val"] = "ten percent"
+    with pytest.raises(ConfigError, match="prepare.fractions.val: .*'ten percent'"):
+        load_params(write(tmp_path, tree))
+
+
+def test_fractions_must_leave_room_for_train(tmp_path):
+    tree = base_tree()
+    tree["prepare"]["fractions"] = {"val": 0.3, "test": 0.35, "holdout": 0.3}
+    with pytest.raises(ConfigError, match="leave at least 10 %"):
+        load_params(write(tmp_path, tree))
+
+
+def test_overrides_are_typed_and_validated():
+    params = load_params(
+        REPO / "params.yaml", ["prepare.fractions.val=0.2", "ingest.labels=[a, b]"]
+    )
+    assert params.prepare.fractions.val == 0.2
+    assert params.ingest.labels == ["a", "b"]
+    with pytest.raises(ConfigError, match="with --set overrides"):
+        load_params(REPO / "params.yaml", ["prepare.nope=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_params(REPO / "params.yaml", ["prepare.split_salt"])
+
+
+def test_source_kind_switches_schema(tmp_path):
+    tree = base_tree()
+    tree["ingest"]["source"] = {"kind": "files", "path": "x.csv", "categories": ["noun.act"]}
+    with pytest.raises(ConfigError, match="ingest.source.files.categories: unknown key"):
+        load_params(write(tmp_path, tree))
+
+
+def test_check_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as done:
+        cli_main(["check", "--set", "prepare.split_salt=abc"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "split_salt: abc" in out and "OK:" in out
+
+    tree = base_tree()
+    tree["ingest"]["duplicates"] = "keep"
+    bad = write(tmp_path, tree)
+    with pytest.raises(SystemExit) as done:
+        cli_main(["check", "-p", str(bad)])
+    assert done.value.code == 2
+    assert "ingest.duplicates" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Offline, self-contained process settings, applied by the project itself.
+
+`configure()` is called by the CLI and by every stage entry point (never at import time). It only
+sets variables the user has not set, so an explicit `MLFLOW_TRACKING_URI` or `PREFECT_API_URL`
+still wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MARKERS = ("params.yaml", "dvc.yaml")
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project root: the nearest folder (from `start` or the cwd upwards) with params.yaml and dvc.yaml."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if all((folder / m).is_file() for m in MARKERS):
+            return folder
+    return here
+
+
+def project_defaults(root: Path) -> dict[str, str]:
+    """The variables that keep every tool offline and its state inside the project."""
+    return {
+        # No model or data hub at run time: models and data come from local paths or packages.
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": str(root / ".cache" / "huggingface"),
+        # Prefect: its own temporary server on sqlite, state in the project, no telemetry.
+        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # MLflow: otherwise `import mlflow` writes a telemetry id into the home folder.
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        # DVC: no analytics/updater daemons, site cache inside the project instead of /var/tmp/dvc.
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(root / ".dvc" / "site_cache"),
+        # onnxruntime writes a device id under the home folder otherwise.
+        "ORT_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def configure(root: Path | None = None) -> Path:
+    """Apply `project_defaults` to this process (and so its children); return the project root."""
+    root = find_root(root)
+    for key, value in project_defaults(root).items():
+        os.environ.setdefault(key, value)
+    return root

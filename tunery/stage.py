@@ -1,0 +1,78 @@
+"""The shared entry point of every stage (`python -m tasks.<stage>`).
+
+It applies the project's offline settings, parses `params.yaml` once, opens the stage's MLflow run,
+calls the stage's `run()` and writes `metrics/<stage>.json` atomically. A `TuneryError` becomes one
+clear line on stderr and exit code 2, with no metrics written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tunery import env
+from tunery.config import Params, load_params
+from tunery.errors import TuneryError
+from tunery.io import write_json
+
+log = logging.getLogger("tunery")
+
+StageBody = Callable[[Params, Path, Any], Mapping[str, Any]]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def numeric_items(prefix: str, value: Any) -> dict[str, float]:
+    """Flatten nested metrics to dotted keys, keeping numbers only (what MLflow accepts)."""
+    out: dict[str, float] = {}
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            out.update(numeric_items(f"{prefix}.{k}" if prefix else str(k), v))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[prefix] = float(value)
+    return out
+
+
+def stage_main(stage: str, body: StageBody, argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m tasks.{stage}", description=f"Run the `{stage}` stage."
+    )
+    parser.add_argument(
+        "-p", "--params", default="params.yaml", help="params file (default: params.yaml)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a param"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    root = env.configure()
+    try:
+        params = load_params(root / args.params, args.set)
+        section = params.section(stage)
+        from tunery import tracking  # imported late: mlflow costs seconds and the GPU box lacks it
+
+        start = time.perf_counter()
+        with tracking.stage_run(
+            root, params.tracking.experiment, stage, section.model_dump(mode="json")
+        ) as run:
+            metrics = dict(body(params, root, run))
+            metrics["seconds"] = round(time.perf_counter() - start, 3)
+            run.log_metrics(numeric_items("", metrics))
+            write_json(root / "metrics" / f"{stage}.json", metrics)
+        log.info("%s done in %.1f s", stage, metrics["seconds"])
+    except TuneryError as exc:
+        print(f"tunery {stage}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
