@@ -75,7 +75,7 @@ def project(tmp_path: Path) -> Path:
     root = tmp_path / "proj"
     root.mkdir()
     for name in ("tunery", "tasks", "flows"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(small_params(), sort_keys=False))
     (root / "data" / "source").mkdir(parents=True)
@@ -92,6 +92,7 @@ def init_repo(root: Path) -> None:
     run(sys.executable, "-m", "dvc", "init", "-q")
     run(sys.executable, "-m", "dvc", "config", "core.analytics", "false")
     run(sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root.parent / "remote"))
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
 
 
 def tool_env(root: Path) -> dict[str, str]:

@@ -43,7 +43,8 @@ def lock(root):
 
 def test_repro_skip_rerun_and_data_versions(project):
     init_repo(project)
-    out = dvc(project, "repro")
+    # the data stages only: the model stages have their own tests
+    out = dvc(project, "repro", "prepare")
     assert "Running stage 'ingest'" in out and "Running stage 'prepare'" in out
 
     # the data version logged to MLflow is the hash DVC records for the raw dataset
@@ -56,25 +57,25 @@ def test_repro_skip_rerun_and_data_versions(project):
     }
 
     # unchanged: nothing runs
-    out = dvc(project, "repro")
+    out = dvc(project, "repro", "prepare")
     assert "Running stage" not in out
 
     # a prepare param: only prepare re-runs
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["prepare"]["fractions"]["val"] = 0.2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc(project, "repro")
+    out = dvc(project, "repro", "prepare")
     assert "Running stage 'prepare'" in out and "Running stage 'ingest'" not in out
     params["prepare"]["fractions"]["val"] = 0.1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc(project, "repro")
+    dvc(project, "repro", "prepare")
 
     # new data through `tunery data add`: a new data version, existing examples keep their split
     new = make_rows(15, offset=100)
     new.to_csv(project / "new.csv", index=False)
     tunery(project, "data", "add", "new.csv", "--push")
     assert (project / "data" / "incoming" / "new.csv.dvc").exists()
-    result = tunery(project, "run")
+    result = tunery(project, "run", "ingest", "prepare")
     assert "stages run: ingest, prepare" in result.stdout
     new_version = json.loads((project / "metrics" / "ingest.json").read_text())["data_version"]
     assert new_version != ingest_metrics["data_version"]
@@ -97,7 +98,7 @@ def test_repro_skip_rerun_and_data_versions(project):
     assert [c["name"] for c in children] == ["ingest", "prepare"]
 
     # `dvc push` works against the local remote
-    dvc(project, "push")
+    dvc(project, "push", "prepare")
     assert any((project.parent / "remote").rglob("*"))
 
 

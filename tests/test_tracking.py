@@ -69,3 +69,30 @@ def test_dataset_input_records_the_data_version(tmp_path):
     got = MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run.run_id)
     [ds] = got.inputs.dataset_inputs
     assert ds.dataset.digest == "abc123" and ds.dataset.name == "raw"
+
+
+def test_concurrent_writers_to_the_embedded_store_lose_nothing(tmp_path):
+    """Two processes logging at once to one sqlite store (MLflow sets a 20 s busy timeout)."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from tunery import tracking
+        who = sys.argv[1]
+        with tracking.pipeline_run(Path({str(tmp_path)!r}), "exp", name=who) as parent:
+            for i in range(3):
+                with tracking.stage_run(Path({str(tmp_path)!r}), "exp", f"{{who}}-stage{{i}}", {{"i": i}}) as run:
+                    for step in range(15):
+                        run.log_metrics({{"loss": 1.0 / (step + 1)}}, step=step)
+        """
+    )
+    # create the store first so both writers start on a migrated database
+    tracking.setup(tmp_path, "exp")
+    procs = [subprocess.Popen([sys.executable, "-c", code, who]) for who in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+    runs = client.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
+    assert len(runs) == 2 + 6
+    for run in runs:
+        if run.info.run_name.endswith(tuple(f"stage{i}" for i in range(3))):
+            assert len(client.get_metric_history(run.info.run_id, "loss")) == 15

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,35 +49,14 @@ def cmd_check(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
-def tool_env() -> dict[str, str]:
-    """This process's environment with the venv's bin first, so `dvc` stages run our `python`."""
-    environ = dict(os.environ)
-    environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])
-    return environ
-
-
-def dvc(*argv: str, root: Path) -> None:
-    exe = shutil.which("dvc", path=tool_env()["PATH"])
-    if exe is None:
-        raise TuneryError("`dvc` is not installed in this environment; run `make setup`")
-    result = subprocess.run([exe, *argv], cwd=root, env=tool_env())
-    if result.returncode != 0:
-        raise TuneryError(
-            f"`dvc {' '.join(argv)}` failed (exit {result.returncode}); see the output above"
-        )
-
-
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
-    params = _load(args, root)
-    from tunery import tracking
+    from flows.pipeline import pipeline_flow
 
-    with tracking.pipeline_run(root, params.tracking.experiment) as run:
-        log.info("pipeline run %s (MLflow %s)", run.run_id, tracking.tracking_uri(root))
-        repro = ["repro", *(["--force"] if args.force else []), *args.stages]
-        dvc(*repro, root=root)
-        children = tracking.child_runs(root, params.tracking.experiment, run.run_id)
-    ran = ", ".join(c["name"] for c in children) or "none (everything up to date)"
-    print(f"\npipeline run {run.run_id}: stages run: {ran}")
+    result = pipeline_flow(project=str(root), stages=args.stages or None, force=args.force)
+    ran = ", ".join(r["stage"] for r in result["stages"] if r["ran"]) or "none (everything up to date)"
+    print(f"\npipeline run {result['run_id']}: stages run: {ran}")
+    if result.get("registry"):
+        print(f"registry: {result['registry']['summary']}")
     return 0
 
 
@@ -88,12 +65,83 @@ def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
 
     params = _load(args, root)
     dest = add_file(Path(args.path), params.ingest, root=root)
-    dvc("add", str(dest.relative_to(root)), root=root)
+    from tunery.pipeline import dvc_command
+
+    dvc_command(root, "add", str(dest.relative_to(root)))
     if args.push:
-        dvc("push", root=root)
+        dvc_command(root, "push")
     print(
         f"added {args.path} as {dest.relative_to(root)}; `tunery run` (or `dvc repro`) ingests it"
     )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, root: Path) -> int:
+    from tunery import tracking
+
+    params = _load(args, root)
+    name = params.registry.model_name
+    versions = tracking.list_versions(root, name)
+    if not versions:
+        print(f"model {name!r} has no registered versions yet (run the pipeline: tunery run)")
+        return 0
+    print(f"{'version':>7}  {'aliases':<22} {'holdout macro-F1':>16}  {'gate':<9} reason")
+    for v in versions:
+        f1 = v["metrics"].get("holdout_macro_f1", v["tags"].get("holdout_macro_f1"))
+        f1_text = f"{float(f1):.4f}" if f1 not in (None, "") else "-"
+        print(f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {f1_text:>16}  "
+              f"{v['tags'].get('gate.decision', '-'):<9} {v['tags'].get('gate.reason', '')}")
+    if args.log:
+        print("\npromotion log (oldest first):")
+        for e in tracking.decisions(root, params.tracking.experiment, name):
+            print(f"  {e.get('utc', '?')}  {e.get('action'):<15} {e.get('from') or '-':>4} -> {e.get('to') or '-':<4} {e.get('reason', '')}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace, root: Path) -> int:
+    from tunery import promotion
+
+    record = promotion.promote(root, _load(args, root), args.version, args.reason)
+    print(f"champion: version {record['from'] or 'none'} -> {record['to']} ({args.reason})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, root: Path) -> int:
+    from tunery import promotion
+
+    record = promotion.rollback(root, _load(args, root), args.reason)
+    print(f"champion rolled back: version {record['from']} -> {record['to']} ({record['reason']})")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
+    from flows.retrain import retrain_flow
+
+    result = retrain_flow(project=str(root))
+    if result["status"] != "retrained":
+        print(f"retrain: {result['status']}" + (f" ({result['reason']})" if result.get("reason") else ""))
+        return 0
+    ran = ", ".join(r["stage"] for r in result["stages"] if r["ran"]) or "none"
+    print(f"\nretrain: took in {len(result['added'])} file(s); stages run: {ran}")
+    if result.get("registry"):
+        print(f"decision: {result['registry']['summary']}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace, root: Path) -> int:
+    from flows.retrain import serve
+
+    when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
+    print(f"serving the retrain flow ({when}) with the embedded Prefect server; Ctrl-C stops it.")
+    serve(str(root), cron=args.cron, interval=args.interval)
+    return 0
+
+
+def cmd_demo_shard(args: argparse.Namespace, root: Path) -> int:
+    from tunery.retrain import release_demo_shard
+
+    dest = release_demo_shard(root, _load(args, root), args.per_class)
+    print(f"released {dest.relative_to(root)}; `tunery retrain` takes it in")
     return 0
 
 
@@ -113,7 +161,43 @@ def cmd_ui(args: argparse.Namespace, root: Path) -> int:
         str(args.port),
     ]
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    from tunery.pipeline import tool_env
+
     return subprocess.call(cmd, cwd=root, env=tool_env())
+
+
+def _model_source(model: str, root: Path) -> str:
+    """A model URI (`models:/name@alias`) as given; a relative folder against the project root."""
+    if ":/" in model or Path(model).is_absolute() or Path(model).exists():
+        return model
+    return str(root / model)
+
+
+def cmd_predict(args: argparse.Namespace, root: Path) -> int:
+    from tunery.inference import Predictor, predict_file
+
+    model = _model_source(args.model, root)
+    predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
+    log.info("model %s: variant %s on %s", model, predictor.metadata["variant"], predictor.provider)
+    n = predict_file(
+        predictor,
+        Path(args.input),
+        Path(args.output),
+        text_column=args.text_column,
+        show_progress=not args.no_progress,
+    )
+    print(f"scored {n} rows from {args.input} into {args.output} ({predictor.provider})")
+    return 0
+
+
+def cmd_serve_model(args: argparse.Namespace, root: Path) -> int:
+    from tunery.inference import Predictor
+    from tunery.serve import serve
+
+    model = _model_source(args.model, root)
+    predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
+    serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,8 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     _params_args(p)
     p.set_defaults(fn=cmd_check)
 
-    p = sub.add_parser("run", help="run the pipeline (dvc repro) under one MLflow parent run")
-    _params_args(p)
+    p = sub.add_parser(
+        "run",
+        help="run the pipeline: the dvc.yaml stages as a Prefect flow under one MLflow parent run, then the registry gate",
+        description="Stages read params.yaml (DVC tracks it): edit it to change a run.",
+    )
     p.add_argument("stages", nargs="*", help="stages to bring up to date (default: all)")
     p.add_argument(
         "--force", action="store_true", help="re-run stages even if DVC says they are up to date"
@@ -148,6 +235,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push", action="store_true", help="also `dvc push` to the configured remote")
     _params_args(p)
     p.set_defaults(fn=cmd_data_add)
+
+    p = sub.add_parser("retrain", help="re-fine-tune now: take in new data, re-run stale stages, gate")
+    p.set_defaults(fn=cmd_retrain)
+
+    p = sub.add_parser("schedule", help="serve the retrain flow on a schedule (embedded Prefect server)")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
+    when.add_argument("--interval", type=float, help="seconds between runs")
+    p.set_defaults(fn=cmd_schedule)
+
+    p = sub.add_parser("demo-shard", help="release the next shard of WordNet demo data into the landing folder")
+    p.add_argument("--per-class", type=int, default=40, help="glosses per category (default: 40)")
+    _params_args(p)
+    p.set_defaults(fn=cmd_demo_shard)
+
+    p = sub.add_parser("models", help="list registered model versions with aliases, key metrics and gate decisions")
+    p.add_argument("--log", action="store_true", help="also print the promotion log")
+    _params_args(p)
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("promote", help="make VERSION the champion by hand (recorded in the promotion log)")
+    p.add_argument("version", help="registered model version number")
+    p.add_argument("--reason", required=True, help="why (recorded on the version and in the log)")
+    _params_args(p)
+    p.set_defaults(fn=cmd_promote)
+
+    p = sub.add_parser("rollback", help="put the previous champion back (recorded in the promotion log)")
+    p.add_argument("--reason", default="rollback", help="why (recorded)")
+    _params_args(p)
+    p.set_defaults(fn=cmd_rollback)
+
+    p = sub.add_parser(
+        "predict", help="score a CSV/JSONL/Parquet file with a deployable ONNX model"
+    )
+    p.add_argument("input", help="CSV, JSONL or Parquet file with a text column")
+    p.add_argument("-o", "--output", required=True, help="output file (.csv, .jsonl or .parquet)")
+    p.add_argument("--model", default="models/deploy", help="model folder (default: models/deploy)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("serve-model", help="serve a deployable ONNX model over HTTP (FastAPI)")
+    p.add_argument("--model", default="models/deploy", help="model folder (default: models/deploy)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=256, help="most texts in one request")
+    p.set_defaults(fn=cmd_serve_model)
 
     p = sub.add_parser("ui", help="open the MLflow UI on this project's store")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")

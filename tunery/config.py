@@ -86,11 +86,313 @@ class PrepareConfig(Section):
     out_dir: str = "data/prepared"
 
 
+# --------------------------------------------------------------------------- registry
+class RegistryConfig(Section):
+    """The MLflow model registry and the promotion gate (challenger -> champion)."""
+
+    model_name: str = "tunery-classifier"
+    # Promote only if holdout macro-F1 >= champion's + min_delta ...
+    min_delta: float = Field(default=0.0, ge=0.0)
+    # ... and no class F1 drops by more than this (absolute) ...
+    max_class_drop: float = Field(default=0.05, ge=0.0, le=1.0)
+    # ... and, for the first model (no champion yet), holdout macro-F1 >= floor.
+    floor_macro_f1: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+# --------------------------------------------------------------------------- finetune
+class LoraMethod(Section):
+    r: int = Field(default=8, gt=0)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # None: peft's default for the architecture (BERT: query, value).
+    target_modules: list[str] | None = None
+    learning_rate: float = Field(default=1.0e-3, gt=0.0)
+
+
+class IA3Method(Section):
+    # None: peft's defaults for the architecture (BERT: key, value, output.dense).
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None
+    learning_rate: float = Field(default=5.0e-3, gt=0.0)
+
+
+class AdaLoraMethod(Section):
+    init_r: int = Field(default=12, gt=0)
+    target_r: int = Field(default=4, gt=0)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+    # Rank budgeting runs between these shares of the total steps (peft's tinit / total - tfinal).
+    warmup_share: float = Field(default=0.1, ge=0.0, lt=1.0)
+    final_share: float = Field(default=0.3, ge=0.0, lt=1.0)
+    delta_t: int = Field(default=5, gt=0)
+    learning_rate: float = Field(default=1.0e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _leave_room_for_budgeting(self) -> AdaLoraMethod:
+        if self.warmup_share + self.final_share >= 0.9:
+            raise ValueError("warmup_share + final_share must leave room for rank budgeting")
+        if self.target_r > self.init_r:
+            raise ValueError("target_r must not exceed init_r")
+        return self
+
+
+class PrefixMethod(Section):
+    num_virtual_tokens: int = Field(default=16, gt=0)
+    projection: bool = False  # reparameterise the prefix through an MLP
+    learning_rate: float = Field(default=1.0e-2, gt=0.0)
+
+
+class FullMethod(Section):
+    # Higher than BERT-base's usual 2-5e-5: the demo encoder is small and briefly pretrained.
+    learning_rate: float = Field(default=1.0e-4, gt=0.0)
+
+
+class AblationConfig(Section):
+    """Extra variants trained by `finetune`: random-weights encoder, and LoRA vs full."""
+
+    enabled: bool = False
+    epochs: float = Field(default=4.0, gt=0.0)  # cap per variant, to keep the demo short
+
+
+class FinetuneConfig(Section):
+    method: Literal["lora", "ia3", "adalora", "prefix", "full"] = "lora"
+    # None: the pretrain stage's output (pretrain.out_dir). Or any from_pretrained-loadable dir.
+    encoder: str | None = None
+    # None: start fresh from the encoder. Or a previous finetune output dir (the champion's).
+    warm_start: str | None = None
+    lora: LoraMethod = LoraMethod()
+    ia3: IA3Method = IA3Method()
+    adalora: AdaLoraMethod = AdaLoraMethod()
+    prefix: PrefixMethod = PrefixMethod()
+    full: FullMethod = FullMethod()
+    max_length: int = Field(default=128, gt=0)
+    epochs: float = Field(default=8.0, gt=0.0)
+    batch_size: int = Field(default=32, gt=0)
+    eval_batch_size: int = Field(default=128, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    warmup: float = Field(default=0.06, ge=0.0, lt=1.0)  # share of the steps
+    early_stopping_patience: int = Field(default=2, ge=1)
+    class_weights: Literal["none", "balanced"] = "none"
+    seed: int = 42
+    # The merged model must reproduce the adapter model's logits within this (max abs difference).
+    merge_tolerance: float = Field(default=1.0e-3, gt=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it
+    compile: bool | None = None  # None: on CUDA only
+    group_by_length: bool = True
+    threads: int = Field(default=0, ge=0)  # torch CPU threads; 0: torch's default
+    checkpoint_dir: str = "checkpoints/finetune"
+    ablations: AblationConfig = AblationConfig()
+    out_dir: str = "models/finetune"
+
+
+# --------------------------------------------------------------------------- evaluate
+class EvaluateConfig(Section):
+    # What to compare against on the same holdout: "registry" (the MLflow `champion` of
+    # registry.model_name, if any), a finetune output dir or deployable ONNX folder, or None.
+    champion: str | None = None
+    calibration_bins: int = Field(default=10, gt=0)
+    confident_wrong: int = Field(default=10, ge=0)
+    batch_size: int = Field(default=128, gt=0)
+    baseline: bool = True  # TF-IDF + logistic regression trained on the same train split
+    report_dir: str = "reports/evaluate"
+
+
+# --------------------------------------------------------------------------- export
+class ExportConfig(Section):
+    """Merged fine-tuned model -> one checked, optimized fp32 ONNX model."""
+
+    opset: int = Field(default=17, ge=17, le=20)  # the TorchScript exporter stops at 20
+    # onnxruntime's transformer optimizer (fused attention, layer norm, GELU) for BERT-family encoders.
+    optimize: bool = True
+    # The ONNX model must reproduce PyTorch on the test split: max |logit difference| and agreement.
+    max_logit_diff: float = Field(default=1.0e-3, gt=0.0)
+    min_agreement: float = Field(default=0.99, ge=0.0, le=1.0)
+    batch_size: int = Field(default=64, gt=0)
+    out_dir: str = "models/onnx"
+
+
+# --------------------------------------------------------------------------- compress
+VariantName = Literal["fp32", "fp16", "int8_dynamic", "int8_static"]
+
+
+class PruneConfig(Section):
+    """Structured pruning of FFN neurons (by activation-weighted magnitude) before export."""
+
+    enabled: bool = False
+    ffn_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)  # share of neurons removed per layer
+
+
+class BenchConfig(Section):
+    warmup: int = Field(default=5, ge=0)
+    latency_runs: int = Field(default=50, gt=0)  # batch-1 calls timed (p50/p95)
+    throughput_batch: int = Field(default=64, gt=0)
+    throughput_batches: int = Field(default=4, gt=0)  # batches of real test texts timed
+    threads: int = Field(default=0, ge=0)  # onnxruntime/torch intra-op threads; 0 = their default
+
+
+class CompressConfig(Section):
+    """ONNX variants, each checked against PyTorch on the test split; the selected one is deployed."""
+
+    variants: list[VariantName] = Field(
+        default=["fp32", "fp16", "int8_dynamic", "int8_static"], min_length=1
+    )
+    prune: PruneConfig = PruneConfig()
+    calibration_samples: int = Field(default=128, gt=0)  # training texts for static int8
+    # Selection: the fastest variant on `target_provider` whose macro-F1 drop vs PyTorch is at
+    # most `max_f1_drop` (absolute, 0.005 = half a point).
+    target_provider: Literal["cpu", "cuda"] = "cpu"
+    max_f1_drop: float = Field(default=0.005, ge=0.0, le=1.0)
+    rank_by: Literal["throughput", "latency_p50"] = "throughput"
+    batch_size: int = Field(default=64, gt=0)  # evaluation batches
+    bench: BenchConfig = BenchConfig()
+    variants_dir: str = "models/variants"
+    out_dir: str = "models/deploy"
+    report_dir: str = "reports/compress"
+
+
+# --------------------------------------------------------------------------- pretrain
+class ScratchEncoderConfig(Section):
+    """A BERT-style encoder built from these sizes, with a WordPiece tokenizer trained on the corpus."""
+
+    layers: int = Field(default=4, ge=1)
+    hidden: int = Field(default=256, ge=8)
+    heads: int = Field(default=4, ge=1)
+    intermediate: int = Field(default=1024, ge=8)
+    max_length: int = Field(default=64, ge=8)  # position embeddings = the tokenizer's max length
+    vocab_size: int = Field(default=8000, ge=100)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    lowercase: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ScratchEncoderConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class MlmConfig(Section):
+    probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    mask_replace: float = Field(default=0.8, ge=0.0, le=1.0)  # share of picked tokens -> [MASK]
+    random_replace: float = Field(default=0.1, ge=0.0, le=1.0)  # -> a random token; rest unchanged
+    whole_word: bool = False  # mask all pieces of a word together (then always [MASK])
+    # Compute the vocabulary projection only at masked positions (same loss, far fewer FLOPs).
+    sparse_head: bool = True
+
+    @model_validator(mode="after")
+    def _shares(self) -> MlmConfig:
+        if self.mask_replace + self.random_replace > 1.0:
+            raise ValueError("mask_replace + random_replace must not exceed 1")
+        return self
+
+
+class SimcseConfig(Section):
+    temperature: float = Field(default=0.05, gt=0.0)
+    pooling: Literal["mean", "cls"] = "mean"
+
+
+class PretrainTrainConfig(Section):
+    batch_size: int = Field(default=64, gt=0)  # per process
+    max_steps: int | None = Field(default=None, gt=0)  # None: `epochs` over the corpus
+    epochs: float = Field(default=1.0, gt=0.0)
+    max_minutes: float | None = Field(default=None, gt=0.0)  # wall-clock budget of one run
+    learning_rate: float = Field(default=5.0e-4, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    warmup: float = Field(default=0.06, ge=0.0, lt=1.0)  # share of the steps
+    grad_accum: int = Field(default=1, gt=0)
+    group_by_length: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it
+    compile: bool | None = None  # None: on CUDA only
+    threads: int = Field(default=0, ge=0)  # torch CPU threads; 0: torch's default
+    save_steps: int = Field(default=200, gt=0)
+    save_total_limit: int = Field(default=2, gt=0)
+    logging_steps: int = Field(default=20, gt=0)
+    heldout_fraction: float = Field(default=0.02, gt=0.0, lt=0.5)  # corpus share kept for eval
+    heldout_max: int = Field(default=1000, gt=0)
+    seed: int = 0
+
+
+class ProbeConfig(Section):
+    """Frozen mean-pooled embeddings of the labelled train split, scored on the val split."""
+
+    methods: list[Literal["logreg", "knn"]] = Field(default=["logreg", "knn"], min_length=1)
+    knn_k: int = Field(default=10, gt=0)
+    max_train: int = Field(default=5000, gt=0)
+    batch_size: int = Field(default=128, gt=0)
+
+
+class PretrainConfig(Section):
+    # scratch: build `scratch` below and train its tokenizer; base: continue from `base`.
+    init: Literal["scratch", "base"] = "scratch"
+    # A model folder, `package:<module>` (its get_model_path()), or a hub id where a hub is reachable.
+    base: str | None = None
+    scratch: ScratchEncoderConfig = ScratchEncoderConfig()
+    objective: Literal["mlm", "simcse"] = "mlm"
+    mlm: MlmConfig = MlmConfig()
+    simcse: SimcseConfig = SimcseConfig()
+    max_length: int = Field(default=64, ge=8)  # truncation of corpus texts (tokens)
+    train: PretrainTrainConfig = PretrainTrainConfig()
+    probe: ProbeConfig = ProbeConfig()
+    # Outside the DVC output, so `dvc repro` removing outputs never destroys them.
+    checkpoint_dir: str = "checkpoints/pretrain"
+    out_dir: str = "models/encoder"
+
+    @model_validator(mode="after")
+    def _base_given(self) -> PretrainConfig:
+        if self.init == "base" and not self.base:
+            raise ValueError("init: base needs `base` (a model folder, package:<module> or hub id)")
+        return self
+
+
+# --------------------------------------------------------------------------- pipeline (Prefect)
+class PipelineConfig(Section):
+    """How the Prefect pipeline flow runs the dvc.yaml stages."""
+
+    retries: int = Field(default=1, ge=0)  # per stage, for transient failures
+    retry_delay_seconds: float = Field(default=10.0, ge=0.0)
+    stage_timeout_seconds: float = Field(default=3600.0, gt=0.0)
+    register_model: bool = True  # register the deployable model and run the promotion gate
+
+
+# --------------------------------------------------------------------------- corpus (snapshot)
+class CorpusConfig(Section):
+    """The pretraining inputs' own versioned snapshot, moved only when the policy says so.
+
+    `pretrain` depends on this snapshot, not on `prepare`'s outputs: new labelled data re-runs
+    `prepare` (and the fine-tune) without re-pretraining unless the policy moves the snapshot.
+    """
+
+    # always: follow every corpus change; never: keep the first snapshot; on_corpus_change: move
+    # when the share of texts added or removed since the snapshot exceeds change_threshold.
+    pretrain_policy: Literal["always", "never", "on_corpus_change"] = "on_corpus_change"
+    change_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
+    out_dir: str = "data/corpus"
+
+
+# --------------------------------------------------------------------------- retrain
+class RetrainConfig(Section):
+    """The scheduled re-fine-tune: new labelled files land here and are taken in as a new data version."""
+
+    landing: str = "data/landing"
+    push: bool = True  # `dvc push` each new data version to the default remote
+
+
 # --------------------------------------------------------------------------- root
 class Params(Section):
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    corpus: CorpusConfig = CorpusConfig()
     ingest: IngestConfig
     prepare: PrepareConfig
+    pretrain: PretrainConfig
+    export: ExportConfig
+    compress: CompressConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
 
     def section(self, name: str) -> Section:
         return getattr(self, name)

@@ -187,3 +187,139 @@ def child_runs(root: Path, experiment: str, parent_run_id: str) -> list[dict[str
         }
         for r in runs
     ]
+
+
+# --------------------------------------------------------------------------- model registry
+DEPLOY_ARTIFACT = "deploy"
+PROMOTIONS_SUFFIX = "-promotions"
+
+
+def _client(root: Path) -> MlflowClient:
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _pip_requirements() -> list[str]:
+    from importlib import metadata
+
+    reqs = []
+    for dist in ("onnxruntime-gpu", "onnxruntime", "tokenizers", "numpy"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def register_onnx(run: Run, deploy_dir: Path, name: str, *, tags: Mapping[str, Any] | None = None) -> str:
+    """Log a deployable ONNX folder with the `mlflow.onnx` flavor and register it as a new version.
+
+    The tokenizer, label map and metadata files beside `model.onnx` travel inside the MLflow model
+    folder, so `models:/NAME@alias` alone is enough to predict. Explicit pip requirements: no
+    environment inference, no pickle. Returns the new version number.
+    """
+    import shutil
+    import tempfile
+
+    import mlflow.onnx
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / DEPLOY_ARTIFACT
+        mlflow.onnx.save_model(
+            onnx.load(str(deploy_dir / "model.onnx")), str(model_dir), pip_requirements=_pip_requirements()
+        )
+        # Keep the exact bytes the pipeline checked: its manifest pins their sha256.
+        shutil.copyfile(deploy_dir / "model.onnx", model_dir / "model.onnx")
+        for item in deploy_dir.iterdir():
+            if item.name != "model.onnx" and not (model_dir / item.name).exists():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, model_dir / item.name)
+        mlflow.log_artifacts(str(model_dir), artifact_path=DEPLOY_ARTIFACT)
+    version = mlflow.register_model(
+        f"runs:/{run.run_id}/{DEPLOY_ARTIFACT}", name, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
+    return str(version.version)
+
+
+def alias_version(root: Path, name: str, alias: str) -> str | None:
+    """The version behind `name@alias`, or None when the model or alias does not exist."""
+    client = _client(root)
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def set_alias(root: Path, name: str, alias: str, version: str) -> None:
+    _client(root).set_registered_model_alias(name, alias, str(version))
+
+
+def tag_version(root: Path, name: str, version: str, tags: Mapping[str, Any]) -> None:
+    client = _client(root)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def version_info(root: Path, name: str, version: str) -> dict[str, Any]:
+    client = _client(root)
+    mv = client.get_model_version(name, str(version))
+    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags),
+            "aliases": list(mv.aliases), "created": mv.creation_timestamp}
+
+
+def list_versions(root: Path, name: str) -> list[dict[str, Any]]:
+    """Every version of `name`, newest first, with aliases, tags and its run's key metrics."""
+    client = _client(root)
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return []
+    out = []
+    for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        out.append({"version": str(mv.version), "aliases": list(mv.aliases), "tags": dict(mv.tags),
+                    "run_id": mv.run_id, "created": mv.creation_timestamp, "metrics": metrics})
+    return out
+
+
+def log_decision(root: Path, experiment: str, record: Mapping[str, Any]) -> str:
+    """Append one promotion decision to the promotion log: a run in `<experiment>-promotions`.
+
+    Runs are never edited or deleted by Tunery, so the log is append-only and lives wherever the
+    tracking store lives (sqlite here, a tracking server when configured).
+    """
+    exp_id = setup(root, experiment + PROMOTIONS_SUFFIX)
+    client = _client(root)
+    run = client.create_run(exp_id, run_name=f"{record['action']} {record.get('to') or '-'}",
+                            tags={"tunery.action": str(record["action"]), "tunery.model": str(record["model"])})
+    flat = flatten_params("", {k: v for k, v in record.items() if k != "metrics"})
+    for key, value in flat.items():
+        client.log_param(run.info.run_id, key, "" if value is None else value)
+    for key, value in (record.get("metrics") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run.info.run_id, key, float(value))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def decisions(root: Path, experiment: str, name: str) -> list[dict[str, Any]]:
+    """The promotion log of `name`, oldest first."""
+    client = _client(root)
+    exp = client.get_experiment_by_name(experiment + PROMOTIONS_SUFFIX)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`tunery.model` = '{name}'",
+                              order_by=["attributes.start_time ASC"], max_results=10000)
+    return [dict(r.data.params) | {"metrics": dict(r.data.metrics), "time": r.info.start_time} for r in runs]
+
+
+def download_model(root: Path, uri: str, dst: Path) -> Path:
+    """Download a registered model (`models:/NAME@alias` or `models:/NAME/VERSION`) into `dst`."""
+    _client(root)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.tags)

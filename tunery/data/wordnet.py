@@ -72,20 +72,42 @@ def iter_glosses(folder: Path, filename: str, include_examples: bool) -> Iterato
                 yield LEXNAMES[lex], text
 
 
-def load(cfg: WordnetSource) -> tuple[pd.DataFrame, list[str]]:
-    """Labelled examples (text, label, origin) for the configured categories, and unlabelled texts."""
+def _ranked(texts: list[str]) -> list[str]:
+    # A stable, content-keyed order: the cap (and each demo shard) takes the same glosses everywhere.
+    return sorted(texts, key=lambda t: unit_hash(normalize(t), "wordnet-sample"))
+
+
+def _check(cfg: WordnetSource) -> Path:
     folder = Path(cfg.path)
     if not (folder / "data.noun").is_file():
-        raise DataValidationError(
-            folder / "data.noun", "missing_file", f"WordNet is not installed here; {INSTALL_HINT}"
-        )
+        raise DataValidationError(folder / "data.noun", "missing_file", f"WordNet is not installed here; {INSTALL_HINT}")
     nouns = [name for name in LEXNAMES if name.startswith("noun.")]
     unknown = sorted(set(cfg.categories) - set(nouns))
     if unknown:
-        raise ConfigError(
-            f"params.yaml: ingest.source.categories: unknown {unknown}; choose from {nouns}"
-        )
+        raise ConfigError(f"params.yaml: ingest.source.categories: unknown {unknown}; choose from {nouns}")
+    return folder
 
+
+def shard(cfg: WordnetSource, index: int, per_class: int) -> pd.DataFrame:
+    """Demo shard `index` (0, 1, ...): `per_class` glosses per category that lie beyond the cap.
+
+    Shards never overlap each other or the base dataset, so releasing them one by one simulates
+    new labelled data arriving for a scheduled re-fine-tune.
+    """
+    folder = _check(cfg)
+    wanted = set(cfg.categories)
+    by_class: dict[str, list[str]] = {c: [] for c in cfg.categories}
+    for lexname, text in iter_glosses(folder, "data.noun", cfg.include_examples):
+        if lexname in wanted:
+            by_class[lexname].append(text)
+    start = cfg.max_per_class + index * per_class
+    rows = [(t, label) for label, texts in by_class.items() for t in _ranked(texts)[start : start + per_class]]
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+def load(cfg: WordnetSource) -> tuple[pd.DataFrame, list[str]]:
+    """Labelled examples (text, label, origin) for the configured categories, and unlabelled texts."""
+    folder = _check(cfg)
     wanted = set(cfg.categories)
     by_class: dict[str, list[str]] = {c: [] for c in cfg.categories}
     rest: list[str] = []
@@ -95,8 +117,7 @@ def load(cfg: WordnetSource) -> tuple[pd.DataFrame, list[str]]:
 
     rows = []
     for label, texts in by_class.items():
-        # A stable, content-keyed sample: the cap takes the same glosses on every machine.
-        ranked = sorted(texts, key=lambda t: unit_hash(normalize(t), "wordnet-sample"))
+        ranked = _ranked(texts)
         rows += [(t, label) for t in ranked[: cfg.max_per_class]]
         rest += ranked[cfg.max_per_class :]
     labelled = pd.DataFrame(rows, columns=["text", "label"])

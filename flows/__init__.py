@@ -1,0 +1,1 @@
+"""Prefect flows: the only package that imports prefect."""

@@ -1,0 +1,282 @@
+"""evaluate: score the fine-tuned model on the test split and the frozen holdout, against a champion.
+
+Inputs:  `<finetune.out_dir>/` (the model), `<prepare.out_dir>/{train,test,holdout}.parquet` (train
+         only for the TF-IDF + logistic-regression baseline); optionally the champion
+         (`evaluate.champion`): a finetune output dir, a deployable ONNX folder, or a registry URI
+         (`models:/<name>@champion`) once the registry registers its resolver with
+         `tunery.inference.register_resolver`.
+Outputs: `metrics/evaluate.json` (accuracy, macro-F1, ECE, per-class P/R/F1 per split; baseline;
+         champion numbers and deltas), `<report_dir>/` written atomically: `gate.json` (what the
+         promotion gate reads: holdout macro-F1, per-class F1, champion and deltas),
+         `<split>.json` (full report: confusion matrix, reliability bins, confidently wrong),
+         `<split>_confident_wrong.md`; `plots/evaluate/` (confusion and reliability PNGs, and
+         `<split>_predictions.json` for `dvc plots` confusion templates).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tunery import evaluation as ev
+from tunery.config import EvaluateConfig, Params
+from tunery.finetuning import (
+    INFO_FILE,
+    FinetuneError,
+    LoadedClassifier,
+    load_classifier,
+    load_split,
+    read_labels,
+)
+from tunery.io import atomic_dir
+
+log = logging.getLogger("tunery.evaluate")
+
+SPLITS = ("test", "holdout")
+GATE_FILE = "gate.json"
+
+
+def _score(clf: LoadedClassifier | Any, split: Any, cfg: EvaluateConfig) -> dict[str, Any]:
+    probs = clf.predict_proba(split.texts, batch_size=cfg.batch_size)
+    return ev.evaluate_predictions(
+        split.texts,
+        split.labels,
+        probs,
+        clf.labels,
+        n_bins=cfg.calibration_bins,
+        k=cfg.confident_wrong,
+    )
+
+
+class _OnnxChampion:
+    """A deployable ONNX folder (what the registry holds) behind the `LoadedClassifier` calls."""
+
+    def __init__(self, ref: str) -> None:
+        from tunery.inference import Predictor  # onnxruntime: only when a champion is ONNX
+
+        self.predictor = Predictor(ref, device="cpu")
+        self.labels = list(self.predictor.classes)
+
+    def predict_proba(self, texts: list[str], *, batch_size: int = 128) -> Any:
+        return self.predictor.predict(texts).probabilities
+
+
+def load_champion(ref: str | None, root: Path) -> tuple[str, Any] | None:
+    """The champion as (where, model): a finetune output dir, a deployable ONNX folder, or a
+    `models:/name@champion` URI once the registry has registered its resolver with
+    `tunery.inference.register_resolver`."""
+    if ref is None:
+        return None
+    path = Path(ref) if Path(ref).is_absolute() else root / ref
+    if (path / INFO_FILE).is_file():
+        return str(path), load_classifier(path)
+    if ":/" in ref and not path.exists():
+        return ref, _OnnxChampion(ref)
+    if (path / "model.onnx").is_file():
+        return str(path), _OnnxChampion(str(path))
+    raise FinetuneError(
+        f"evaluate.champion {ref!r}: neither a finetune output ({INFO_FILE}) nor a deployable "
+        "ONNX folder (model.onnx) nor a registry URI"
+    )
+
+
+def _champion(
+    cfg: EvaluateConfig, champion: tuple[str, Any], data_dir: Path, labels: list[str]
+) -> dict[str, Any]:
+    """The champion's holdout numbers, when its label set is the one being evaluated."""
+    where, model = champion
+    if list(model.labels) != list(labels):
+        # Different label sets cannot be compared class by class: the gate fails closed.
+        return {
+            "path": where,
+            "comparable": False,
+            "reason": f"champion labels {list(model.labels)} differ from {list(labels)}",
+        }
+    holdout = load_split(data_dir / "holdout.parquet", labels)
+    return {"path": where, "comparable": True, "report": _score(model, holdout, cfg)}
+
+
+def run(
+    cfg: EvaluateConfig,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    report_dir: Path,
+    plot_dir: Path,
+    champion: str | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
+    # Everything that can fail on bad input happens before anything is written.
+    clf = load_classifier(model_dir)
+    data_labels = read_labels(data_dir / "labels.json")
+    unknown = sorted(set(data_labels) - set(clf.labels))
+    if unknown:
+        from tunery.errors import DataValidationError
+
+        raise DataValidationError(
+            data_dir / "labels.json",
+            "unknown_label",
+            f"labels {unknown} are unknown to the model in {model_dir}; re-run finetune",
+        )
+    splits = {name: load_split(data_dir / f"{name}.parquet", clf.labels) for name in SPLITS}
+    reports = {name: _score(clf, split, cfg) for name, split in splits.items()}
+    champ = load_champion(champion, root or Path.cwd())
+    champion_result = _champion(cfg, champ, data_dir, clf.labels) if champ else None
+
+    baseline = None
+    if cfg.baseline:
+        train = load_split(data_dir / "train.parquet", clf.labels)
+        baseline = ev.tfidf_baseline(
+            train.texts,
+            train.labels,
+            {name: (s.texts, s.labels) for name, s in splits.items()},
+            clf.labels,
+        )
+
+    metrics: dict[str, Any] = {
+        "method": clf.info.get("method"),
+        **{name: ev.summary(r) for name, r in reports.items()},
+    }
+    if baseline is not None:
+        metrics["baseline_tfidf_lr"] = baseline
+        metrics["holdout_macro_f1_over_baseline"] = round(
+            reports["holdout"]["macro_f1"] - baseline["holdout"]["macro_f1"], 4
+        )
+    holdout = reports["holdout"]
+    # The promotion gate reads this file: challenger and champion on the very same holdout rows.
+    gate: dict[str, Any] = {
+        "split": "holdout",
+        "rows": holdout["rows"],
+        "challenger": {
+            "model": str(model_dir),
+            "method": clf.info.get("method"),
+            "macro_f1": round(holdout["macro_f1"], 4),
+            "accuracy": round(holdout["accuracy"], 4),
+            "ece": round(holdout["ece"], 4),
+            "per_class_f1": {k: round(v["f1"], 4) for k, v in holdout["per_class"].items()},
+        },
+        "champion": None,
+        "deltas": None,
+        "baseline_macro_f1": baseline["holdout"]["macro_f1"] if baseline else None,
+    }
+    if champion_result is not None:
+        gate["champion"] = {k: v for k, v in champion_result.items() if k != "report"}
+        if champion_result["comparable"]:
+            champ_report = champion_result["report"]
+            gate["champion"].update(
+                macro_f1=round(champ_report["macro_f1"], 4),
+                accuracy=round(champ_report["accuracy"], 4),
+                ece=round(champ_report["ece"], 4),
+                per_class_f1={k: round(v["f1"], 4) for k, v in champ_report["per_class"].items()},
+            )
+            gate["deltas"] = ev.deltas(holdout, champ_report)
+            metrics["champion"] = {"holdout": ev.summary(champ_report)}
+            metrics["deltas"] = gate["deltas"]
+        else:
+            metrics["champion"] = {"comparable": False}
+
+    with atomic_dir(report_dir) as tmp:
+        (tmp / GATE_FILE).write_text(json.dumps(gate, indent=2) + "\n")
+        for name, report in reports.items():
+            (tmp / f"{name}.json").write_text(
+                json.dumps({"labels": clf.labels, **report}, indent=2) + "\n"
+            )
+            (tmp / f"{name}_confident_wrong.md").write_text(
+                f"# Most confidently wrong ({name})\n\n"
+                + ev.markdown_table(
+                    report["confident_wrong"],
+                    ["confidence", "label", "predicted", "label_probability", "text"],
+                )
+            )
+        if champion_result is not None and champion_result["comparable"]:
+            (tmp / "champion_holdout.json").write_text(
+                json.dumps({"labels": clf.labels, **champion_result["report"]}, indent=2) + "\n"
+            )
+    with atomic_dir(plot_dir) as tmp:
+        for name, report in reports.items():
+            ev.plot_confusion(
+                report["confusion"],
+                clf.labels,
+                tmp / f"{name}_confusion.png",
+                f"Confusion ({name})",
+            )
+            ev.plot_reliability(
+                report["reliability"],
+                report["ece"],
+                tmp / f"{name}_reliability.png",
+                f"Reliability ({name})",
+            )
+            (tmp / f"{name}_predictions.json").write_text(
+                json.dumps(
+                    [
+                        {"actual": clf.labels[t], "predicted": clf.labels[p]}
+                        for t, p in _pairs(report)
+                    ],
+                    indent=0,
+                )
+                + "\n"
+            )
+
+    log.info(
+        "holdout macro-F1 %.4f (accuracy %.4f, ECE %.4f)%s%s",
+        holdout["macro_f1"],
+        holdout["accuracy"],
+        holdout["ece"],
+        f"; TF-IDF+LR baseline {baseline['holdout']['macro_f1']:.4f}" if baseline else "",
+        f"; vs champion {gate['deltas']['macro_f1']:+.4f}" if gate["deltas"] else "",
+    )
+    return metrics
+
+
+def _pairs(report: dict[str, Any]) -> list[tuple[int, int]]:
+    """(true, predicted) pairs rebuilt from the confusion matrix, for DVC's confusion template."""
+    out = []
+    for i, row in enumerate(report["confusion"]):
+        for j, count in enumerate(row):
+            out.extend([(i, j)] * int(count))
+    return out
+
+
+def champion_ref(params: Params, root: Path) -> str | None:
+    """`evaluate.champion: registry` -> the registry's current champion, or None before the first."""
+    if params.evaluate.champion != "registry":
+        return params.evaluate.champion
+    from tunery import tracking
+
+    name = params.registry.model_name
+    version = tracking.alias_version(root, name, "champion")
+    if version is None:
+        log.info("no champion in the registry yet (%s): nothing to compare against", name)
+        return None
+    log.info("comparing against the registry's champion: %s version %s", name, version)
+    return f"models:/{name}/{version}"
+
+
+def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
+    cfg = params.evaluate
+    report_dir = root / cfg.report_dir
+    plot_dir = root / "plots" / "evaluate"
+    metrics = run(
+        cfg,
+        model_dir=root / params.finetune.out_dir,
+        data_dir=root / params.prepare.out_dir,
+        report_dir=report_dir,
+        plot_dir=plot_dir,
+        champion=champion_ref(params, root),
+        root=root,
+    )
+    tracking_run.log_artifact(report_dir, "evaluate")
+    tracking_run.log_artifact(plot_dir, "evaluate/plots")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tunery.stage import stage_main
+
+    stage_main("evaluate", _stage, argv)
+
+
+if __name__ == "__main__":
+    main()

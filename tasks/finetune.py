@@ -1,0 +1,455 @@
+"""finetune: adapt the pretrained encoder to the labelled task with peft (or fully, as the baseline).
+
+Inputs:  `<prepare.out_dir>/{train,val}.parquet` and `labels.json`; the encoder dir
+         (`finetune.encoder`, default `<pretrain.out_dir>`); optionally a previous finetune output
+         to warm-start from (`finetune.warm_start`, the champion's); with ablations on, also
+         `<prepare.out_dir>/test.parquet` to score the variants.
+Outputs: `<out_dir>/` written atomically: `adapter/` (peft adapter + head in safetensors, and the
+         tokenizer; the full model for method `full`), `merged/` (a plain
+         AutoModelForSequenceClassification + tokenizer; LoRA, IA3, AdaLoRA and full only, parity
+         checked against the adapter model), `labels.json`, `finetune.json`;
+         `metrics/finetune.json` (with the ablation table), `plots/finetune/{train_loss,val}.csv`.
+         Checkpoints live in `<checkpoint_dir>/<fingerprint>/` (outside DVC) until success.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunery.config import FinetuneConfig, Params
+from tunery.errors import ConfigError
+from tunery.finetuning import (
+    ADAPTER_DIR,
+    INFO_FILE,
+    LABELS_FILE,
+    MERGEABLE,
+    MERGED_DIR,
+    FinetuneError,
+    Split,
+    build_model,
+    effective_max_length,
+    fingerprint,
+    load_base,
+    load_split,
+    logits_on,
+    model_files,
+    predict_proba,
+    read_labels,
+    resolve_device,
+    resolve_model_ref,
+    train,
+    trainable_parameters,
+)
+from tunery.io import atomic_dir, atomic_path
+
+log = logging.getLogger("tunery.finetune")
+
+PARITY_BATCH = 64  # validation texts used for the merge / reload parity checks
+
+
+def _total_steps(cfg: FinetuneConfig, n_train: int, epochs: float) -> int:
+    return max(1, math.ceil(math.ceil(n_train / cfg.batch_size) * epochs))
+
+
+def _train_variant(
+    cfg: FinetuneConfig,
+    *,
+    method: str,
+    init: str,
+    encoder: Path,
+    tokenizer: Any,
+    labels: list[str],
+    train_split: Split,
+    val_split: Split,
+    warm_start: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    epochs: float | None = None,
+    on_log: Any = None,
+    callbacks: tuple = (),
+) -> tuple[Any, dict[str, Any]]:
+    epochs = cfg.epochs if epochs is None else epochs
+    model = build_model(
+        cfg,
+        method=method,
+        encoder=encoder,
+        labels=labels,
+        init=init,
+        warm_start=warm_start,
+        total_steps=_total_steps(cfg, len(train_split), epochs),
+    )
+    trainable, total = trainable_parameters(model)
+    log.info(
+        "%s (%s encoder): %d trainable of %d parameters (%.2f %%)",
+        method,
+        init,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    max_length = effective_max_length(cfg, method, model.config)
+    result = train(
+        model,
+        tokenizer,
+        cfg,
+        method=method,
+        train_split=train_split,
+        val_split=val_split,
+        checkpoint_dir=checkpoint_dir,
+        max_length=max_length,
+        epochs=epochs,
+        on_log=on_log,
+        callbacks=callbacks,
+    )
+    stats = {
+        "method": method,
+        "init": init,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": round(trainable / total, 6),
+        "best_val_macro_f1": round(result.best_val_macro_f1, 4),
+        "epochs": round(result.epochs, 2),
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "samples_per_s": result.samples_per_s,
+        "tokens_per_s": result.tokens_per_s,
+        "padding_share": result.padding_share,
+        "peak_memory_mb": result.peak_memory_mb,
+        "memory_delta_mb": result.memory_delta_mb,
+        "resumed_from": result.resumed_from,
+        "max_length": max_length,
+    }
+    return result, stats
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    return float((a - b).abs().max())
+
+
+def _save_outputs(
+    dest: Path,
+    model: Any,
+    tokenizer: Any,
+    *,
+    cfg: FinetuneConfig,
+    method: str,
+    encoder: Path,
+    labels: list[str],
+    parity_texts: list[str],
+    max_length: int,
+) -> dict[str, float | None]:
+    """Write adapter/ (and merged/), then reload what was written and compare logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = getattr(model, "_orig_mod", model).to("cpu").eval()
+    reference = logits_on(model, tokenizer, parity_texts, max_length=max_length)
+    adapter, merged = dest / ADAPTER_DIR, dest / MERGED_DIR
+    checks: dict[str, float | None] = {"adapter_reload": None, "merge": None}
+    if method == "full":
+        model.save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+        adapter.mkdir()
+        for f in merged.iterdir():  # the same files: link rather than copy the weights twice
+            try:
+                os.link(f, adapter / f.name)
+            except OSError:
+                shutil.copy2(f, adapter / f.name)
+    else:
+        from peft import PeftModel
+
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        base, _ = load_base(encoder, labels)
+        reloaded = PeftModel.from_pretrained(base, str(adapter))
+        checks["adapter_reload"] = _max_diff(
+            reference, logits_on(reloaded, tokenizer, parity_texts, max_length=max_length)
+        )
+        if method in MERGEABLE:
+            model = model.merge_and_unload()
+            model.save_pretrained(merged)
+            tokenizer.save_pretrained(merged)
+    if merged.is_dir():
+        reloaded = AutoModelForSequenceClassification.from_pretrained(merged)
+        checks["merge"] = _max_diff(
+            reference, logits_on(reloaded, tokenizer, parity_texts, max_length=max_length)
+        )
+    for name, diff in checks.items():
+        if diff is not None and diff > cfg.merge_tolerance:
+            what = "merged model" if name == "merge" else "reloaded adapter"
+            raise FinetuneError(
+                f"the {what} differs from the trained model by {diff:.3g} in logits "
+                f"(> finetune.merge_tolerance {cfg.merge_tolerance}); nothing written"
+            )
+    return checks
+
+
+def _write_curves(history: list[dict[str, float]], plot_dir: Path) -> None:
+    rows = {
+        "train_loss.csv": [
+            {"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h and "step" in h
+        ],
+        "val.csv": [
+            {
+                "step": h["step"],
+                "epoch": h.get("epoch"),
+                "macro_f1": h["eval_macro_f1"],
+                "accuracy": h.get("eval_accuracy"),
+                "loss": h.get("eval_loss"),
+            }
+            for h in history
+            if "eval_macro_f1" in h
+        ],
+    }
+    for name, data in rows.items():
+        if not data:
+            continue
+        with atomic_path(plot_dir / name) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(data[0]))
+            writer.writeheader()
+            writer.writerows(data)
+
+
+def _score(
+    model: Any, tokenizer: Any, split: Split, cfg: FinetuneConfig, max_length: int
+) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    device = resolve_device(cfg)
+    probs = predict_proba(
+        getattr(model, "_orig_mod", model),
+        tokenizer,
+        split.texts,
+        max_length=max_length,
+        batch_size=cfg.eval_batch_size,
+        device=device,
+    )
+    pred = probs.argmax(-1)
+    return {
+        f"{split.name}_macro_f1": round(float(f1_score(split.labels, pred, average="macro")), 4),
+        f"{split.name}_accuracy": round(float(accuracy_score(split.labels, pred)), 4),
+    }
+
+
+def run(
+    cfg: FinetuneConfig,
+    *,
+    encoder: Path,
+    data_dir: Path,
+    out_dir: Path,
+    checkpoint_root: Path,
+    plot_dir: Path,
+    root: Path,
+    tracker: Any = None,
+    callbacks: tuple = (),
+) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    encoder = Path(encoder).resolve()
+    labels = read_labels(data_dir / "labels.json")
+    train_split = load_split(data_dir / "train.parquet", labels)
+    val_split = load_split(data_dir / "val.parquet", labels)
+    warm = resolve_model_ref(cfg.warm_start, root)
+    if not (encoder / "config.json").is_file():
+        raise FinetuneError(f"{encoder}: encoder not found (no config.json); run pretrain")
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+
+    encoder_fp = fingerprint({}, model_files(encoder))
+    resume_key = fingerprint(
+        {
+            "cfg": cfg.model_dump(mode="json", exclude={"out_dir", "checkpoint_dir", "ablations"}),
+            "encoder": encoder_fp,
+        },
+        [
+            data_dir / "train.parquet",
+            data_dir / "val.parquet",
+            data_dir / "labels.json",
+            *(model_files(warm) if warm else []),
+        ],
+    )
+    checkpoint_dir = checkpoint_root / resume_key
+
+    def on_log(metrics: dict[str, float], step: int) -> None:
+        if tracker is not None:
+            tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step)
+
+    result, stats = _train_variant(
+        cfg,
+        method=cfg.method,
+        init="pretrained",
+        encoder=encoder,
+        tokenizer=tokenizer,
+        labels=labels,
+        train_split=train_split,
+        val_split=val_split,
+        warm_start=warm,
+        checkpoint_dir=checkpoint_dir,
+        on_log=on_log,
+        callbacks=callbacks,
+    )
+    _write_curves(result.history, plot_dir)
+
+    test_split = None
+    main_test: dict[str, float] = {}
+    if cfg.ablations.enabled:  # scored now: writing the outputs merges the adapter in place
+        test_split = load_split(data_dir / "test.parquet", labels)
+        main_test = _score(result.model, tokenizer, test_split, cfg, stats["max_length"])
+
+    parity_texts = val_split.texts[:PARITY_BATCH]
+    with atomic_dir(out_dir) as tmp:
+        checks = _save_outputs(
+            tmp,
+            result.model,
+            tokenizer,
+            cfg=cfg,
+            method=cfg.method,
+            encoder=encoder,
+            labels=labels,
+            parity_texts=parity_texts,
+            max_length=stats["max_length"],
+        )
+        (tmp / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
+        info = {
+            "method": cfg.method,
+            "mergeable": (tmp / MERGED_DIR).is_dir(),
+            "encoder": str(encoder),
+            "encoder_fingerprint": encoder_fp,
+            "max_length": stats["max_length"],
+            "merge_max_abs_logit_diff": checks["merge"],
+            "adapter_reload_max_abs_logit_diff": checks["adapter_reload"],
+            "merge_tolerance": cfg.merge_tolerance,
+            "num_labels": len(labels),
+            "warm_start": str(warm) if warm else None,
+            "seed": cfg.seed,
+            "trainable_params": stats["trainable_params"],
+            "total_params": stats["total_params"],
+            "best_val_macro_f1": stats["best_val_macro_f1"],
+            "method_params": getattr(cfg, cfg.method).model_dump(mode="json"),
+        }
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log.info(
+        "wrote %s (%s; merge diff %s, adapter reload diff %s)",
+        out_dir,
+        cfg.method,
+        checks["merge"],
+        checks["adapter_reload"],
+    )
+
+    metrics: dict[str, Any] = {
+        **{k: v for k, v in stats.items() if k != "resumed_from"},
+        "resumed": stats["resumed_from"] is not None,
+        "merge_max_abs_logit_diff": checks["merge"],
+        "adapter_reload_max_abs_logit_diff": checks["adapter_reload"],
+        "train_rows": len(train_split),
+        "val_rows": len(val_split),
+    }
+    if cfg.ablations.enabled:
+        metrics["ablations"] = run_ablations(
+            cfg,
+            main_stats={**stats, **main_test},
+            encoder=encoder,
+            tokenizer=tokenizer,
+            labels=labels,
+            train_split=train_split,
+            val_split=val_split,
+            test_split=test_split,
+        )
+    # Finished and written: the resume point has served its purpose.
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return metrics
+
+
+def run_ablations(
+    cfg: FinetuneConfig,
+    *,
+    main_stats: dict[str, Any],
+    encoder: Path,
+    tokenizer: Any,
+    labels: list[str],
+    train_split: Split,
+    val_split: Split,
+    test_split: Split,
+) -> dict[str, dict[str, Any]]:
+    """One table: the main model, the same method on a random-weights encoder, LoRA vs full.
+
+    Variants train without checkpoints, capped at `ablations.epochs`, and are all scored on the
+    test split (the holdout stays for `evaluate`).
+    """
+    table: dict[str, dict[str, Any]] = {}
+    main_key = f"{cfg.method}/pretrained"
+    table[main_key] = {k: v for k, v in main_stats.items() if k != "resumed_from"}
+    variants = [(cfg.method, "random")]
+    variants += [(m, "pretrained") for m in ("lora", "full") if m != cfg.method]
+    for method, init in variants:
+        log.info("ablation: %s on a %s encoder", method, init)
+        result, stats = _train_variant(
+            cfg,
+            method=method,
+            init=init,
+            encoder=encoder,
+            tokenizer=tokenizer,
+            labels=labels,
+            train_split=train_split,
+            val_split=val_split,
+            epochs=cfg.ablations.epochs,
+        )
+        stats.pop("resumed_from", None)
+        table[f"{method}/{init}"] = {
+            **stats,
+            **_score(result.model, tokenizer, test_split, cfg, stats["max_length"]),
+        }
+    cols = ("test_macro_f1", "trainable_share", "train_seconds", "peak_memory_mb", "epochs")
+    log.info(
+        "ablations (test split):\n%s",
+        "\n".join(f"  {k:<22}" + "  ".join(f"{c}={v[c]}" for c in cols) for k, v in table.items()),
+    )
+    return table
+
+
+def encoder_path(params: Params, root: Path) -> Path:
+    cfg = params.finetune
+    if cfg.encoder is not None:
+        path = Path(cfg.encoder)
+    else:
+        pretrain = getattr(params, "pretrain", None)
+        if pretrain is None:
+            raise ConfigError("finetune.encoder is null and params.yaml has no pretrain section")
+        path = Path(pretrain.out_dir)
+    return path if path.is_absolute() else root / path
+
+
+def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
+    cfg = params.finetune
+    plot_dir = root / "plots" / "finetune"
+    metrics = run(
+        cfg,
+        encoder=encoder_path(params, root),
+        data_dir=root / params.prepare.out_dir,
+        out_dir=root / cfg.out_dir,
+        checkpoint_root=root / cfg.checkpoint_dir,
+        plot_dir=plot_dir,
+        root=root,
+        tracker=tracking_run,
+    )
+    tracking_run.set_tags({"finetune.method": cfg.method})
+    tracking_run.log_artifact(root / cfg.out_dir / INFO_FILE, "finetune")
+    if plot_dir.is_dir():
+        tracking_run.log_artifact(plot_dir, "finetune/curves")
+    if "ablations" in metrics:
+        tracking_run.log_dict(metrics["ablations"], "finetune/ablations.json")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tunery.stage import stage_main
+
+    stage_main("finetune", _stage, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The Prefect pipeline flow on a temporary project, with Prefect's test harness."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import init_repo, make_rows
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def flaky_project(project, fail_times: int):
+    """Add a stage that fails `fail_times` times (a transient error), then succeeds."""
+    dvc = yaml.safe_load((project / "dvc.yaml").read_text())
+    keep = {k: v for k, v in dvc["stages"].items() if k in ("ingest", "prepare")}
+    script = (
+        "import pathlib,sys; c=pathlib.Path('count'); n=int(c.read_text()) if c.exists() else 0; "
+        f"c.write_text(str(n+1)); sys.exit(1 if n < {fail_times} else 0) if n < {fail_times} else pathlib.Path('done.txt').write_text('ok')"
+    )
+    keep["flaky"] = {"cmd": f'{sys.executable} -c "{script}"', "deps": ["data/prepared"], "outs": ["done.txt"]}
+    dvc["stages"] = keep
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+
+
+def test_stages_run_in_dvc_order_then_skip(project, harness, monkeypatch):
+    from flows.pipeline import pipeline_flow
+    from tunery import tracking
+
+    init_repo(project)
+    monkeypatch.chdir(project)
+    result = pipeline_flow(project=str(project), stages=["ingest", "prepare"])
+    assert [(r["stage"], r["ran"]) for r in result["stages"]] == [("ingest", True), ("prepare", True)]
+    children = tracking.child_runs(project, "test", result["run_id"])
+    assert [c["name"] for c in children] == ["ingest", "prepare"]
+    again = pipeline_flow(project=str(project), stages=["ingest", "prepare"])
+    assert [r["ran"] for r in again["stages"]] == [False, False]
+
+
+def test_transient_failure_is_retried(project, harness, monkeypatch):
+    from flows.pipeline import pipeline_flow
+
+    init_repo(project)
+    flaky_project(project, fail_times=1)
+    monkeypatch.chdir(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pipeline"] = {"retries": 2, "retry_delay_seconds": 0.0, "register_model": False}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = pipeline_flow(project=str(project), stages=["ingest", "prepare", "flaky"])
+    assert result["stages"][-1]["ran"]
+    assert (project / "count").read_text() == "2"  # failed once, retried once
+
+
+def test_bad_input_is_not_retried(project, harness, monkeypatch):
+    from flows.pipeline import pipeline_flow
+    from tunery.pipeline import StageFailed
+
+    init_repo(project)
+    bad = make_rows(10)
+    bad.loc[0, "text"] = ""
+    bad.to_csv(project / "data" / "source" / "train.csv", index=False)
+    monkeypatch.chdir(project)
+    with pytest.raises(StageFailed, match="empty_text") as err:
+        pipeline_flow(project=str(project), stages=["ingest"])
+    assert err.value.user_error
+    log = subprocess.run(["git", "status"], cwd=project, capture_output=True, text=True).stdout
+    assert "data/raw" not in log
+
+
+def test_retrain_nothing_to_do_then_new_data(project, harness, monkeypatch):
+    from flows.retrain import retrain_flow
+
+    init_repo(project)
+    dvc = yaml.safe_load((project / "dvc.yaml").read_text())
+    dvc["stages"] = {k: v for k, v in dvc["stages"].items() if k in ("ingest", "prepare", "corpus")}
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pipeline"] = {"register_model": False}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+
+    first = retrain_flow(project=str(project))  # nothing ran yet: everything is stale
+    assert first["status"] == "retrained" and [r["ran"] for r in first["stages"]] == [True, True, True]
+    assert retrain_flow(project=str(project))["status"] == "nothing to do"
+
+    landing = project / "data" / "landing"
+    landing.mkdir()
+    make_rows(6, offset=500).to_csv(landing / "week2.csv", index=False)
+    result = retrain_flow(project=str(project))
+    assert result["status"] == "retrained"
+    assert [p.split("/")[-1] for p in result["added"]] == ["week2.csv"]
+    assert not (landing / "week2.csv").exists() and (project / "data" / "incoming" / "week2.csv.dvc").exists()
+    ran = {r["stage"]: r["ran"] for r in result["stages"]}
+    assert ran["ingest"] and ran["prepare"]
+    assert any((project.parent / "remote").rglob("*")), "the new data version was pushed"
+    # 18 new texts on a ~100-text corpus is > 5 %: the snapshot moves (a small shard would not)
+    assert ran["corpus"]
+
+
+def test_bad_landing_file_stops_before_anything_moves(project, harness, monkeypatch):
+    from flows.retrain import retrain_flow
+
+    init_repo(project)
+    landing = project / "data" / "landing"
+    landing.mkdir()
+    make_rows(6, offset=500).to_csv(landing / "a.csv", index=False)
+    bad = make_rows(6, offset=600)
+    bad.loc[1, "label"] = None
+    bad.to_csv(landing / "b.csv", index=False)
+    monkeypatch.chdir(project)
+    from tunery.errors import DataValidationError
+
+    with pytest.raises(DataValidationError, match=r"b.csv: row 2: \[null_label\]"):
+        retrain_flow(project=str(project))
+    assert sorted(p.name for p in landing.iterdir()) == ["a.csv", "b.csv"]
+    assert list((project / "data" / "incoming").iterdir()) == []
+
+
+def test_schedule_deployment_is_created(harness):
+    from prefect.client.orchestration import get_client
+
+    from flows.retrain import deployment
+
+    deployment_id = deployment("/tmp/project", cron="0 3 * * 1").apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    import asyncio
+
+    got = asyncio.run(read())
+    assert got.name == "tunery-retrain"
+    assert [s.schedule.cron for s in got.schedules] == ["0 3 * * 1"]
+    assert got.parameters == {"project": "/tmp/project"}
+    assert got.global_concurrency_limit is not None and got.global_concurrency_limit.limit == 1

@@ -1,0 +1,404 @@
+"""Run a deployable ONNX model folder: tokenize, batch by length, score with ONNX Runtime.
+
+A deployable folder (written by the `export` and `compress` stages, see `tunery.onnx_export`)
+holds `model.onnx`, the tokenizer files, `labels.json` and `tunery_model.json`. `Predictor` loads
+only such folders: the manifest must be there and the model's sha256 must match it, and ONNX
+external-data paths may not point outside the folder.
+
+Devices: `cpu`, `cuda` or `auto`. `cuda` really means CUDA: CPU fallback is disabled in the session
+and the active providers are checked, and the predictor refuses to start otherwise. `auto` takes
+CUDA when it works (and the variant is meant for it) and says in the log which provider it chose.
+
+No tunery.config import here: this module also runs on the GPU box, which has no pydantic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunery.errors import TuneryError
+from tunery.onnx_export import LABELS_FILE, MODEL_FILE, verify_model_dir
+
+log = logging.getLogger("tunery.inference")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+REGISTRY_FILE = "registry.json"  # written beside a model downloaded from the MLflow registry
+
+# --------------------------------------------------------------------------- model sources
+# A model source is a folder, or a URI whose scheme has a resolver that turns it into a local
+# folder. The registry registers `models` (for `models:/name@champion`) through
+# `register_resolver`; the folder is then verified exactly like a local one.
+Resolver = Callable[[str], Path]
+
+
+def _registry(uri: str) -> Path:
+    from tunery.registration import resolve_registry_uri  # mlflow only when a models:/ URI is used
+
+    return resolve_registry_uri(uri)
+
+
+_RESOLVERS: dict[str, Resolver] = {"models": _registry}
+
+
+def register_resolver(scheme: str, resolver: Resolver) -> None:
+    """Teach `Predictor` a URI scheme (`models` for `models:/name@alias`): URI -> local folder."""
+    _RESOLVERS[scheme] = resolver
+
+
+def resolve_model_source(source: str | Path) -> Path:
+    text = str(source)
+    scheme, sep, _ = text.partition(":/")
+    if sep and len(scheme) > 1 and not Path(text).exists():  # len > 1: not a Windows drive letter
+        resolver = _RESOLVERS.get(scheme)
+        if resolver is None:
+            known = ", ".join(sorted(_RESOLVERS)) or "none"
+            raise TuneryError(
+                f"{text}: no resolver for '{scheme}:/' URIs (registered: {known}); "
+                "pass a deployable model folder such as models/deploy"
+            )
+        return Path(resolver(text))
+    return Path(text)
+
+
+# --------------------------------------------------------------------------- sessions
+def import_onnxruntime(cuda: bool = False) -> Any:
+    """Import onnxruntime; for CUDA, load torch first so the provider finds its CUDA libraries."""
+    if cuda:
+        # torch's CUDA libraries satisfy onnxruntime-gpu's provider; without torch, preload below.
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401
+    import onnxruntime as ort
+
+    if cuda and "torch" not in sys.modules and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # only a hint: session creation reports the real failure
+            log.debug("onnxruntime.preload_dlls failed: %s", exc)
+    return ort
+
+
+def session_options(ort: Any, *, threads: int = 0, strict_cuda: bool = False) -> Any:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if strict_cuda:
+        # Fail at session creation if any node would run on the CPU EP instead of CUDA.
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return so
+
+
+def create_session(
+    model_path: str | Path,
+    device: str = "auto",
+    *,
+    threads: int = 0,
+    prefer_cuda: bool = True,
+    cuda_options: dict[str, Any] | None = None,
+) -> tuple[Any, str]:
+    """An onnxruntime session on `device`, and the device it really runs on ("cpu" | "cuda").
+
+    `cuda`: CPU fallback disabled and the active providers checked; any failure is a TuneryError.
+    `auto`: CUDA if the CUDA provider exists, `prefer_cuda` holds and a strict session starts;
+    otherwise CPU. The choice (and why) is logged.
+    """
+    if device not in DEVICES:
+        raise TuneryError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+    want_cuda = device in ("cuda", "auto")
+    ort = import_onnxruntime(cuda=want_cuda)
+    available = ort.get_available_providers()
+    if device == "cuda" or (device == "auto" and prefer_cuda and CUDA in available):
+        if CUDA not in available:
+            raise TuneryError(
+                f"device=cuda, but onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}). Install onnxruntime-gpu (the `gpu` extra) "
+                "on a machine with an NVIDIA GPU, or use device cpu/auto."
+            )
+        try:
+            session = ort.InferenceSession(
+                str(model_path),
+                session_options(ort, threads=threads, strict_cuda=True),
+                providers=[(CUDA, dict(cuda_options or {}))],
+            )
+        except Exception as exc:
+            msg = (
+                f"{model_path}: cannot run on CUDA with CPU fallback disabled: "
+                f"{str(exc).strip().splitlines()[0][:400]}"
+            )
+            if device == "cuda":
+                raise TuneryError(msg) from None
+            log.warning("auto: %s; using CPU instead", msg)
+        else:
+            active = session.get_providers()
+            if active[0] != CUDA:
+                if device == "cuda":
+                    raise TuneryError(
+                        f"{model_path}: asked for CUDA but the session runs on {active}; refusing"
+                    )
+                log.warning("auto: session came up on %s, not CUDA; using CPU", active)
+            else:
+                if device == "auto":
+                    log.info("auto: using CUDAExecutionProvider")
+                return session, "cuda"
+    elif device == "auto":
+        reason = (
+            "the model variant targets CPU"
+            if CUDA in available
+            else f"no CUDA provider (available: {', '.join(available)})"
+        )
+        log.info("auto: using CPUExecutionProvider (%s)", reason)
+    session = ort.InferenceSession(
+        str(model_path), session_options(ort, threads=threads), providers=[CPU]
+    )
+    return session, "cpu"
+
+
+# --------------------------------------------------------------------------- batching
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenize without padding (one dict of id lists per text), truncated to `max_length`."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    names = [n for n in TOKEN_INPUTS if n in enc]
+    return [{n: enc[n][i] for n in names} for i in range(len(texts))]
+
+
+def length_batches(
+    encoded: Sequence[dict[str, list[int]]],
+    batch_size: int,
+    input_names: Sequence[str],
+    *,
+    pad_id: int = 0,
+    sort: bool = True,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(row indices, int64 feed) batches; sorted by length so each pads only to similar texts."""
+    order = np.arange(len(encoded))
+    if sort:
+        order = np.argsort([len(e["input_ids"]) for e in encoded], kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]["input_ids"]) for i in idx)
+        feed = {}
+        for name in input_names:
+            arr = np.zeros((len(idx), width), dtype=np.int64)
+            if name == "input_ids":
+                arr[:] = pad_id
+            for row, i in enumerate(idx):
+                ids = encoded[i].get(name)
+                if ids is None:  # token_type_ids the tokenizer did not return: all segment 0
+                    continue
+                arr[row, : len(ids)] = ids
+            feed[name] = arr
+        yield idx, feed
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class OnnxRunner:
+    """One session plus the way to feed it: plain `run` on CPU, IO binding on CUDA."""
+
+    def __init__(self, session: Any, device: str) -> None:
+        self.session = session
+        self.device = device
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_name = session.get_outputs()[0].name
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {k: v for k, v in feed.items() if k in self.input_names}
+        if self.device != "cuda":
+            return np.asarray(self.session.run([self.output_name], feed)[0], dtype=np.float32)
+        binding = self.session.io_binding()
+        for name, arr in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        binding.bind_output(self.output_name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- predictor
+@dataclass(frozen=True)
+class Predictions:
+    labels: list[str]
+    probabilities: np.ndarray  # (n, classes), columns in `classes` order
+    classes: list[str]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "label": label,
+                "score": float(probs.max()),
+                "probabilities": {c: float(p) for c, p in zip(self.classes, probs, strict=True)},
+            }
+            for label, probs in zip(self.labels, self.probabilities, strict=True)
+        ]
+
+
+class Predictor:
+    """Score texts with a deployable ONNX model folder (`models/deploy`, a variant, ...).
+
+    >>> p = Predictor("models/deploy", device="auto")
+    >>> p.predict(["a small dog"]).labels
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        max_length: int | None = None,
+        threads: int = 0,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.source = str(model)
+        self.model_dir = resolve_model_source(model)
+        self.manifest = verify_model_dir(self.model_dir)
+        registry_file = self.model_dir / REGISTRY_FILE
+        self._registry = json.loads(registry_file.read_text()) if registry_file.is_file() else {}
+        self.classes: list[str] = json.loads((self.model_dir / LABELS_FILE).read_text())
+        self.max_length = int(max_length or self.manifest.get("max_length") or 128)
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        session, self.device = create_session(
+            self.model_dir / MODEL_FILE,
+            device,
+            threads=threads,
+            prefer_cuda=self.manifest.get("provider", "cpu") == "cuda",
+        )
+        self.provider = CUDA if self.device == "cuda" else CPU
+        self._run = OnnxRunner(session, self.device)
+        n_out = session.get_outputs()[0].shape[-1]
+        if isinstance(n_out, int) and n_out != len(self.classes):
+            raise TuneryError(
+                f"{self.model_dir}: model has {n_out} outputs but labels.json {len(self.classes)}"
+            )
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "variant": self.manifest.get("variant"),
+            "model_version": self._registry.get("version")
+            or self.manifest.get("model_version")
+            or self.manifest["sha256"][:12],
+            "registered_model": self._registry.get("name"),
+            "sha256": self.manifest["sha256"],
+            "provider": self.provider,
+            "device": self.device,
+            "max_length": self.max_length,
+            "labels": self.classes,
+            "opset": self.manifest.get("opset"),
+        }
+
+    def logits(self, texts: Sequence[str], *, progress: Callable[[int], None] | None = None):
+        """(n, classes) float32 logits, in input order; batches sorted by length."""
+        encoded = encode(self.tokenizer, texts, self.max_length)
+        out = np.zeros((len(texts), len(self.classes)), dtype=np.float32)
+        pad = self.tokenizer.pad_token_id or 0
+        for idx, feed in length_batches(
+            encoded, self.batch_size, self._run.input_names, pad_id=pad
+        ):
+            out[idx] = self._run(feed)
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    def predict(
+        self, texts: Sequence[str], *, progress: Callable[[int], None] | None = None
+    ) -> Predictions:
+        if isinstance(texts, str):
+            texts = [texts]
+        probs = (
+            softmax(self.logits(texts, progress=progress))
+            if len(texts)
+            else np.zeros((0, len(self.classes)), dtype=np.float32)
+        )
+        labels = [self.classes[i] for i in probs.argmax(axis=-1)] if len(texts) else []
+        return Predictions(labels=labels, probabilities=probs, classes=self.classes)
+
+
+# --------------------------------------------------------------------------- files
+def read_table(path: Path) -> Any:
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix in (".jsonl", ".ndjson"):
+            return pd.read_json(path, lines=True)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except FileNotFoundError:
+        raise TuneryError(f"{path}: file not found") from None
+    except Exception as exc:
+        raise TuneryError(f"{path}: cannot read as {suffix[1:]}: {exc}") from None
+    raise TuneryError(f"{path}: unsupported format {suffix!r} (use .csv, .jsonl or .parquet)")
+
+
+def write_table(df: Any, path: Path) -> None:
+    from tunery.io import atomic_path
+
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".ndjson", ".parquet"):
+        raise TuneryError(f"{path}: unsupported format {suffix!r} (use .csv, .jsonl or .parquet)")
+    with atomic_path(path) as tmp:
+        if suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        elif suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+
+
+def predict_file(
+    predictor: Predictor,
+    src: Path,
+    dest: Path,
+    *,
+    text_column: str = "text",
+    show_progress: bool = True,
+) -> int:
+    """Score `src` (CSV/JSONL/Parquet) into `dest`: its columns plus prediction, score, prob_<label>."""
+    df = read_table(src)
+    if text_column not in df.columns:
+        raise TuneryError(
+            f"{src}: no column {text_column!r} (columns: {', '.join(map(str, df.columns))})"
+        )
+    texts = df[text_column]
+    bad = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TuneryError(f"{src}: rows {bad[:5]}: [{text_column}] must be non-empty text")
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(df), unit="text", desc="predict", file=sys.stderr)
+    try:
+        preds = predictor.predict(texts.tolist(), progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = df.copy()
+    out["prediction"] = preds.labels
+    out["score"] = preds.probabilities.max(axis=-1) if len(df) else []
+    for j, name in enumerate(preds.classes):
+        out[f"prob_{name}"] = preds.probabilities[:, j]
+    write_table(out, dest)
+    return len(out)

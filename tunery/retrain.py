@@ -1,0 +1,99 @@
+"""Re-fine-tuning on new data: find it, take it in as a new data version, and say what is stale.
+
+No Prefect here: `flows/retrain.py` turns these steps into a flow. New labelled files land in
+`retrain.landing`; each is validated with the ingest rules (all of them before any is moved), copied
+into `ingest.incoming`, versioned with `dvc add` and pushed to the default remote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunery import pipeline
+from tunery.config import Params, WordnetSource
+from tunery.data import files, intake, validate
+from tunery.errors import TuneryError
+from tunery.io import atomic_path
+
+log = logging.getLogger("tunery.retrain")
+
+LOCK_FILE = ".cache/tunery/retrain.lock"
+
+
+class Busy(TuneryError):
+    """Another retrain holds the lock."""
+
+
+@contextlib.contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """At most one retrain at a time per project: a second one is skipped, not queued."""
+    path = root / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"another retrain is running (lock {path}); this one is skipped") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def landing_files(root: Path, params: Params) -> list[Path]:
+    folder = root / params.retrain.landing
+    if not folder.is_dir():
+        return []
+    return files.list_files(folder, files.LABELLED_SUFFIXES)
+
+
+def take_in(root: Path, params: Params, new: list[Path]) -> list[Path]:
+    """Validate every landed file, then move each into the dataset as a DVC-tracked file."""
+    text_col, label_col = intake.columns(params.ingest)
+    for file in new:  # all or nothing: one bad file stops the intake before anything moves
+        validate.check_rows(files.read_labelled(file, text_col, label_col, origin=f"incoming:{file.name}"), params.ingest, str(file))
+    added = []
+    for file in new:
+        dest = intake.add_file(file, params.ingest, root=root)
+        pipeline.dvc_command(root, "add", str(dest.relative_to(root)), on_line=lambda line: log.debug(line.rstrip()))
+        file.unlink()
+        added.append(dest)
+        log.info("took in %s as %s", file.name, dest.relative_to(root))
+    if params.retrain.push and added:
+        pipeline.dvc_command(root, "push", on_line=lambda line: log.debug(line.rstrip()))
+    return added
+
+
+def stale_stages(root: Path) -> list[str]:
+    """Stages DVC considers out of date (changed code, params or data)."""
+    out = pipeline.dvc_command(root, "status", "--json", on_line=lambda line: None)
+    start = out.find("{")
+    status = json.loads(out[start:]) if start != -1 else {}
+    return [name for name in status if not name.endswith(".dvc")]
+
+
+def release_demo_shard(root: Path, params: Params, per_class: int) -> Path:
+    """Write the next WordNet demo shard into the landing folder (for the re-fine-tune demo)."""
+    from tunery.data import wordnet
+
+    source = params.ingest.source
+    if not isinstance(source, WordnetSource):
+        raise TuneryError("demo shards come from the WordNet demo source; ingest.source.kind is not wordnet")
+    taken = [p for folder in (root / params.ingest.incoming, root / params.retrain.landing) if folder.is_dir()
+             for p in folder.glob("wordnet-shard-*.csv")]
+    index = len({p.name for p in taken})
+    df = wordnet.shard(source, index, per_class)
+    if df.empty:
+        raise TuneryError(f"WordNet has no glosses left for shard {index}; lower --per-class")
+    dest = root / params.retrain.landing / f"wordnet-shard-{index:03d}.csv"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        df.to_csv(tmp, index=False)
+    return dest
+
+

@@ -1,0 +1,304 @@
+"""`transformers.Trainer` glue shared by the training stages.
+
+- Device, precision and attention selection: bf16 + SDPA on a GPU that has bf16, fp32 on CPU;
+  `torch.compile` on CUDA by default; DDP under `torchrun` (NCCL on GPUs, gloo on CPU).
+- `training_args`: `TrainingArguments` from keyword settings, dropping those this transformers
+  version does not know (the GPU machine runs an older one than the pinned set).
+- Resumable checkpoints: the Trainer writes `checkpoint-<step>/` (safetensors weights) in a folder
+  outside the DVC outputs; `CompletionMarker` adds `tunery-complete.json` (sizes and hashes of
+  every file) once a checkpoint is fully written. `resume_point` then resumes from the newest
+  complete checkpoint, deletes half-written ones, refuses a corrupted one (the file and the rule),
+  and starts fresh, saying so, when the checkpoints were made with other params or data
+  (a fingerprint stored beside them).
+- `WallClockBudget`: stops training (and saves a checkpoint) when a time budget is spent, agreed
+  across processes so DDP ranks stop on the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from tunery.errors import TuneryError
+from tunery.io import write_json
+
+log = logging.getLogger("tunery.training")
+
+MARKER = "tunery-complete.json"
+FINGERPRINT = "fingerprint.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(TuneryError):
+    def __init__(self, path: str | Path, rule: str, detail: str) -> None:
+        self.path, self.rule = str(path), rule
+        super().__init__(f"{path}: [{rule}] {detail}")
+
+
+# --------------------------------------------------------------------------- processes and devices
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def select_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TuneryError("device: cuda was asked for, but no CUDA GPU is available")
+    return device
+
+
+def use_bf16(precision: str, device: str) -> bool:
+    import torch
+
+    if precision == "fp32":
+        return False
+    has_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not has_bf16:
+        # bf16 autocast on these CPUs is slower than fp32; only a GPU with bf16 gets it.
+        raise TuneryError(f"precision: bf16 needs a GPU with bf16; this run is on {device}")
+    return has_bf16
+
+
+def device_args(*, device: str, precision: str, compile: bool | None) -> dict[str, Any]:
+    """The device-dependent part of `TrainingArguments`."""
+    dev = select_device(device)
+    args: dict[str, Any] = {
+        "use_cpu": dev == "cpu",
+        "bf16": use_bf16(precision, dev),
+        "torch_compile": dev == "cuda" if compile is None else compile,
+    }
+    if world_size() > 1:
+        args["ddp_backend"] = "nccl" if dev == "cuda" else "gloo"
+    if dev == "cuda":
+        args["tf32"] = True
+    return args
+
+
+def training_args(**settings: Any):
+    """`TrainingArguments(**settings)`, dropping settings this transformers version lacks."""
+    from transformers import TrainingArguments
+
+    known = {f.name for f in fields(TrainingArguments)}
+    settings = dict(settings)
+    # transformers < 5.2x: a boolean `group_by_length` instead of `train_sampling_strategy`.
+    if "train_sampling_strategy" in settings and "train_sampling_strategy" not in known:
+        settings["group_by_length"] = settings.pop("train_sampling_strategy") == "group_by_length"
+    dropped = sorted(k for k in settings if k not in known)
+    if dropped:
+        log.debug("TrainingArguments of this transformers version lack %s; ignored", dropped)
+    return TrainingArguments(**{k: v for k, v in settings.items() if k in known})
+
+
+# --------------------------------------------------------------------------- fingerprints
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (params sections, data hashes)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """`checkpoint-<step>` folders, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
+    ]
+    return sorted(found, reverse=True)
+
+
+def write_marker(checkpoint: Path) -> None:
+    """Record every file of a fully written checkpoint: its presence means complete."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(checkpoint.iterdir())
+        if p.is_file() and p.name != MARKER and not p.name.startswith("rng_state")
+    }
+    write_json(checkpoint / MARKER, {"files": files})
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Raise `CheckpointError` unless every file recorded by the marker is intact."""
+    try:
+        recorded = json.loads((checkpoint / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            checkpoint / MARKER, "checkpoint_corrupted", f"unreadable completion marker ({exc})"
+        ) from None
+    for name, meta in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(path, "checkpoint_corrupted", "file missing")
+        if path.stat().st_size != meta["bytes"] or file_sha256(path) != meta["sha256"]:
+            raise CheckpointError(
+                path,
+                "checkpoint_corrupted",
+                "contents differ from what was saved (size or hash); delete this checkpoint "
+                f"folder to resume from an earlier one, or {checkpoint.parent} to start fresh",
+            )
+
+
+def resume_point(folder: Path, fp: str, *, main: bool = True) -> Path | None:
+    """The newest complete checkpoint in `folder` made with fingerprint `fp`, or None.
+
+    Only the main process deletes anything (stale checkpoints, half-written ones) and writes the
+    fingerprint; call it there first, then on the other processes (`main_process_first`).
+    """
+    stored = folder / FINGERPRINT
+    if folder.is_dir() and any(folder.iterdir()):
+        try:
+            old = json.loads(stored.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old != fp:
+            if main:
+                log.warning(
+                    "%s holds checkpoints made with other params or data (fingerprint %s, now %s):"
+                    " starting fresh",
+                    folder,
+                    old,
+                    fp,
+                )
+                shutil.rmtree(folder)
+            else:
+                return None
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(stored, {"fingerprint": fp})
+    for step, ckpt in checkpoints(folder):
+        if not (ckpt / MARKER).is_file():
+            if main:
+                log.warning(
+                    "%s is incomplete (the save was interrupted): skipped and removed", ckpt
+                )
+                shutil.rmtree(ckpt, ignore_errors=True)
+            continue
+        verify_checkpoint(ckpt)
+        log.info("resuming from %s (step %d)", ckpt, step)
+        return ckpt
+    return None
+
+
+def trainer_callbacks(*, max_minutes: float | None) -> list[Any]:
+    """`CompletionMarker` always; `WallClockBudget` when a budget is set."""
+    from transformers import TrainerCallback
+
+    class CompletionMarker(TrainerCallback):
+        """Mark a checkpoint complete once every process has finished writing it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            _barrier()
+            if state.is_world_process_zero:
+                write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            _barrier()
+
+    class WallClockBudget(TrainerCallback):
+        """Stop after `max_minutes` (this run's wall clock), saving a checkpoint first."""
+
+        def __init__(self, minutes: float) -> None:
+            self.seconds = minutes * 60.0
+            self.start = time.monotonic()
+            self.stopped_at: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            over = time.monotonic() - self.start > self.seconds
+            # Every rank must stop on the same step, or the others hang in the next all-reduce:
+            # under DDP the ranks agree every few steps (one tiny all-reduce).
+            if _dist_ready():
+                if state.global_step % 5:
+                    return control
+                over = _any_rank(over, args.device)
+            if over:
+                control.should_training_stop = True
+                control.should_save = True
+                self.stopped_at = state.global_step
+                log.warning(
+                    "wall-clock budget of %.1f min spent at step %d of %d: stopping",
+                    self.seconds / 60,
+                    state.global_step,
+                    state.max_steps,
+                )
+            return control
+
+    cbs: list[Any] = [CompletionMarker()]
+    if max_minutes:
+        cbs.append(WallClockBudget(max_minutes))
+    return cbs
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (torchrun warns about a group left open)."""
+    if _dist_ready():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _any_rank(flag: bool, device: Any) -> bool:
+    if not _dist_ready():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def loss_history(log_history: list[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """Training-loss points (step, loss, learning_rate) from `trainer.state.log_history`."""
+    return [
+        {
+            "step": int(e["step"]),
+            "loss": float(e["loss"]),
+            "learning_rate": float(e.get("learning_rate", 0.0)),
+        }
+        for e in log_history
+        if "loss" in e and "step" in e
+    ]
