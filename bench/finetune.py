@@ -94,7 +94,9 @@ def make_encoder(name: str, texts: list[str], workdir: Path, max_length: int) ->
     dest = workdir / name
     from tunery.models import train_wordpiece
 
-    tok = train_wordpiece(texts, vocab_size=8000 if name == "bert-base" else 1000, max_length=max(512, max_length))
+    tok = train_wordpiece(
+        texts, vocab_size=8000 if name == "bert-base" else 1000, max_length=max(512, max_length)
+    )
     tok.save_pretrained(dest)
     if name == "bert-base":
         config = BertConfig(vocab_size=len(tok), max_position_embeddings=max(512, max_length))

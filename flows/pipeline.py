@@ -23,10 +23,17 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return not (isinstance(exc, pipeline.StageFailed) and exc.user_error)
 
 
-@task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_user_error)
+@task(
+    name="stage",
+    task_run_name="{stage}",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=_retry_unless_user_error,
+)
 def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
-    ran = pipeline.repro_stage(Path(root), stage, force=force, on_line=lambda line: logger.info(line.rstrip()))
+    ran = pipeline.repro_stage(
+        Path(root), stage, force=force, on_line=lambda line: logger.info(line.rstrip())
+    )
     metrics_file = Path(root) / "metrics" / f"{stage}.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     logger.info("stage %s %s", stage, "ran" if ran else "was up to date (skipped by DVC)")
@@ -40,17 +47,30 @@ def register_and_gate(root: str, run: Any) -> dict[str, Any]:
     return step(Path(root), load_params(Path(root) / "params.yaml"), run)
 
 
-def _summary(results: list[dict[str, Any]], registry: dict[str, Any] | None, run_id: str, uri: str) -> str:
-    lines = ["# Tunery pipeline", "", f"MLflow parent run `{run_id}` (store `{uri}`; open it with `tunery ui`).", "",
-             "| stage | ran | seconds |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'up to date'} | {r['seconds'] or 0:.1f} |" for r in results]
+def _summary(
+    results: list[dict[str, Any]], registry: dict[str, Any] | None, run_id: str, uri: str
+) -> str:
+    lines = [
+        "# Tunery pipeline",
+        "",
+        f"MLflow parent run `{run_id}` (store `{uri}`; open it with `tunery ui`).",
+        "",
+        "| stage | ran | seconds |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {r['stage']} | {'yes' if r['ran'] else 'up to date'} | {r['seconds'] or 0:.1f} |"
+        for r in results
+    ]
     if registry:
         lines += ["", f"**Registry:** {registry.get('summary', '')}"]
     return "\n".join(lines)
 
 
 @flow(name="tunery-pipeline")
-def pipeline_flow(project: str | None = None, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+def pipeline_flow(
+    project: str | None = None, stages: list[str] | None = None, force: bool = False
+) -> dict[str, Any]:
     """Run the dvc.yaml stages as tasks under one MLflow parent run, then register and gate."""
     from tunery import tracking
 
@@ -67,7 +87,13 @@ def pipeline_flow(project: str | None = None, stages: list[str] | None = None, f
         logger.info("MLflow parent run %s at %s", run.run_id, tracking.tracking_uri(root))
         results = [stage_task(stage, str(root), force) for stage in names]
         pipeline.log_lineage(root, run, f"{params.ingest.out_dir}/labelled.parquet")
-        registry = register_and_gate(str(root), run) if params.pipeline.register_model and stages is None else None
+        registry = (
+            register_and_gate(str(root), run)
+            if params.pipeline.register_model and stages is None
+            else None
+        )
         run.log_metrics({"stages_ran": sum(r["ran"] for r in results)})
-    create_markdown_artifact(_summary(results, registry, run.run_id, tracking.tracking_uri(root)), key="tunery-pipeline")
+    create_markdown_artifact(
+        _summary(results, registry, run.run_id, tracking.tracking_uri(root)), key="tunery-pipeline"
+    )
     return {"run_id": run.run_id, "stages": results, "registry": registry}

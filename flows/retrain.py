@@ -42,7 +42,11 @@ def retrain_flow(project: str | None = None) -> dict[str, Any]:
             if not added and not todo:
                 logger.info("nothing to do: no new data, every stage up to date")
                 return {"status": "nothing to do", "added": []}
-            logger.info("new data files: %s; stale stages: %s", [Path(a).name for a in added] or "none", todo)
+            logger.info(
+                "new data files: %s; stale stages: %s",
+                [Path(a).name for a in added] or "none",
+                todo,
+            )
             result = pipeline_flow(project=str(root))
             registry = result.get("registry") or {}
             logger.info("decision: %s", registry.get("summary", "no registry step"))
@@ -63,7 +67,9 @@ def deployment(project: str, *, cron: str | None = None, interval: float | None 
         cron=cron,
         interval=interval,
         parameters={"project": project},
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
         description="Re-fine-tune on new data; promote only a better model.",
         tags=["tunery"],
     )

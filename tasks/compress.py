@@ -251,7 +251,9 @@ def run(
         "selected": selected,
         # What the promotion gate reads: the deployable variant agrees with the PyTorch model on
         # the task within the budget (export's own fp32 parity check already passed or it failed).
-        "parity_passed": bool(-variants[selected]["parity"]["macro_f1_delta"] <= cfg.max_f1_drop + 1e-12),
+        "parity_passed": bool(
+            -variants[selected]["parity"]["macro_f1_delta"] <= cfg.max_f1_drop + 1e-12
+        ),
         "eligible": eligible,
         "rejected": rejected,
         "variants": variants,

@@ -39,7 +39,9 @@ def change_share(old: pd.Series, new: pd.Series) -> float:
 def run(cfg: CorpusConfig, *, prepared_dir: Path, out_dir: Path) -> dict[str, Any]:
     for name in FILES:
         if not (prepared_dir / name).is_file():
-            raise DataValidationError(prepared_dir / name, "missing_file", "run the prepare stage first")
+            raise DataValidationError(
+                prepared_dir / name, "missing_file", "run the prepare stage first"
+            )
     new_corpus = pd.read_parquet(prepared_dir / "corpus.parquet")["text"]
     has_snapshot = all((out_dir / name).is_file() for name in FILES)
     if not has_snapshot:
@@ -58,12 +60,25 @@ def run(cfg: CorpusConfig, *, prepared_dir: Path, out_dir: Path) -> dict[str, An
         for name in FILES:  # file by file: DVC keeps a .gitignore in out_dir
             with atomic_path(out_dir / name) as tmp:
                 shutil.copyfile(prepared_dir / name, tmp)
-    log.info("corpus snapshot %s (%s)", "moved: pretrain will re-run" if move else "kept: pretrain stays as is", reason)
-    return {"moved": move, "change_share": round(change, 6), "reason": reason, "texts": len(new_corpus)}
+    log.info(
+        "corpus snapshot %s (%s)",
+        "moved: pretrain will re-run" if move else "kept: pretrain stays as is",
+        reason,
+    )
+    return {
+        "moved": move,
+        "change_share": round(change, 6),
+        "reason": reason,
+        "texts": len(new_corpus),
+    }
 
 
 def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
-    metrics = run(params.corpus, prepared_dir=root / params.prepare.out_dir, out_dir=root / params.corpus.out_dir)
+    metrics = run(
+        params.corpus,
+        prepared_dir=root / params.prepare.out_dir,
+        out_dir=root / params.corpus.out_dir,
+    )
     tracking_run.set_tags({"corpus.moved": metrics["moved"], "corpus.reason": metrics["reason"]})
     return metrics
 

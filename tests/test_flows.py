@@ -25,7 +25,11 @@ def flaky_project(project, fail_times: int):
         "import pathlib,sys; c=pathlib.Path('count'); n=int(c.read_text()) if c.exists() else 0; "
         f"c.write_text(str(n+1)); sys.exit(1 if n < {fail_times} else 0) if n < {fail_times} else pathlib.Path('done.txt').write_text('ok')"
     )
-    keep["flaky"] = {"cmd": f'{sys.executable} -c "{script}"', "deps": ["data/prepared"], "outs": ["done.txt"]}
+    keep["flaky"] = {
+        "cmd": f'{sys.executable} -c "{script}"',
+        "deps": ["data/prepared"],
+        "outs": ["done.txt"],
+    }
     dvc["stages"] = keep
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
 
@@ -37,7 +41,10 @@ def test_stages_run_in_dvc_order_then_skip(project, harness, monkeypatch):
     init_repo(project)
     monkeypatch.chdir(project)
     result = pipeline_flow(project=str(project), stages=["ingest", "prepare"])
-    assert [(r["stage"], r["ran"]) for r in result["stages"]] == [("ingest", True), ("prepare", True)]
+    assert [(r["stage"], r["ran"]) for r in result["stages"]] == [
+        ("ingest", True),
+        ("prepare", True),
+    ]
     children = tracking.child_runs(project, "test", result["run_id"])
     assert [c["name"] for c in children] == ["ingest", "prepare"]
     again = pipeline_flow(project=str(project), stages=["ingest", "prepare"])
@@ -87,7 +94,11 @@ def test_retrain_nothing_to_do_then_new_data(project, harness, monkeypatch):
     monkeypatch.chdir(project)
 
     first = retrain_flow(project=str(project))  # nothing ran yet: everything is stale
-    assert first["status"] == "retrained" and [r["ran"] for r in first["stages"]] == [True, True, True]
+    assert first["status"] == "retrained" and [r["ran"] for r in first["stages"]] == [
+        True,
+        True,
+        True,
+    ]
     assert retrain_flow(project=str(project))["status"] == "nothing to do"
 
     landing = project / "data" / "landing"
@@ -96,7 +107,10 @@ def test_retrain_nothing_to_do_then_new_data(project, harness, monkeypatch):
     result = retrain_flow(project=str(project))
     assert result["status"] == "retrained"
     assert [p.split("/")[-1] for p in result["added"]] == ["week2.csv"]
-    assert not (landing / "week2.csv").exists() and (project / "data" / "incoming" / "week2.csv.dvc").exists()
+    assert (
+        not (landing / "week2.csv").exists()
+        and (project / "data" / "incoming" / "week2.csv.dvc").exists()
+    )
     ran = {r["stage"]: r["ran"] for r in result["stages"]}
     assert ran["ingest"] and ran["prepare"]
     assert any((project.parent / "remote").rglob("*")), "the new data version was pushed"

@@ -21,7 +21,13 @@ def test_first_model_needs_the_floor():
 
 
 def test_better_challenger_is_promoted():
-    d = decide(m(0.82, a=0.8, b=0.84), m(0.80, a=0.8, b=0.8), has_champion=True, parity_passed=True, cfg=CFG)
+    d = decide(
+        m(0.82, a=0.8, b=0.84),
+        m(0.80, a=0.8, b=0.8),
+        has_champion=True,
+        parity_passed=True,
+        cfg=CFG,
+    )
     assert d.promote, d.reason
     assert d.checks == {"parity": True, "min_delta": True, "max_class_drop": True}
 
@@ -32,7 +38,13 @@ def test_not_better_by_min_delta_is_rejected():
 
 
 def test_a_class_dropping_too_much_blocks_promotion():
-    d = decide(m(0.90, a=0.99, b=0.81), m(0.80, a=0.70, b=0.90), has_champion=True, parity_passed=True, cfg=CFG)
+    d = decide(
+        m(0.90, a=0.99, b=0.81),
+        m(0.80, a=0.70, b=0.90),
+        has_champion=True,
+        parity_passed=True,
+        cfg=CFG,
+    )
     assert not d.promote and "'b'" in d.reason and "0.0900" in d.reason
 
 
@@ -50,7 +62,10 @@ def test_failed_or_unknown_parity_blocks(parity):
         ({"macro_f1": "0.9"}, m(0.5)),
         (m(0.9), None),  # a champion exists but its numbers are missing
         (m(0.9), {"macro_f1": 0.5}),  # per-class numbers missing
-        ({"macro_f1": 0.9, "per_class_f1": {"a": 0.9}}, m(0.5)),  # class b missing for the challenger
+        (
+            {"macro_f1": 0.9, "per_class_f1": {"a": 0.9}},
+            m(0.5),
+        ),  # class b missing for the challenger
     ],
 )
 def test_missing_metrics_fail_closed(challenger, champion):

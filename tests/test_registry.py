@@ -21,7 +21,9 @@ def deploy_dir(tmp_path: Path, tag: str) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], tag, [x], [y])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), d / "model.onnx")
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), d / "model.onnx"
+    )
     (d / "labels.json").write_text(json.dumps(["a", "b"]))
     (d / "tunery_model.json").write_text(json.dumps({"variant": tag}))
     return d
@@ -29,12 +31,17 @@ def deploy_dir(tmp_path: Path, tag: str) -> Path:
 
 @pytest.fixture
 def params():
-    return load_params(REPO / "params.yaml", ["tracking.experiment=reg", "registry.model_name=m", "registry.min_delta=0.01"])
+    return load_params(
+        REPO / "params.yaml",
+        ["tracking.experiment=reg", "registry.model_name=m", "registry.min_delta=0.01"],
+    )
 
 
 def register(root, params, tag):
     with tracking.stage_run(root, params.tracking.experiment, "register", {}) as run:
-        version = tracking.register_onnx(run, deploy_dir(root, tag), params.registry.model_name, tags={"t": tag})
+        version = tracking.register_onnx(
+            run, deploy_dir(root, tag), params.registry.model_name, tags={"t": tag}
+        )
     tracking.set_alias(root, params.registry.model_name, promotion.CHALLENGER, version)
     return version
 
@@ -49,32 +56,54 @@ def champion(root, params):
 
 def test_gate_promotes_better_and_blocks_worse_and_missing(tmp_path, params):
     v1 = register(tmp_path, params, "one")
-    assert promotion.gate_challenger(tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True).promote
+    assert promotion.gate_challenger(
+        tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True
+    ).promote
     assert champion(tmp_path, params) == v1
 
     v2 = register(tmp_path, params, "two")
-    d = promotion.gate_challenger(tmp_path, params, v2, challenger=scores(0.65), champion=scores(0.7), parity_passed=True)
+    d = promotion.gate_challenger(
+        tmp_path, params, v2, challenger=scores(0.65), champion=scores(0.7), parity_passed=True
+    )
     assert not d.promote and champion(tmp_path, params) == v1
     info = tracking.version_info(tmp_path, "m", v2)
-    assert info["tags"]["gate.decision"] == "rejected" and "min_delta" in info["tags"]["gate.reason"]
+    assert (
+        info["tags"]["gate.decision"] == "rejected" and "min_delta" in info["tags"]["gate.reason"]
+    )
     assert "challenger" in info["aliases"]
 
     v3 = register(tmp_path, params, "three")
-    d = promotion.gate_challenger(tmp_path, params, v3, challenger={"per_class_f1": {}}, champion=scores(0.7), parity_passed=True)
+    d = promotion.gate_challenger(
+        tmp_path,
+        params,
+        v3,
+        challenger={"per_class_f1": {}},
+        champion=scores(0.7),
+        parity_passed=True,
+    )
     assert not d.promote and champion(tmp_path, params) == v1
 
     v4 = register(tmp_path, params, "four")
-    assert promotion.gate_challenger(tmp_path, params, v4, challenger=scores(0.8), champion=scores(0.7), parity_passed=True).promote
+    assert promotion.gate_challenger(
+        tmp_path, params, v4, challenger=scores(0.8), champion=scores(0.7), parity_passed=True
+    ).promote
     assert champion(tmp_path, params) == v4
 
     log = tracking.decisions(tmp_path, "reg", "m")
-    assert [(e["action"], e["promoted"]) for e in log] == [("gate", "True"), ("gate", "False"), ("gate", "False"), ("gate", "True")]
+    assert [(e["action"], e["promoted"]) for e in log] == [
+        ("gate", "True"),
+        ("gate", "False"),
+        ("gate", "False"),
+        ("gate", "True"),
+    ]
     assert log[-1]["from"] == v1 and log[-1]["to"] == v4
 
 
 def test_manual_promote_and_rollback_are_recorded(tmp_path, params):
     v1, v2, v3 = (register(tmp_path, params, t) for t in ("a", "b", "c"))
-    promotion.gate_challenger(tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True)
+    promotion.gate_challenger(
+        tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True
+    )
     promotion.promote(tmp_path, params, v2, "hotfix for class b")
     promotion.promote(tmp_path, params, v3, "newer data")
     assert champion(tmp_path, params) == v3
@@ -87,9 +116,18 @@ def test_manual_promote_and_rollback_are_recorded(tmp_path, params):
         promotion.rollback(tmp_path, params, "again")
 
     log = tracking.decisions(tmp_path, "reg", "m")
-    assert [e["action"] for e in log] == ["gate", "manual_promote", "manual_promote", "rollback", "rollback"]
+    assert [e["action"] for e in log] == [
+        "gate",
+        "manual_promote",
+        "manual_promote",
+        "rollback",
+        "rollback",
+    ]
     assert log[1]["reason"] == "hotfix for class b"
-    assert tracking.version_info(tmp_path, "m", v3)["tags"]["promotion.rolled_back"] == "v3 misbehaves in production"
+    assert (
+        tracking.version_info(tmp_path, "m", v3)["tags"]["promotion.rolled_back"]
+        == "v3 misbehaves in production"
+    )
 
     with pytest.raises(TuneryError, match="no version 99"):
         promotion.promote(tmp_path, params, "99", "typo")
@@ -101,7 +139,9 @@ def test_registered_model_carries_its_sidecar_files(tmp_path, params):
     v1 = register(tmp_path, params, "one")
     tracking.set_alias(tmp_path, "m", promotion.CHAMPION, v1)
     got = tracking.download_model(tmp_path, "models:/m@champion", tmp_path / "dl")
-    assert {"model.onnx", "labels.json", "tunery_model.json", "MLmodel", "requirements.txt"} <= {p.name for p in got.iterdir()}
+    assert {"model.onnx", "labels.json", "tunery_model.json", "MLmodel", "requirements.txt"} <= {
+        p.name for p in got.iterdir()
+    }
     assert json.loads((got / "tunery_model.json").read_text()) == {"variant": "one"}
     reqs = (got / "requirements.txt").read_text()
     assert "onnxruntime" in reqs and "cloudpickle" not in reqs
@@ -125,10 +165,16 @@ def test_registry_only_predictor_matches_the_local_folder(tmp_path, params, monk
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(tmp_path)  # the project whose registry `models:/` reads
-    texts = ["a small red animal that lives in the wild", "a hard hand tool used for cutting", "a warm dish"]
+    texts = [
+        "a small red animal that lives in the wild",
+        "a hard hand tool used for cutting",
+        "a warm dish",
+    ]
     local = Predictor(tmp_path / "deploy", device="cpu").predict(texts)
     remote = Predictor("models:/m@champion", device="cpu")
     got = remote.predict(texts)
     assert got.labels == local.labels
     np.testing.assert_allclose(got.probabilities, local.probabilities, atol=1e-6)
-    assert remote.metadata["model_version"] == version and remote.metadata["registered_model"] == "m"
+    assert (
+        remote.metadata["model_version"] == version and remote.metadata["registered_model"] == "m"
+    )

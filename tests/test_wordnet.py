@@ -86,5 +86,11 @@ def test_demo_shards_are_disjoint_from_the_base_and_each_other(wn):
     base = set(wordnet.load(cfg)[0]["text"])
     s0, s1 = wordnet.shard(cfg, 0, 2), wordnet.shard(cfg, 1, 2)
     assert len(s0) == len(s1) == 4
-    assert base.isdisjoint(s0["text"]) and base.isdisjoint(s1["text"]) and set(s0["text"]).isdisjoint(s1["text"])
-    assert wordnet.shard(cfg, 2, 2).empty  # 6 glosses per class: the base (2) and two shards (2 + 2)
+    assert (
+        base.isdisjoint(s0["text"])
+        and base.isdisjoint(s1["text"])
+        and set(s0["text"]).isdisjoint(s1["text"])
+    )
+    assert wordnet.shard(
+        cfg, 2, 2
+    ).empty  # 6 glosses per class: the base (2) and two shards (2 + 2)

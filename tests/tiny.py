@@ -7,14 +7,18 @@ from pathlib import Path
 from tests.conftest import make_rows
 
 
-def make_tiny_encoder(dest: Path, *, vocab_size: int = 200, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_encoder(
+    dest: Path, *, vocab_size: int = 200, hidden: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
     """Write a `from_pretrained`-loadable BERT encoder (random weights, MLM head) and its tokenizer."""
     import torch
     from transformers import BertForMaskedLM
 
     from tunery.models import scratch_config, train_wordpiece
 
-    tokenizer = train_wordpiece(make_rows(60)["text"].tolist(), vocab_size=vocab_size, max_length=64)
+    tokenizer = train_wordpiece(
+        make_rows(60)["text"].tolist(), vocab_size=vocab_size, max_length=64
+    )
     torch.manual_seed(seed)
     config = scratch_config(
         vocab_size=len(tokenizer),

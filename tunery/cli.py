@@ -53,7 +53,10 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
     from flows.pipeline import pipeline_flow
 
     result = pipeline_flow(project=str(root), stages=args.stages or None, force=args.force)
-    ran = ", ".join(r["stage"] for r in result["stages"] if r["ran"]) or "none (everything up to date)"
+    ran = (
+        ", ".join(r["stage"] for r in result["stages"] if r["ran"])
+        or "none (everything up to date)"
+    )
     print(f"\npipeline run {result['run_id']}: stages run: {ran}")
     if result.get("registry"):
         print(f"registry: {result['registry']['summary']}")
@@ -89,12 +92,16 @@ def cmd_models(args: argparse.Namespace, root: Path) -> int:
     for v in versions:
         f1 = v["metrics"].get("holdout_macro_f1", v["tags"].get("holdout_macro_f1"))
         f1_text = f"{float(f1):.4f}" if f1 not in (None, "") else "-"
-        print(f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {f1_text:>16}  "
-              f"{v['tags'].get('gate.decision', '-'):<9} {v['tags'].get('gate.reason', '')}")
+        print(
+            f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {f1_text:>16}  "
+            f"{v['tags'].get('gate.decision', '-'):<9} {v['tags'].get('gate.reason', '')}"
+        )
     if args.log:
         print("\npromotion log (oldest first):")
         for e in tracking.decisions(root, params.tracking.experiment, name):
-            print(f"  {e.get('utc', '?')}  {e.get('action'):<15} {e.get('from') or '-':>4} -> {e.get('to') or '-':<4} {e.get('reason', '')}")
+            print(
+                f"  {e.get('utc', '?')}  {e.get('action'):<15} {e.get('from') or '-':>4} -> {e.get('to') or '-':<4} {e.get('reason', '')}"
+            )
     return 0
 
 
@@ -119,7 +126,10 @@ def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
 
     result = retrain_flow(project=str(root))
     if result["status"] != "retrained":
-        print(f"retrain: {result['status']}" + (f" ({result['reason']})" if result.get("reason") else ""))
+        print(
+            f"retrain: {result['status']}"
+            + (f" ({result['reason']})" if result.get("reason") else "")
+        )
         return 0
     ran = ", ".join(r["stage"] for r in result["stages"] if r["ran"]) or "none"
     print(f"\nretrain: took in {len(result['added'])} file(s); stages run: {ran}")
@@ -236,32 +246,44 @@ def build_parser() -> argparse.ArgumentParser:
     _params_args(p)
     p.set_defaults(fn=cmd_data_add)
 
-    p = sub.add_parser("retrain", help="re-fine-tune now: take in new data, re-run stale stages, gate")
+    p = sub.add_parser(
+        "retrain", help="re-fine-tune now: take in new data, re-run stale stages, gate"
+    )
     p.set_defaults(fn=cmd_retrain)
 
-    p = sub.add_parser("schedule", help="serve the retrain flow on a schedule (embedded Prefect server)")
+    p = sub.add_parser(
+        "schedule", help="serve the retrain flow on a schedule (embedded Prefect server)"
+    )
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
     when.add_argument("--interval", type=float, help="seconds between runs")
     p.set_defaults(fn=cmd_schedule)
 
-    p = sub.add_parser("demo-shard", help="release the next shard of WordNet demo data into the landing folder")
+    p = sub.add_parser(
+        "demo-shard", help="release the next shard of WordNet demo data into the landing folder"
+    )
     p.add_argument("--per-class", type=int, default=40, help="glosses per category (default: 40)")
     _params_args(p)
     p.set_defaults(fn=cmd_demo_shard)
 
-    p = sub.add_parser("models", help="list registered model versions with aliases, key metrics and gate decisions")
+    p = sub.add_parser(
+        "models", help="list registered model versions with aliases, key metrics and gate decisions"
+    )
     p.add_argument("--log", action="store_true", help="also print the promotion log")
     _params_args(p)
     p.set_defaults(fn=cmd_models)
 
-    p = sub.add_parser("promote", help="make VERSION the champion by hand (recorded in the promotion log)")
+    p = sub.add_parser(
+        "promote", help="make VERSION the champion by hand (recorded in the promotion log)"
+    )
     p.add_argument("version", help="registered model version number")
     p.add_argument("--reason", required=True, help="why (recorded on the version and in the log)")
     _params_args(p)
     p.set_defaults(fn=cmd_promote)
 
-    p = sub.add_parser("rollback", help="put the previous champion back (recorded in the promotion log)")
+    p = sub.add_parser(
+        "rollback", help="put the previous champion back (recorded in the promotion log)"
+    )
     p.add_argument("--reason", default="rollback", help="why (recorded)")
     _params_args(p)
     p.set_defaults(fn=cmd_rollback)

@@ -40,7 +40,9 @@ def decide(
     checks: dict[str, bool] = {}
     score = _number(challenger, "macro_f1")
     if score is None:
-        return Decision(False, "challenger holdout macro_f1 is missing: not promoted (fail closed)", checks)
+        return Decision(
+            False, "challenger holdout macro_f1 is missing: not promoted (fail closed)", checks
+        )
     checks["parity"] = parity_passed is True
     if not checks["parity"]:
         why = "was not recorded" if parity_passed is None else "failed"
@@ -49,22 +51,32 @@ def decide(
     if not has_champion:
         checks["floor"] = score >= cfg.floor_macro_f1
         if not checks["floor"]:
-            return Decision(False, f"first model: macro_f1 {score:.4f} < floor {cfg.floor_macro_f1:.4f}", checks)
-        return Decision(True, f"first model: macro_f1 {score:.4f} >= floor {cfg.floor_macro_f1:.4f}", checks)
+            return Decision(
+                False, f"first model: macro_f1 {score:.4f} < floor {cfg.floor_macro_f1:.4f}", checks
+            )
+        return Decision(
+            True, f"first model: macro_f1 {score:.4f} >= floor {cfg.floor_macro_f1:.4f}", checks
+        )
 
     best = _number(champion, "macro_f1")
     if best is None:
-        return Decision(False, "champion's holdout macro_f1 is missing: cannot compare (fail closed)", checks)
+        return Decision(
+            False, "champion's holdout macro_f1 is missing: cannot compare (fail closed)", checks
+        )
     checks["min_delta"] = score >= best + cfg.min_delta
     if not checks["min_delta"]:
         return Decision(
-            False, f"macro_f1 {score:.4f} < champion {best:.4f} + min_delta {cfg.min_delta:.4f}", checks
+            False,
+            f"macro_f1 {score:.4f} < champion {best:.4f} + min_delta {cfg.min_delta:.4f}",
+            checks,
         )
 
     ours = (challenger or {}).get("per_class_f1") or {}
     theirs = (champion or {}).get("per_class_f1") or {}
     if not theirs or not isinstance(ours, Mapping):
-        return Decision(False, "per-class F1 missing: cannot check class drops (fail closed)", checks)
+        return Decision(
+            False, "per-class F1 missing: cannot check class drops (fail closed)", checks
+        )
     drops = {}
     for label, before in theirs.items():
         after = _number(ours, label)
@@ -75,8 +87,12 @@ def decide(
     checks["max_class_drop"] = drops[worst] <= cfg.max_class_drop
     if not checks["max_class_drop"]:
         return Decision(
-            False, f"class {worst!r} F1 drops by {drops[worst]:.4f} > max_class_drop {cfg.max_class_drop:.4f}", checks
+            False,
+            f"class {worst!r} F1 drops by {drops[worst]:.4f} > max_class_drop {cfg.max_class_drop:.4f}",
+            checks,
         )
     return Decision(
-        True, f"macro_f1 {score:.4f} >= champion {best:.4f} + {cfg.min_delta:.4f}; worst class drop {drops[worst]:.4f}", checks
+        True,
+        f"macro_f1 {score:.4f} >= champion {best:.4f} + {cfg.min_delta:.4f}; worst class drop {drops[worst]:.4f}",
+        checks,
     )

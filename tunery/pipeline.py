@@ -52,7 +52,13 @@ def dvc_command(root: Path, *argv: str, on_line: Callable[[str], None] | None = 
     if exe is None:
         raise TuneryError("`dvc` is not installed in this environment; run `make setup`")
     proc = subprocess.Popen(
-        [exe, *argv], cwd=root, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        [exe, *argv],
+        cwd=root,
+        env=tool_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
     )
     lines = []
     assert proc.stdout is not None
@@ -63,20 +69,29 @@ def dvc_command(root: Path, *argv: str, on_line: Callable[[str], None] | None = 
         tail = "".join(lines[-15:])
         # Stages print "tunery <stage>: error: ..." for bad input or params (tunery/stage.py).
         user_error = any(line.startswith("tunery ") and ": error: " in line for line in lines)
-        raise StageFailed(f"`dvc {' '.join(argv)}` failed (exit {proc.returncode}):\n{tail}", user_error=user_error)
+        raise StageFailed(
+            f"`dvc {' '.join(argv)}` failed (exit {proc.returncode}):\n{tail}",
+            user_error=user_error,
+        )
     return "".join(lines)
 
 
-def repro_stage(root: Path, stage: str, *, force: bool = False, on_line: Callable[[str], None] | None = None) -> bool:
+def repro_stage(
+    root: Path, stage: str, *, force: bool = False, on_line: Callable[[str], None] | None = None
+) -> bool:
     """Bring one stage up to date; return whether it actually ran."""
-    out = dvc_command(root, "repro", "--single-item", *(["--force"] if force else []), stage, on_line=on_line)
+    out = dvc_command(
+        root, "repro", "--single-item", *(["--force"] if force else []), stage, on_line=on_line
+    )
     return f"Running stage '{stage}'" in out
 
 
 def git_state(root: Path) -> dict[str, str]:
     def git(*argv: str) -> str:
         try:
-            return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *argv], cwd=root, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return ""
 
@@ -106,7 +121,13 @@ def log_lineage(root: Path, run: Any, labelled_path: str) -> dict[str, Any]:
         metrics_file = root / "metrics" / "ingest.json"
         if metrics_file.is_file():
             rows = json.loads(metrics_file.read_text()).get("rows")
-        run.log_dataset(name="raw", digest=version, source=labelled_path, context="training", profile={"rows": rows})
+        run.log_dataset(
+            name="raw",
+            digest=version,
+            source=labelled_path,
+            context="training",
+            profile={"rows": rows},
+        )
     run.set_tags(tags)
     for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
         if (root / name).is_file():

@@ -21,41 +21,93 @@ log = logging.getLogger("tunery.registry")
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-def _record(root: Path, params: Params, *, action: str, frm: str | None, to: str | None, reason: str,
-            metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    record = {"action": action, "model": params.registry.model_name, "from": frm, "to": to, "reason": reason,
-              "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {}),
-              "metrics": dict(metrics or {})}
+def _record(
+    root: Path,
+    params: Params,
+    *,
+    action: str,
+    frm: str | None,
+    to: str | None,
+    reason: str,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    record = {
+        "action": action,
+        "model": params.registry.model_name,
+        "from": frm,
+        "to": to,
+        "reason": reason,
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+        "metrics": dict(metrics or {}),
+    }
     tracking.log_decision(root, params.tracking.experiment, record)
     return record
 
 
-def gate_challenger(root: Path, params: Params, version: str, *, challenger: Mapping[str, Any] | None,
-                    champion: Mapping[str, Any] | None, parity_passed: bool | None) -> gate.Decision:
+def gate_challenger(
+    root: Path,
+    params: Params,
+    version: str,
+    *,
+    challenger: Mapping[str, Any] | None,
+    champion: Mapping[str, Any] | None,
+    parity_passed: bool | None,
+) -> gate.Decision:
     """Run the gate for a registered challenger; move `champion` to it only if the gate says so."""
     name = params.registry.model_name
     current = tracking.alias_version(root, name, CHAMPION)
     try:
-        decision = gate.decide(challenger, champion, has_champion=current is not None,
-                               parity_passed=parity_passed, cfg=params.registry)
+        decision = gate.decide(
+            challenger,
+            champion,
+            has_champion=current is not None,
+            parity_passed=parity_passed,
+            cfg=params.registry,
+        )
     except Exception as exc:  # fail closed: an error in the gate is a "no"
         decision = gate.Decision(False, f"gate error: {exc!r} (fail closed)")
-    tracking.tag_version(root, name, version, {
-        "gate.decision": "promoted" if decision.promote else "rejected",
-        "gate.reason": decision.reason,
-        "gate.champion_version": current or "none",
-        **{f"gate.check.{k}": v for k, v in decision.checks.items()},
-    })
-    metrics = {"challenger_macro_f1": (challenger or {}).get("macro_f1"),
-               "champion_macro_f1": (champion or {}).get("macro_f1")}
+    tracking.tag_version(
+        root,
+        name,
+        version,
+        {
+            "gate.decision": "promoted" if decision.promote else "rejected",
+            "gate.reason": decision.reason,
+            "gate.champion_version": current or "none",
+            **{f"gate.check.{k}": v for k, v in decision.checks.items()},
+        },
+    )
+    metrics = {
+        "challenger_macro_f1": (challenger or {}).get("macro_f1"),
+        "champion_macro_f1": (champion or {}).get("macro_f1"),
+    }
     if decision.promote:
         tracking.set_alias(root, name, CHAMPION, version)
-        log.info("promoted version %s to champion (was %s): %s", version, current or "none", decision.reason)
+        log.info(
+            "promoted version %s to champion (was %s): %s",
+            version,
+            current or "none",
+            decision.reason,
+        )
     else:
-        log.info("kept champion %s; version %s not promoted: %s", current or "none", version, decision.reason)
-    _record(root, params, action="gate", frm=current, to=version if decision.promote else current,
-            reason=decision.reason, metrics={k: v for k, v in metrics.items() if v is not None},
-            extra={"candidate": version, "promoted": decision.promote})
+        log.info(
+            "kept champion %s; version %s not promoted: %s",
+            current or "none",
+            version,
+            decision.reason,
+        )
+    _record(
+        root,
+        params,
+        action="gate",
+        frm=current,
+        to=version if decision.promote else current,
+        reason=decision.reason,
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        extra={"candidate": version, "promoted": decision.promote},
+    )
     return decision
 
 
@@ -66,13 +118,17 @@ def promote(root: Path, params: Params, version: str, reason: str) -> dict[str, 
     name = params.registry.model_name
     versions = {v["version"] for v in tracking.list_versions(root, name)}
     if str(version) not in versions:
-        raise TuneryError(f"model {name!r} has no version {version} (have: {sorted(versions, key=int) or 'none'})")
+        raise TuneryError(
+            f"model {name!r} has no version {version} (have: {sorted(versions, key=int) or 'none'})"
+        )
     current = tracking.alias_version(root, name, CHAMPION)
     if current == str(version):
         raise TuneryError(f"version {version} is already the champion")
     tracking.set_alias(root, name, CHAMPION, str(version))
     tracking.tag_version(root, name, str(version), {"promotion.manual_reason": reason})
-    return _record(root, params, action="manual_promote", frm=current, to=str(version), reason=reason)
+    return _record(
+        root, params, action="manual_promote", frm=current, to=str(version), reason=reason
+    )
 
 
 def rollback(root: Path, params: Params, reason: str) -> dict[str, Any]:
@@ -84,11 +140,17 @@ def rollback(root: Path, params: Params, reason: str) -> dict[str, Any]:
     previous = None
     for entry in reversed(tracking.decisions(root, params.tracking.experiment, name)):
         # The entry that made `current` champion (not a rollback onto it) says what it replaced.
-        if entry.get("action") != "rollback" and entry.get("to") == current and entry.get("from") not in (None, "", "None", current):
+        if (
+            entry.get("action") != "rollback"
+            and entry.get("to") == current
+            and entry.get("from") not in (None, "", "None", current)
+        ):
             previous = entry["from"]
             break
     if previous is None:
         raise TuneryError(f"version {current} has no previous champion to roll back to")
     tracking.set_alias(root, name, CHAMPION, previous)
     tracking.tag_version(root, name, current, {"promotion.rolled_back": reason or "yes"})
-    return _record(root, params, action="rollback", frm=current, to=previous, reason=reason or "rollback")
+    return _record(
+        root, params, action="rollback", frm=current, to=previous, reason=reason or "rollback"
+    )

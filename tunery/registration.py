@@ -33,7 +33,9 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     deploy = root / DEPLOY_DIR
     meta = _read_json(deploy / "tunery_model.json")
     if meta is None or not (deploy / "model.onnx").is_file():
-        raise TuneryError(f"{deploy}: no deployable model to register (did the compress stage run?)")
+        raise TuneryError(
+            f"{deploy}: no deployable model to register (did the compress stage run?)"
+        )
     name = params.registry.model_name
     sha = meta.get("sha256", "")
     for existing in tracking.list_versions(root, name):
@@ -49,21 +51,33 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
         "deploy.sha256": sha,
         "deploy.variant": meta.get("variant", ""),
         "pipeline_run_id": run.run_id,
-        **{k: v for k, v in run_tags(run).items() if k in ("git.commit", "git.dirty", "data_version")},
+        **{
+            k: v
+            for k, v in run_tags(run).items()
+            if k in ("git.commit", "git.dirty", "data_version")
+        },
     }
     if challenger and challenger.get("macro_f1") is not None:
         tags["holdout_macro_f1"] = challenger["macro_f1"]
     version = tracking.register_onnx(run, deploy, name, tags=tags)
     tracking.set_alias(root, name, promotion.CHALLENGER, version)
     decision = promotion.gate_challenger(
-        root, params, version,
+        root,
+        params,
+        version,
         challenger=challenger,
         champion=gate_report.get("champion"),
         parity_passed=compress_report.get("parity_passed"),
     )
     verdict = "promoted to champion" if decision.promote else "not promoted"
     summary = f"version {version} registered as challenger; {verdict}: {decision.reason}"
-    return {"registered": True, "version": version, "promoted": decision.promote, "reason": decision.reason, "summary": summary}
+    return {
+        "registered": True,
+        "version": version,
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "summary": summary,
+    }
 
 
 def resolve_registry_uri(uri: str) -> Path:
@@ -95,7 +109,9 @@ def resolve_registry_uri(uri: str) -> Path:
             for item in got.iterdir():
                 item.rename(tmp / item.name)
             got.rmdir()
-            (tmp / REGISTRY_FILE).write_text(json.dumps({"name": name, "version": str(version), "uri": uri}))
+            (tmp / REGISTRY_FILE).write_text(
+                json.dumps({"name": name, "version": str(version), "uri": uri})
+            )
     log.info("%s -> version %s (%s)", uri, version, cache)
     return cache
 

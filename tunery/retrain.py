@@ -56,11 +56,17 @@ def take_in(root: Path, params: Params, new: list[Path]) -> list[Path]:
     """Validate every landed file, then move each into the dataset as a DVC-tracked file."""
     text_col, label_col = intake.columns(params.ingest)
     for file in new:  # all or nothing: one bad file stops the intake before anything moves
-        validate.check_rows(files.read_labelled(file, text_col, label_col, origin=f"incoming:{file.name}"), params.ingest, str(file))
+        validate.check_rows(
+            files.read_labelled(file, text_col, label_col, origin=f"incoming:{file.name}"),
+            params.ingest,
+            str(file),
+        )
     added = []
     for file in new:
         dest = intake.add_file(file, params.ingest, root=root)
-        pipeline.dvc_command(root, "add", str(dest.relative_to(root)), on_line=lambda line: log.debug(line.rstrip()))
+        pipeline.dvc_command(
+            root, "add", str(dest.relative_to(root)), on_line=lambda line: log.debug(line.rstrip())
+        )
         file.unlink()
         added.append(dest)
         log.info("took in %s as %s", file.name, dest.relative_to(root))
@@ -83,9 +89,15 @@ def release_demo_shard(root: Path, params: Params, per_class: int) -> Path:
 
     source = params.ingest.source
     if not isinstance(source, WordnetSource):
-        raise TuneryError("demo shards come from the WordNet demo source; ingest.source.kind is not wordnet")
-    taken = [p for folder in (root / params.ingest.incoming, root / params.retrain.landing) if folder.is_dir()
-             for p in folder.glob("wordnet-shard-*.csv")]
+        raise TuneryError(
+            "demo shards come from the WordNet demo source; ingest.source.kind is not wordnet"
+        )
+    taken = [
+        p
+        for folder in (root / params.ingest.incoming, root / params.retrain.landing)
+        if folder.is_dir()
+        for p in folder.glob("wordnet-shard-*.csv")
+    ]
     index = len({p.name for p in taken})
     df = wordnet.shard(source, index, per_class)
     if df.empty:
@@ -95,5 +107,3 @@ def release_demo_shard(root: Path, params: Params, per_class: int) -> Path:
     with atomic_path(dest) as tmp:
         df.to_csv(tmp, index=False)
     return dest
-
-

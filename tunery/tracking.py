@@ -213,7 +213,9 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def register_onnx(run: Run, deploy_dir: Path, name: str, *, tags: Mapping[str, Any] | None = None) -> str:
+def register_onnx(
+    run: Run, deploy_dir: Path, name: str, *, tags: Mapping[str, Any] | None = None
+) -> str:
     """Log a deployable ONNX folder with the `mlflow.onnx` flavor and register it as a new version.
 
     The tokenizer, label map and metadata files beside `model.onnx` travel inside the MLflow model
@@ -229,7 +231,9 @@ def register_onnx(run: Run, deploy_dir: Path, name: str, *, tags: Mapping[str, A
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / DEPLOY_ARTIFACT
         mlflow.onnx.save_model(
-            onnx.load(str(deploy_dir / "model.onnx")), str(model_dir), pip_requirements=_pip_requirements()
+            onnx.load(str(deploy_dir / "model.onnx")),
+            str(model_dir),
+            pip_requirements=_pip_requirements(),
         )
         # Keep the exact bytes the pipeline checked: its manifest pins their sha256.
         shutil.copyfile(deploy_dir / "model.onnx", model_dir / "model.onnx")
@@ -238,7 +242,9 @@ def register_onnx(run: Run, deploy_dir: Path, name: str, *, tags: Mapping[str, A
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, model_dir / item.name)
         mlflow.log_artifacts(str(model_dir), artifact_path=DEPLOY_ARTIFACT)
     version = mlflow.register_model(
-        f"runs:/{run.run_id}/{DEPLOY_ARTIFACT}", name, tags={k: str(v) for k, v in (tags or {}).items()}
+        f"runs:/{run.run_id}/{DEPLOY_ARTIFACT}",
+        name,
+        tags={k: str(v) for k, v in (tags or {}).items()},
     )
     return str(version.version)
 
@@ -265,8 +271,14 @@ def tag_version(root: Path, name: str, version: str, tags: Mapping[str, Any]) ->
 def version_info(root: Path, name: str, version: str) -> dict[str, Any]:
     client = _client(root)
     mv = client.get_model_version(name, str(version))
-    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags),
-            "aliases": list(mv.aliases), "created": mv.creation_timestamp}
+    return {
+        "version": str(mv.version),
+        "run_id": mv.run_id,
+        "source": mv.source,
+        "tags": dict(mv.tags),
+        "aliases": list(mv.aliases),
+        "created": mv.creation_timestamp,
+    }
 
 
 def list_versions(root: Path, name: str) -> list[dict[str, Any]]:
@@ -279,8 +291,16 @@ def list_versions(root: Path, name: str) -> list[dict[str, Any]]:
     out = []
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-        out.append({"version": str(mv.version), "aliases": list(mv.aliases), "tags": dict(mv.tags),
-                    "run_id": mv.run_id, "created": mv.creation_timestamp, "metrics": metrics})
+        out.append(
+            {
+                "version": str(mv.version),
+                "aliases": list(mv.aliases),
+                "tags": dict(mv.tags),
+                "run_id": mv.run_id,
+                "created": mv.creation_timestamp,
+                "metrics": metrics,
+            }
+        )
     return out
 
 
@@ -292,8 +312,11 @@ def log_decision(root: Path, experiment: str, record: Mapping[str, Any]) -> str:
     """
     exp_id = setup(root, experiment + PROMOTIONS_SUFFIX)
     client = _client(root)
-    run = client.create_run(exp_id, run_name=f"{record['action']} {record.get('to') or '-'}",
-                            tags={"tunery.action": str(record["action"]), "tunery.model": str(record["model"])})
+    run = client.create_run(
+        exp_id,
+        run_name=f"{record['action']} {record.get('to') or '-'}",
+        tags={"tunery.action": str(record["action"]), "tunery.model": str(record["model"])},
+    )
     flat = flatten_params("", {k: v for k, v in record.items() if k != "metrics"})
     for key, value in flat.items():
         client.log_param(run.info.run_id, key, "" if value is None else value)
@@ -310,9 +333,16 @@ def decisions(root: Path, experiment: str, name: str) -> list[dict[str, Any]]:
     exp = client.get_experiment_by_name(experiment + PROMOTIONS_SUFFIX)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`tunery.model` = '{name}'",
-                              order_by=["attributes.start_time ASC"], max_results=10000)
-    return [dict(r.data.params) | {"metrics": dict(r.data.metrics), "time": r.info.start_time} for r in runs]
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`tunery.model` = '{name}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10000,
+    )
+    return [
+        dict(r.data.params) | {"metrics": dict(r.data.metrics), "time": r.info.start_time}
+        for r in runs
+    ]
 
 
 def download_model(root: Path, uri: str, dst: Path) -> Path:

@@ -80,11 +80,15 @@ def _ranked(texts: list[str]) -> list[str]:
 def _check(cfg: WordnetSource) -> Path:
     folder = Path(cfg.path)
     if not (folder / "data.noun").is_file():
-        raise DataValidationError(folder / "data.noun", "missing_file", f"WordNet is not installed here; {INSTALL_HINT}")
+        raise DataValidationError(
+            folder / "data.noun", "missing_file", f"WordNet is not installed here; {INSTALL_HINT}"
+        )
     nouns = [name for name in LEXNAMES if name.startswith("noun.")]
     unknown = sorted(set(cfg.categories) - set(nouns))
     if unknown:
-        raise ConfigError(f"params.yaml: ingest.source.categories: unknown {unknown}; choose from {nouns}")
+        raise ConfigError(
+            f"params.yaml: ingest.source.categories: unknown {unknown}; choose from {nouns}"
+        )
     return folder
 
 
@@ -101,7 +105,11 @@ def shard(cfg: WordnetSource, index: int, per_class: int) -> pd.DataFrame:
         if lexname in wanted:
             by_class[lexname].append(text)
     start = cfg.max_per_class + index * per_class
-    rows = [(t, label) for label, texts in by_class.items() for t in _ranked(texts)[start : start + per_class]]
+    rows = [
+        (t, label)
+        for label, texts in by_class.items()
+        for t in _ranked(texts)[start : start + per_class]
+    ]
     return pd.DataFrame(rows, columns=["text", "label"])
 
 
