@@ -89,6 +89,8 @@ def test_gate_promotes_better_and_blocks_worse_and_missing(tmp_path, params):
     ).promote
     assert champion(tmp_path, params) == v4
 
+    listed = {v["version"]: v["aliases"] for v in tracking.list_versions(tmp_path, "m")}
+    assert listed[v4] == ["challenger", "champion"] and listed[v1] == []
     log = tracking.decisions(tmp_path, "reg", "m")
     assert [(e["action"], e["promoted"]) for e in log] == [
         ("gate", "True"),

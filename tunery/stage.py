@@ -47,6 +47,17 @@ def numeric_items(prefix: str, value: Any) -> dict[str, float]:
     return out
 
 
+def model_outputs(params: Params, stage: str) -> dict[str, str]:
+    """The model folders a stage writes, by artifact name (logged when tracking.log_models)."""
+    outputs = {
+        "pretrain": {"encoder": params.pretrain.out_dir},
+        "finetune": {"finetune": params.finetune.out_dir},
+        "export": {"onnx": params.export.out_dir},
+        "compress": {"variants": params.compress.variants_dir, "deploy": params.compress.out_dir},
+    }
+    return outputs.get(stage, {})
+
+
 def stage_main(stage: str, body: StageBody, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=f"python -m tasks.{stage}", description=f"Run the `{stage}` stage."
@@ -73,6 +84,10 @@ def stage_main(stage: str, body: StageBody, argv: list[str] | None = None) -> No
             metrics = dict(body(params, root, run))
             metrics["seconds"] = round(time.perf_counter() - start, 3)
             run.log_metrics(numeric_items("", metrics))
+            if params.tracking.log_models:
+                for name, folder in model_outputs(params, stage).items():
+                    if (root / folder).is_dir():
+                        run.log_artifact(root / folder, name)
             write_json(root / "metrics" / f"{stage}.json", metrics)
         log.info("%s done in %.1f s", stage, metrics["seconds"])
     except TuneryError as exc:

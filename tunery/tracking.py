@@ -288,13 +288,18 @@ def list_versions(root: Path, name: str) -> list[dict[str, Any]]:
         versions = client.search_model_versions(f"name = '{name}'")
     except mlflow.exceptions.MlflowException:
         return []
+    # search results carry no aliases: take them from the registered model
+    by_version: dict[str, list[str]] = {}
+    if versions:
+        for alias, number in client.get_registered_model(name).aliases.items():
+            by_version.setdefault(str(number), []).append(alias)
     out = []
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
         out.append(
             {
                 "version": str(mv.version),
-                "aliases": list(mv.aliases),
+                "aliases": sorted(by_version.get(str(mv.version), [])),
                 "tags": dict(mv.tags),
                 "run_id": mv.run_id,
                 "created": mv.creation_timestamp,

@@ -1,0 +1,63 @@
+"""The real pipeline and retrain flows end to end on tiny data (slow: about a minute or two)."""
+
+import pytest
+import yaml
+
+from tests.conftest import init_repo, make_rows
+
+
+def tiny_params(project) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["log_models"] = False
+    params["pipeline"] = {"retries": 0}
+    params["registry"]["floor_macro_f1"] = 0.0
+    pre = params["pretrain"]
+    pre["init"] = "scratch"
+    pre["objective"] = "mlm"
+    pre["scratch"].update(
+        layers=1, hidden=32, heads=2, intermediate=64, max_length=64, vocab_size=300
+    )
+    pre["max_length"] = 32
+    pre["train"].update(batch_size=8, max_steps=4, max_minutes=1.0, save_steps=2, logging_steps=1)
+    pre["probe"]["max_train"] = 100
+    ft = params["finetune"]
+    ft.update(epochs=1.0, batch_size=16, max_length=32)
+    ft["ablations"]["enabled"] = False
+    comp = params["compress"]
+    comp.update(variants=["fp32", "int8_dynamic"], max_f1_drop=1.0)
+    comp["bench"].update(warmup=1, latency_runs=3, throughput_batches=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_pipeline_then_retrain_on_new_data(project, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.retrain import retrain_flow
+    from tunery import tracking
+    from tunery.inference import Predictor
+
+    init_repo(project)
+    tiny_params(project)
+    monkeypatch.chdir(project)
+    with prefect_test_harness(server_startup_timeout=120):
+        first = retrain_flow(project=str(project))
+        assert first["status"] == "retrained"
+        assert all(r["ran"] for r in first["stages"])
+        assert first["registry"]["registered"] and first["registry"]["promoted"]
+        assert tracking.alias_version(project, "tunery-classifier", "champion") == "1"
+
+        assert retrain_flow(project=str(project))["status"] == "nothing to do"
+
+        (project / "data" / "landing").mkdir()
+        make_rows(4, offset=900).to_csv(project / "data" / "landing" / "new.csv", index=False)
+        second = retrain_flow(project=str(project))
+        ran = {r["stage"]: r["ran"] for r in second["stages"]}
+        assert ran["finetune"] and ran["evaluate"] and ran["compress"]
+        assert second["registry"]["version"] == "2"  # registered; promoted or not, the gate decided
+        assert "gate.decision" in tracking.version_info(project, "tunery-classifier", "2")["tags"]
+
+    got = Predictor("models:/tunery-classifier@champion", device="cpu").predict(
+        ["a small red animal"]
+    )
+    assert got.labels[0] in {"animal", "tool", "food"}
