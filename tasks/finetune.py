@@ -425,6 +425,11 @@ def encoder_path(params: Params, root: Path) -> Path:
 
 def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     cfg = params.finetune
+    if cfg.warm_start == "champion":
+        from tunery.registration import champion_finetune_dir
+
+        champion = champion_finetune_dir(root, params)
+        cfg = cfg.model_copy(update={"warm_start": str(champion) if champion else None})
     plot_dir = root / "plots" / "finetune"
     metrics = run(
         cfg,

@@ -1,5 +1,7 @@
 """The real pipeline and retrain flows end to end on tiny data (slow: about a minute or two)."""
 
+import json
+
 import pytest
 import yaml
 
@@ -21,7 +23,7 @@ def tiny_params(project) -> None:
     pre["train"].update(batch_size=8, max_steps=4, max_minutes=1.0, save_steps=2, logging_steps=1)
     pre["probe"]["max_train"] = 100
     ft = params["finetune"]
-    ft.update(epochs=1.0, batch_size=16, max_length=32)
+    ft.update(epochs=1.0, batch_size=16, max_length=32, warm_start="champion")
     ft["ablations"]["enabled"] = False
     comp = params["compress"]
     comp.update(variants=["fp32", "int8_dynamic"], max_f1_drop=1.0)
@@ -55,6 +57,10 @@ def test_pipeline_then_retrain_on_new_data(project, monkeypatch):
         ran = {r["stage"]: r["ran"] for r in second["stages"]}
         assert ran["finetune"] and ran["evaluate"] and ran["compress"]
         assert second["registry"]["version"] == "2"  # registered; promoted or not, the gate decided
+        info = json.loads((project / "models" / "finetune" / "finetune.json").read_text())
+        assert (
+            info["warm_start"] and "tunery-classifier-v1" in info["warm_start"]
+        )  # from the champion
         assert "gate.decision" in tracking.version_info(project, "tunery-classifier", "2")["tags"]
 
     got = Predictor("models:/tunery-classifier@champion", device="cpu").predict(

@@ -162,7 +162,8 @@ class FinetuneConfig(Section):
     method: Literal["lora", "ia3", "adalora", "prefix", "full"] = "lora"
     # None: the pretrain stage's output (pretrain.out_dir). Or any from_pretrained-loadable dir.
     encoder: str | None = None
-    # None: start fresh from the encoder. Or a previous finetune output dir (the champion's).
+    # None: start fresh from the encoder. "champion": the registry champion's adapter (fresh when
+    # there is none yet). Or a previous finetune output dir.
     warm_start: str | None = None
     lora: LoraMethod = LoraMethod()
     ia3: IA3Method = IA3Method()

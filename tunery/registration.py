@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,10 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     }
     if challenger and challenger.get("macro_f1") is not None:
         tags["holdout_macro_f1"] = challenger["macro_f1"]
-    version = tracking.register_onnx(run, deploy, name, tags=tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        version = tracking.register_onnx(
+            run, deploy, name, tags=tags, extras=_finetune_extra(root, params, Path(tmp))
+        )
     tracking.set_alias(root, name, promotion.CHALLENGER, version)
     decision = promotion.gate_challenger(
         root,
@@ -78,6 +83,43 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
         "reason": decision.reason,
         "summary": summary,
     }
+
+
+FINETUNE_SUBDIR = "finetune"  # inside a registered model: what a warm start needs
+
+
+def _finetune_extra(root: Path, params: Params, tmp: Path) -> dict[str, Path]:
+    """The fine-tune's adapter, label map and info (not the merged copy) for later warm starts."""
+    src = root / params.finetune.out_dir
+    if not (src / "finetune.json").is_file():
+        return {}
+    dest = tmp / FINETUNE_SUBDIR
+    dest.mkdir()
+    for name in ("adapter", "labels.json", "finetune.json"):
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dest / name)
+        elif (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+    return {FINETUNE_SUBDIR: dest}
+
+
+def champion_finetune_dir(root: Path, params: Params) -> Path | None:
+    """The registry champion's fine-tune (adapter + labels + info) as a local folder, or None."""
+    name = params.registry.model_name
+    if tracking.alias_version(root, name, promotion.CHAMPION) is None:
+        log.info(
+            "warm start: no champion in the registry yet (%s); starting fresh from the encoder",
+            name,
+        )
+        return None
+    folder = resolve_registry_uri(f"models:/{name}@{promotion.CHAMPION}") / FINETUNE_SUBDIR
+    if not (folder / "finetune.json").is_file():
+        log.warning(
+            "warm start: the champion carries no fine-tune adapter; starting fresh from the encoder"
+        )
+        return None
+    log.info("warm start from the champion's adapter (%s)", folder)
+    return folder
 
 
 def resolve_registry_uri(uri: str) -> Path:

@@ -214,12 +214,18 @@ def _pip_requirements() -> list[str]:
 
 
 def register_onnx(
-    run: Run, deploy_dir: Path, name: str, *, tags: Mapping[str, Any] | None = None
+    run: Run,
+    deploy_dir: Path,
+    name: str,
+    *,
+    tags: Mapping[str, Any] | None = None,
+    extras: Mapping[str, Path] | None = None,
 ) -> str:
     """Log a deployable ONNX folder with the `mlflow.onnx` flavor and register it as a new version.
 
     The tokenizer, label map and metadata files beside `model.onnx` travel inside the MLflow model
-    folder, so `models:/NAME@alias` alone is enough to predict. Explicit pip requirements: no
+    folder, so `models:/NAME@alias` alone is enough to predict; `extras` folders travel as
+    subfolders. Explicit pip requirements: no
     environment inference, no pickle. Returns the new version number.
     """
     import shutil
@@ -240,6 +246,8 @@ def register_onnx(
         for item in deploy_dir.iterdir():
             if item.name != "model.onnx" and not (model_dir / item.name).exists():
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, model_dir / item.name)
+        for sub, folder in (extras or {}).items():  # e.g. the adapter, for warm starts
+            shutil.copytree(folder, model_dir / sub)
         mlflow.log_artifacts(str(model_dir), artifact_path=DEPLOY_ARTIFACT)
     version = mlflow.register_model(
         f"runs:/{run.run_id}/{DEPLOY_ARTIFACT}",
