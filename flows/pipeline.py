@@ -6,7 +6,8 @@ dvc.yaml order); Prefect adds retries, timeouts, streamed logs, a UI and a summa
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,17 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     cache_policy=NO_CACHE,
     retry_condition_fn=_retry_unless_user_error,
 )
-def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
+def run_stage(stage: str, root: str, experiment: str, force: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
-    ran = pipeline.repro_stage(
-        Path(root), stage, force=force, on_line=lambda line: logger.info(line.rstrip())
+    timing = pipeline.run_stage(
+        Path(root),
+        stage,
+        experiment=experiment,
+        force=force,
+        on_line=lambda line: logger.info(line.rstrip()),
     )
-    metrics_file = Path(root) / "metrics" / f"{stage}.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    logger.info("stage %s %s", stage, "ran" if ran else "was up to date (skipped by DVC)")
-    return {"stage": stage, "ran": ran, "seconds": metrics.get("seconds") if ran else 0.0}
+    logger.info("stage %s %s", stage, "ran" if timing.ran else "was up to date (skipped by DVC)")
+    return dataclasses.asdict(timing)
 
 
 @task(name="register-and-gate", cache_policy=NO_CACHE)
@@ -48,32 +51,71 @@ def register_and_gate(root: str, run: Any) -> dict[str, Any]:
 
 
 def _summary(
-    results: list[dict[str, Any]], registry: dict[str, Any] | None, run_id: str, uri: str
+    results: list[dict[str, Any]],
+    registry: dict[str, Any] | None,
+    timing: dict[str, float],
+    run_id: str,
+    uri: str,
 ) -> str:
     lines = [
         "# Tunery pipeline",
         "",
         f"MLflow parent run `{run_id}` (store `{uri}`; open it with `tunery ui`).",
         "",
-        "| stage | ran | seconds |",
-        "|---|---|---|",
+        "| stage | ran | stage s | process s | dvc s | tracking s |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['stage']} | {'yes' if r['ran'] else 'up to date'} | {r['seconds'] or 0:.1f} |"
+        f"| {r['stage']} | {'yes' if r['ran'] else 'up to date'} | {r['seconds']:.1f} "
+        f"| {r['process']:.1f} | {r['dvc']:.1f} | {r['tracking']:.1f} |"
         for r in results
+    ]
+    lines += [
+        "",
+        f"**Wall time** {timing['wall_seconds']:.1f} s, of which the stage processes "
+        f"{timing['stage_seconds']:.1f} s and orchestration + tracking "
+        f"{timing['overhead_seconds']:.1f} s ({100 * timing['overhead_share']:.1f} %: "
+        f"DVC {timing['dvc_seconds']:.1f} s, MLflow {timing['tracking_seconds']:.1f} s, "
+        f"Prefect and the rest {timing['other_seconds']:.1f} s).",
     ]
     if registry:
         lines += ["", f"**Registry:** {registry.get('summary', '')}"]
     return "\n".join(lines)
 
 
+def overhead(
+    results: list[dict[str, Any]], *, wall: float, tracking_seconds: float
+) -> dict[str, float]:
+    """Orchestration and tracking overhead: wall time not spent inside the stage processes."""
+    stage = sum(r["process"] for r in results)
+    dvc = sum(r["dvc"] for r in results)
+    tracked = tracking_seconds + sum(r["tracking"] for r in results)
+    spent = max(wall - stage, 0.0)
+    return {
+        "wall_seconds": round(wall, 2),
+        "stage_seconds": round(stage, 2),
+        "overhead_seconds": round(spent, 2),
+        "overhead_share": round(spent / wall, 4) if wall > 0 else 0.0,
+        "dvc_seconds": round(dvc, 2),
+        "tracking_seconds": round(tracked, 2),
+        "other_seconds": round(max(spent - dvc - tracked, 0.0), 2),
+    }
+
+
 @flow(name="tunery-pipeline")
 def pipeline_flow(
-    project: str | None = None, stages: list[str] | None = None, force: bool = False
+    project: str | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
-    """Run the dvc.yaml stages as tasks under one MLflow parent run, then register and gate."""
+    """Run the dvc.yaml stages as tasks under one MLflow parent run, then register and gate.
+
+    `started_at` (epoch seconds) is when the caller started, for the overhead measurement; by
+    default the flow's own start."""
     from tunery import tracking
 
+    wall_start = time.time() if started_at is None else started_at
     logger = get_run_logger()
     root = env.configure(Path(project) if project else None)
     params = load_params(root / "params.yaml")
@@ -83,17 +125,31 @@ def pipeline_flow(
         retry_delay_seconds=params.pipeline.retry_delay_seconds,
         timeout_seconds=params.pipeline.stage_timeout_seconds,
     )
-    with tracking.pipeline_run(root, params.tracking.experiment) as run:
+    experiment = params.tracking.experiment
+    t0 = time.perf_counter()
+    with tracking.pipeline_run(root, experiment) as run:
+        tracked = time.perf_counter() - t0
         logger.info("MLflow parent run %s at %s", run.run_id, tracking.tracking_uri(root))
-        results = [stage_task(stage, str(root), force) for stage in names]
+        results = [stage_task(stage, str(root), experiment, force) for stage in names]
+        t0 = time.perf_counter()
         pipeline.log_lineage(root, run, f"{params.ingest.out_dir}/labelled.parquet")
         registry = (
             register_and_gate(str(root), run)
             if params.pipeline.register_model and stages is None
             else None
         )
+        tracked += time.perf_counter() - t0  # lineage, registration and the gate
+        timing = overhead(results, wall=time.time() - wall_start, tracking_seconds=tracked)
         run.log_metrics({"stages_ran": sum(r["ran"] for r in results)})
-    create_markdown_artifact(
-        _summary(results, registry, run.run_id, tracking.tracking_uri(root)), key="tunery-pipeline"
+        run.log_metrics({f"timing.{k}": v for k, v in timing.items()})
+    logger.info(
+        "orchestration + tracking overhead %.1f s of %.1f s (%.1f %%)",
+        timing["overhead_seconds"],
+        timing["wall_seconds"],
+        100 * timing["overhead_share"],
     )
-    return {"run_id": run.run_id, "stages": results, "registry": registry}
+    create_markdown_artifact(
+        _summary(results, registry, timing, run.run_id, tracking.tracking_uri(root)),
+        key="tunery-pipeline",
+    )
+    return {"run_id": run.run_id, "stages": results, "registry": registry, "timing": timing}

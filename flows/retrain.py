@@ -7,6 +7,7 @@ encoder is re-pretrained only when the `corpus` stage's policy moves the corpus 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,44 @@ def stale(root: str) -> list[str]:
     return retrain.stale_stages(Path(root))
 
 
+@task(name="measure-drift", cache_policy=NO_CACHE)
+def measure_drift(root: str) -> dict[str, Any] | None:
+    """Validate what landed and measure its drift; logged as an MLflow run named `drift`."""
+    root_path = Path(root)
+    params = load_params(root_path / "params.yaml")
+    new = retrain.landing_files(root_path, params)
+    if not new:
+        return None
+    result = retrain.measure_drift(root_path, params, retrain.check_landed(root_path, params, new))
+    if result is not None:
+        from tunery import tracking
+
+        config = {"files": [p.name for p in new], **params.retrain.drift.model_dump(mode="json")}
+        with tracking.stage_run(root_path, params.tracking.experiment, "drift", config) as run:
+            run.log_metrics({f"drift.{k}": v for k, v in result.items()})
+    return result
+
+
+def _newest(root: Path) -> dict[str, Any]:
+    """The evaluate stage's numbers on the newest data (metrics/evaluate.json)."""
+    path = root / "metrics" / "evaluate.json"
+    return json.loads(path.read_text()).get("newest", {}) if path.is_file() else {}
+
+
 @flow(name="tunery-retrain")
-def retrain_flow(project: str | None = None) -> dict[str, Any]:
+def retrain_flow(project: str | None = None, ignore_drift: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     root = env.configure(Path(project) if project else None)
     try:
         with retrain.exclusive(root):
+            drift = measure_drift(str(root))
+            if drift is not None and not drift["triggered"] and not ignore_drift:
+                reason = (
+                    f"drift AUC {drift['auc']:.3f} is below retrain.drift.min_auc "
+                    f"{drift['min_auc']}; the new files wait in the landing folder"
+                )
+                logger.info("deferred: %s", reason)
+                return {"status": "deferred", "reason": reason, "drift": drift, "added": []}
             added = take_in(str(root))
             todo = stale(str(root))
             if not added and not todo:
@@ -48,9 +81,25 @@ def retrain_flow(project: str | None = None) -> dict[str, Any]:
                 todo,
             )
             result = pipeline_flow(project=str(root))
+            newest = _newest(root)
+            if newest.get("rows"):
+                logger.info(
+                    "newest data (%s, %d test rows): macro-F1 %s, champion %s",
+                    newest["origins"],
+                    newest["rows"],
+                    newest.get("macro_f1"),
+                    newest.get("champion_macro_f1", "n/a"),
+                )
             registry = result.get("registry") or {}
             logger.info("decision: %s", registry.get("summary", "no registry step"))
-            return {"status": "retrained", "added": added, "stale": todo, **result}
+            return {
+                "status": "retrained",
+                "added": added,
+                "stale": todo,
+                "drift": drift,
+                "newest": newest,
+                **result,
+            }
     except retrain.Busy as exc:
         logger.warning(str(exc))
         return {"status": "skipped", "reason": str(exc)}

@@ -22,10 +22,12 @@ from typing import Any
 
 from tunery import evaluation as ev
 from tunery.config import EvaluateConfig, Params
+from tunery.data.split import BASE_ORIGIN_PREFIX
 from tunery.finetuning import (
     INFO_FILE,
     FinetuneError,
     LoadedClassifier,
+    Split,
     load_classifier,
     load_split,
     read_labels,
@@ -98,6 +100,77 @@ def _champion(
     return {"path": where, "comparable": True, "report": _score(model, holdout, cfg)}
 
 
+def _origins_of(model: Any) -> list[str] | None:
+    """The data origins a model was fine-tuned on, when it recorded them (finetune.json, or the
+    `source.finetune` block of a deployable folder's manifest)."""
+    info = getattr(model, "info", None)
+    if info is None and hasattr(model, "predictor"):
+        info = (model.predictor.manifest.get("source") or {}).get("finetune")
+    origins = (info or {}).get("data_origins")
+    return list(origins) if origins is not None else None
+
+
+def newest_origins(test_origins: list[str], champion_origins: list[str] | None) -> list[str]:
+    """Which test rows count as the newest data: those from origins the champion never trained on;
+    without a champion that recorded its origins, those of the last incoming file (ingest appends
+    incoming files in name order). The frozen holdout never holds appended rows, so this is where
+    a retrain shows how each model does on what just arrived."""
+    present = sorted(set(test_origins))
+    if champion_origins is not None:
+        return [o for o in present if o not in set(champion_origins)]
+    incoming = [o for o in present if not o.startswith(BASE_ORIGIN_PREFIX)]
+    return incoming[-1:]
+
+
+def _newest(
+    cfg: EvaluateConfig,
+    clf: LoadedClassifier,
+    champion: tuple[str, Any] | None,
+    data_dir: Path,
+) -> dict[str, Any]:
+    import pandas as pd
+
+    path = data_dir / "test.parquet"
+    df = pd.read_parquet(path)
+    origins = df["origin"].astype(str).tolist() if "origin" in df.columns else []
+    champ_origins = _origins_of(champion[1]) if champion else None
+    chosen = newest_origins(origins, champ_origins)
+    rows = [i for i, o in enumerate(origins) if o in set(chosen)]
+    out: dict[str, Any] = {
+        "split": "test",
+        "origins": chosen,
+        "rows": len(rows),
+        "rule": "origins the champion did not train on"
+        if champ_origins is not None
+        else "the last incoming file",
+    }
+    if not rows:
+        return out
+    full = load_split(path, clf.labels)
+    subset = Split("newest", [full.texts[i] for i in rows], [full.labels[i] for i in rows])
+    out["report"] = ev.restrict_to_present(_score(clf, subset, cfg))
+    if champion is not None and list(champion[1].labels) == list(clf.labels):
+        out["champion_report"] = ev.restrict_to_present(_score(champion[1], subset, cfg))
+        out["deltas"] = ev.deltas(out["report"], out["champion_report"])
+    return out
+
+
+def _newest_summary(newest: dict[str, Any]) -> dict[str, Any]:
+    out = {"rows": newest["rows"], "origins": ", ".join(newest["origins"]) or "none"}
+    if "report" in newest:
+        out.update(
+            macro_f1=round(newest["report"]["macro_f1"], 4),
+            accuracy=round(newest["report"]["accuracy"], 4),
+        )
+    if "champion_report" in newest:
+        out.update(
+            champion_macro_f1=round(newest["champion_report"]["macro_f1"], 4),
+            champion_accuracy=round(newest["champion_report"]["accuracy"], 4),
+            delta_macro_f1=newest["deltas"]["macro_f1"],
+        )
+    return out
+
+
 def run(
     cfg: EvaluateConfig,
     *,
@@ -124,6 +197,7 @@ def run(
     reports = {name: _score(clf, split, cfg) for name, split in splits.items()}
     champ = load_champion(champion, root or Path.cwd())
     champion_result = _champion(cfg, champ, data_dir, clf.labels) if champ else None
+    newest = _newest(cfg, clf, champ, data_dir)
 
     baseline = None
     if cfg.baseline:
@@ -144,6 +218,7 @@ def run(
         metrics["holdout_macro_f1_over_baseline"] = round(
             reports["holdout"]["macro_f1"] - baseline["holdout"]["macro_f1"], 4
         )
+    metrics["newest"] = _newest_summary(newest)
     holdout = reports["holdout"]
     # The promotion gate reads this file: challenger and champion on the very same holdout rows.
     gate: dict[str, Any] = {
@@ -160,6 +235,8 @@ def run(
         "champion": None,
         "deltas": None,
         "baseline_macro_f1": baseline["holdout"]["macro_f1"] if baseline else None,
+        # Shown with the decision; the gate itself judges on the frozen holdout only.
+        "newest": metrics["newest"],
     }
     if champion_result is not None:
         gate["champion"] = {k: v for k, v in champion_result.items() if k != "report"}
@@ -187,6 +264,17 @@ def run(
                 f"# Most confidently wrong ({name})\n\n"
                 + ev.markdown_table(
                     report["confident_wrong"],
+                    ["confidence", "label", "predicted", "label_probability", "text"],
+                )
+            )
+        (tmp / "newest.json").write_text(
+            json.dumps({"labels": clf.labels, **newest}, indent=2) + "\n"
+        )
+        if "report" in newest:
+            (tmp / "newest_confident_wrong.md").write_text(
+                f"# Most confidently wrong (newest data: {', '.join(newest['origins'])})\n\n"
+                + ev.markdown_table(
+                    newest["report"]["confident_wrong"],
                     ["confidence", "label", "predicted", "label_probability", "text"],
                 )
             )
@@ -227,6 +315,18 @@ def run(
         f"; TF-IDF+LR baseline {baseline['holdout']['macro_f1']:.4f}" if baseline else "",
         f"; vs champion {gate['deltas']['macro_f1']:+.4f}" if gate["deltas"] else "",
     )
+    if "report" in newest:
+        log.info(
+            "newest data (%s, %d test rows): macro-F1 %.4f%s",
+            ", ".join(newest["origins"]),
+            newest["rows"],
+            newest["report"]["macro_f1"],
+            f" vs champion {newest['champion_report']['macro_f1']:.4f}"
+            if "champion_report" in newest
+            else "",
+        )
+    else:
+        log.info("newest data: none in the test split (%s)", newest["rule"])
     return metrics
 
 

@@ -236,6 +236,21 @@ def _score(
     }
 
 
+def trained_origins(data_dir: Path, warm_start: Path | None) -> list[str]:
+    """The `origin`s (source file, incoming file) of the rows fine-tuned on, with those of the
+    warm-start model it continues from."""
+    import pandas as pd
+
+    origins: set[str] = set()
+    for split in ("train", "val"):
+        df = pd.read_parquet(data_dir / f"{split}.parquet")
+        if "origin" in df.columns:
+            origins.update(df["origin"].astype(str))
+    if warm_start is not None and (warm_start / INFO_FILE).is_file():
+        origins.update(json.loads((warm_start / INFO_FILE).read_text()).get("data_origins") or [])
+    return sorted(origins)
+
+
 def run(
     cfg: FinetuneConfig,
     *,
@@ -330,6 +345,8 @@ def run(
             "total_params": stats["total_params"],
             "best_val_macro_f1": stats["best_val_macro_f1"],
             "method_params": getattr(cfg, cfg.method).model_dump(mode="json"),
+            # What the model has learnt from: evaluate scores later models on newer data only.
+            "data_origins": trained_origins(data_dir, warm),
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info(

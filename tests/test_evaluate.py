@@ -203,3 +203,61 @@ def test_not_a_model_dir_fails_and_writes_nothing(trained, tmp_path):
     with pytest.raises(TuneryError, match="evaluate.champion"):
         _run(trained, tmp_path, champion=str(tmp_path))
     assert not (tmp_path / "reports").exists()
+
+
+# --------------------------------------------------------------------------- the newest data
+def test_newest_origins_rule():
+    from tasks.evaluate import newest_origins
+
+    test = ["source:a.csv", "incoming:w1.csv", "incoming:w2.csv", "incoming:w2.csv"]
+    # A champion that recorded what it trained on: everything it has not seen.
+    assert newest_origins(test, ["source:a.csv", "incoming:w1.csv"]) == ["incoming:w2.csv"]
+    assert newest_origins(test, ["source:a.csv"]) == ["incoming:w1.csv", "incoming:w2.csv"]
+    assert newest_origins(test, test) == []
+    # No champion (or one that did not record it): the last incoming file.
+    assert newest_origins(test, None) == ["incoming:w2.csv"]
+    assert newest_origins(["source:a.csv"], None) == []
+
+
+def test_macro_f1_over_present_classes_only():
+    report = ev.classification_metrics([0, 0, 1], [0, 0, 1], LABELS)  # class c absent
+    assert report["macro_f1"] == pytest.approx(2 / 3)  # c counted as F1 0
+    assert ev.restrict_to_present(report)["macro_f1"] == pytest.approx(1.0)
+    assert report["macro_f1_classes"] == 2
+
+
+def test_newest_data_scored_for_challenger_and_champion(trained, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (trained / "data").iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    test = pd.read_parquet(data / "test.parquet")
+    test.loc[:5, "origin"] = "incoming:week2.csv"  # rows the model never trained on
+    test.to_parquet(data / "test.parquet")
+    info = json.loads((trained / "model" / "finetune.json").read_text())
+    assert info["data_origins"] == ["test"]  # the toy splits' origin
+
+    metrics = _run(trained, tmp_path, data_dir=data, champion=str(trained / "model"))
+    newest = metrics["newest"]
+    assert newest["origins"] == "incoming:week2.csv" and newest["rows"] == 6
+    assert newest["delta_macro_f1"] == 0.0  # the model is its own champion
+    assert newest["macro_f1"] == newest["champion_macro_f1"]
+    report = json.loads((tmp_path / "reports" / "newest.json").read_text())
+    assert report["rule"] == "origins the champion did not train on"
+    assert np.asarray(report["report"]["confusion"]).sum() == 6
+    gate = json.loads((tmp_path / "reports" / "gate.json").read_text())
+    assert gate["newest"] == newest
+    assert (tmp_path / "reports" / "newest_confident_wrong.md").is_file()
+
+
+def test_no_newest_data_is_said_not_scored(trained, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (trained / "data").iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    test = pd.read_parquet(data / "test.parquet").assign(origin="source:toy.csv")
+    test.to_parquet(data / "test.parquet")  # only the original source: nothing new
+    metrics = _run(trained, tmp_path, data_dir=data)
+    assert metrics["newest"] == {"rows": 0, "origins": "none"}
+    report = json.loads((tmp_path / "reports" / "newest.json").read_text())
+    assert "report" not in report and report["rule"] == "the last incoming file"

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import init_repo, make_rows
+from tests.conftest import init_repo, make_rows, small_params
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,25 @@ def test_stages_run_in_dvc_order_then_skip(project, harness, monkeypatch):
     ]
     children = tracking.child_runs(project, "test", result["run_id"])
     assert [c["name"] for c in children] == ["ingest", "prepare"]
+    # The stages ran without mlflow (deferred tracking): their journals were replayed into the
+    # child runs, metrics and params included, and then removed.
+    assert all(c["status"] == "FINISHED" for c in children)
+    assert children[0]["metrics"]["rows"] > 0 and "seconds" in children[0]["metrics"]
+    from mlflow.tracking import MlflowClient
+
+    params = MlflowClient().get_run(children[1]["run_id"]).data.params
+    assert params["prepare.split_salt"] == small_params()["prepare"]["split_salt"]
+    assert not list((project / ".cache" / "tunery" / "journal").glob("*.json"))
+    # The overhead measurement adds up: wall = stage processes + overhead.
+    t = result["timing"]
+    assert t["stage_seconds"] == pytest.approx(
+        sum(r["process"] for r in result["stages"]), abs=0.02
+    )
+    assert t["wall_seconds"] == pytest.approx(t["stage_seconds"] + t["overhead_seconds"], abs=0.05)
+    assert all(r["process"] >= r["seconds"] > 0 for r in result["stages"])
     again = pipeline_flow(project=str(project), stages=["ingest", "prepare"])
     assert [r["ran"] for r in again["stages"]] == [False, False]
+    assert len(tracking.child_runs(project, "test", again["run_id"])) == 0
 
 
 def test_transient_failure_is_retried(project, harness, monkeypatch):
@@ -77,6 +94,14 @@ def test_bad_input_is_not_retried(project, harness, monkeypatch):
     with pytest.raises(StageFailed, match="empty_text") as err:
         pipeline_flow(project=str(project), stages=["ingest"])
     assert err.value.user_error
+    from mlflow.tracking import MlflowClient
+
+    from tunery import tracking
+
+    exp = tracking.setup(project, "test")
+    failed = MlflowClient().search_runs([exp], filter_string="tags.`tunery.stage` = 'ingest'")
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert "empty_text" in failed[0].data.tags["tunery.error"]
     log = subprocess.run(["git", "status"], cwd=project, capture_output=True, text=True).stdout
     assert "data/raw" not in log
 
@@ -155,3 +180,32 @@ def test_schedule_deployment_is_created(harness):
     assert [s.schedule.cron for s in got.schedules] == ["0 3 * * 1"]
     assert got.parameters == {"project": "/tmp/project"}
     assert got.global_concurrency_limit is not None and got.global_concurrency_limit.limit == 1
+
+
+def test_low_drift_defers_the_retrain_until_ignored(project, harness, monkeypatch):
+    from flows.retrain import retrain_flow
+    from tests.tiny import make_tiny_encoder
+
+    init_repo(project)
+    dvc = yaml.safe_load((project / "dvc.yaml").read_text())
+    dvc["stages"] = {k: v for k, v in dvc["stages"].items() if k in ("ingest", "prepare")}
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pipeline"] = {"register_model": False}
+    params["retrain"]["drift"] = {"enabled": True, "min_auc": 0.99, "reference_rows": 50}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+    assert retrain_flow(project=str(project))["status"] == "retrained"  # the first data version
+    make_tiny_encoder(project / params["pretrain"]["out_dir"])  # what drift embeds with
+
+    landing = project / "data" / "landing"
+    landing.mkdir()
+    make_rows(6, offset=3).to_csv(landing / "week2.csv", index=False)  # like the training data
+    deferred = retrain_flow(project=str(project))
+    assert deferred["status"] == "deferred" and "min_auc" in deferred["reason"]
+    assert 0.0 <= deferred["drift"]["auc"] < 0.99 and deferred["drift"]["new_rows"] == 18
+    assert (landing / "week2.csv").exists()  # waits for more data
+
+    forced = retrain_flow(project=str(project), ignore_drift=True)
+    assert forced["status"] == "retrained" and not (landing / "week2.csv").exists()
+    assert forced["drift"]["triggered"] is False

@@ -50,9 +50,26 @@ def cmd_check(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
+    from flows.server import prestart_server
+    from tunery.stage import process_start
+
+    from tunery.config import load_params
+
+    params = load_params(root / "params.yaml")  # bad params: a clear error before anything starts
+    server = prestart_server()  # its start-up overlaps opening the MLflow store below
+    from tunery import tracking
+
+    tracking.setup(root, params.tracking.experiment)
+    if server is not None:
+        server.join()
     from flows.pipeline import pipeline_flow
 
-    result = pipeline_flow(project=str(root), stages=args.stages or None, force=args.force)
+    result = pipeline_flow(
+        project=str(root),
+        stages=args.stages or None,
+        force=args.force,
+        started_at=process_start(),
+    )
     ran = (
         ", ".join(r["stage"] for r in result["stages"] if r["ran"])
         or "none (everything up to date)"
@@ -60,6 +77,11 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
     print(f"\npipeline run {result['run_id']}: stages run: {ran}")
     if result.get("registry"):
         print(f"registry: {result['registry']['summary']}")
+    t = result["timing"]
+    print(
+        f"wall {t['wall_seconds']:.0f} s; orchestration + tracking overhead "
+        f"{t['overhead_seconds']:.1f} s ({100 * t['overhead_share']:.1f} %)"
+    )
     return 0
 
 
@@ -124,7 +146,13 @@ def cmd_rollback(args: argparse.Namespace, root: Path) -> int:
 def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
     from flows.retrain import retrain_flow
 
-    result = retrain_flow(project=str(root))
+    result = retrain_flow(project=str(root), ignore_drift=args.ignore_drift)
+    if result.get("drift"):
+        d = result["drift"]
+        print(
+            f"drift of the new data vs training: AUC {d['auc']:.3f} "
+            f"(0.5 = none), centroid distance {d['centroid_distance']:.4f}"
+        )
     if result["status"] != "retrained":
         print(
             f"retrain: {result['status']}"
@@ -133,6 +161,17 @@ def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
         return 0
     ran = ", ".join(r["stage"] for r in result["stages"] if r["ran"]) or "none"
     print(f"\nretrain: took in {len(result['added'])} file(s); stages run: {ran}")
+    newest = result.get("newest") or {}
+    if newest.get("rows"):
+        print(
+            f"newest data ({newest['origins']}, {newest['rows']} test rows): macro-F1 "
+            f"{newest['macro_f1']}"
+            + (
+                f" vs champion {newest['champion_macro_f1']}"
+                if "champion_macro_f1" in newest
+                else ""
+            )
+        )
     if result.get("registry"):
         print(f"decision: {result['registry']['summary']}")
     return 0
@@ -248,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "retrain", help="re-fine-tune now: take in new data, re-run stale stages, gate"
+    )
+    p.add_argument(
+        "--ignore-drift",
+        action="store_true",
+        help="retrain even when the new data's drift is below retrain.drift.min_auc",
     )
     p.set_defaults(fn=cmd_retrain)
 

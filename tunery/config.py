@@ -376,11 +376,22 @@ class CorpusConfig(Section):
 
 
 # --------------------------------------------------------------------------- retrain
+class DriftConfig(Section):
+    """Drift of landed data vs the training split, with the pipeline's encoder (tunery/drift.py)."""
+
+    enabled: bool = True  # measure and log it whenever new data lands (needs a trained encoder)
+    # A trigger condition: retrain only when the domain-classifier AUC reaches this; below it the
+    # files stay in the landing folder (and accumulate) until it does. null: always retrain.
+    min_auc: float | None = Field(default=None, ge=0.5, le=1.0)
+    reference_rows: int = Field(default=1000, ge=10)  # training texts sampled as the reference
+
+
 class RetrainConfig(Section):
     """The scheduled re-fine-tune: new labelled files land here and are taken in as a new data version."""
 
     landing: str = "data/landing"
     push: bool = True  # `dvc push` each new data version to the default remote
+    drift: DriftConfig = DriftConfig()
 
 
 # --------------------------------------------------------------------------- root

@@ -119,6 +119,15 @@ def evaluate_predictions(
     return report
 
 
+def restrict_to_present(report: dict[str, Any]) -> dict[str, Any]:
+    """Macro-F1 over the classes that occur in the scored rows (a subset such as the newest data
+    may lack some classes; counting those as F1 0 would say nothing about the model)."""
+    present = [m["f1"] for m in report["per_class"].values() if m["support"] > 0]
+    report["macro_f1"] = float(np.mean(present)) if present else 0.0
+    report["macro_f1_classes"] = len(present)
+    return report
+
+
 def summary(report: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers worth keeping in the metrics file (no matrices, tables or bins)."""
     return {

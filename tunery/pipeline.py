@@ -7,12 +7,14 @@ do: the lineage on the MLflow parent run, and the registry step after the stages
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,12 @@ class StageFailed(TuneryError):
         self.user_error = user_error
 
 
-def dvc_command(root: Path, *argv: str, on_line: Callable[[str], None] | None = None) -> str:
+def dvc_command(
+    root: Path,
+    *argv: str,
+    on_line: Callable[[str], None] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> str:
     """Run `dvc ARGV...` in the project, streaming its output line by line; raise on failure."""
     exe = shutil.which("dvc", path=tool_env()["PATH"])
     if exe is None:
@@ -54,7 +61,7 @@ def dvc_command(root: Path, *argv: str, on_line: Callable[[str], None] | None = 
     proc = subprocess.Popen(
         [exe, *argv],
         cwd=root,
-        env=tool_env(),
+        env={**tool_env(), **(extra_env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -77,13 +84,101 @@ def dvc_command(root: Path, *argv: str, on_line: Callable[[str], None] | None = 
 
 
 def repro_stage(
-    root: Path, stage: str, *, force: bool = False, on_line: Callable[[str], None] | None = None
+    root: Path,
+    stage: str,
+    *,
+    force: bool = False,
+    on_line: Callable[[str], None] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> bool:
     """Bring one stage up to date; return whether it actually ran."""
     out = dvc_command(
-        root, "repro", "--single-item", *(["--force"] if force else []), stage, on_line=on_line
+        root,
+        "repro",
+        "--single-item",
+        *(["--force"] if force else []),
+        stage,
+        on_line=on_line,
+        extra_env=extra_env,
     )
     return f"Running stage '{stage}'" in out
+
+
+JOURNAL_DIR = ".cache/tunery/journal"
+
+
+@dataclasses.dataclass
+class StageTiming:
+    """Where one stage's wall time went: the stage process itself, DVC around it, tracking."""
+
+    stage: str
+    ran: bool
+    seconds: float = 0.0  # the stage body (metrics/<stage>.json "seconds")
+    process: float = 0.0  # the stage process, interpreter start-up and imports included
+    dvc: float = 0.0  # `dvc repro` wall time minus the stage process
+    tracking: float = 0.0  # replaying the stage's journal into its MLflow child run
+
+
+def run_stage(
+    root: Path,
+    stage: str,
+    *,
+    experiment: str,
+    force: bool = False,
+    on_line: Callable[[str], None] | None = None,
+) -> StageTiming:
+    """`repro_stage` with deferred tracking: the stage writes a journal (tunery/journal.py) that is
+    replayed here into a child of the active pipeline run, saving each stage process the import of
+    mlflow and the opening of the store."""
+    from tunery import journal
+
+    path = root / JOURNAL_DIR / f"{stage}.json"
+    path.unlink(missing_ok=True)
+    start = time.perf_counter()
+    failure: StageFailed | None = None
+    try:
+        ran = repro_stage(
+            root,
+            stage,
+            force=force,
+            on_line=on_line,
+            extra_env={journal.JOURNAL_ENV: str(path.resolve())},
+        )
+    except StageFailed as exc:
+        ran, failure = True, exc
+    wall = time.perf_counter() - start
+    timing = StageTiming(stage, ran)
+    if path.is_file():
+        data = journal.read(path)
+        timing.seconds = float(data["timing"].get("seconds", 0.0))
+        timing.process = float(data["timing"].get("process", 0.0))
+        timing.dvc = max(wall - timing.process, 0.0)
+        t0 = time.perf_counter()
+        replay_journal(root, experiment, data)
+        timing.tracking = time.perf_counter() - t0
+        path.unlink()
+    else:
+        timing.dvc = wall
+    if failure is not None:
+        raise failure
+    return timing
+
+
+class _ReplayedFailure(Exception):
+    """Raised inside a replayed run so that MLflow records it as FAILED."""
+
+
+def replay_journal(root: Path, experiment: str, data: dict[str, Any]) -> None:
+    from tunery import journal, tracking
+
+    try:
+        with tracking.stage_run(root, experiment, data["stage"], data["params"]) as run:
+            journal.replay(data, run)
+            if data["status"] != "FINISHED":
+                run.set_tags({"tunery.error": data.get("error", "")[:5000]})
+                raise _ReplayedFailure(data.get("error", ""))
+    except _ReplayedFailure:
+        pass
 
 
 def git_state(root: Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tunery import pipeline
 from tunery.config import Params, WordnetSource
@@ -52,15 +53,55 @@ def landing_files(root: Path, params: Params) -> list[Path]:
     return files.list_files(folder, files.LABELLED_SUFFIXES)
 
 
-def take_in(root: Path, params: Params, new: list[Path]) -> list[Path]:
-    """Validate every landed file, then move each into the dataset as a DVC-tracked file."""
+def check_landed(root: Path, params: Params, new: list[Path]) -> list[str]:
+    """Validate every landed file with the ingest rules (all before any moves); return the texts."""
     text_col, label_col = intake.columns(params.ingest)
+    texts: list[str] = []
     for file in new:  # all or nothing: one bad file stops the intake before anything moves
-        validate.check_rows(
+        rows = validate.check_rows(
             files.read_labelled(file, text_col, label_col, origin=f"incoming:{file.name}"),
             params.ingest,
             str(file),
         )
+        texts.extend(rows["text"].astype(str))
+    return texts
+
+
+def measure_drift(root: Path, params: Params, texts: list[str]) -> dict[str, Any] | None:
+    """Drift of the landed texts vs the training split, with the encoder fine-tuning starts from;
+    None (said in the log) when it is off or there is no trained encoder or training split yet."""
+    import pandas as pd
+
+    cfg = params.retrain.drift
+    encoder = root / (params.finetune.encoder or params.pretrain.out_dir)
+    train = root / params.prepare.out_dir / "train.parquet"
+    if not cfg.enabled:
+        return None
+    if not (encoder / "config.json").is_file() or not train.is_file():
+        log.info("drift not measured: no encoder (%s) or training split yet", encoder)
+        return None
+    from tunery import drift
+
+    reference = pd.read_parquet(train)["text"].astype(str).tolist()
+    result = drift.measure(
+        encoder, texts, reference, reference_rows=cfg.reference_rows, seed=params.finetune.seed
+    )
+    result["min_auc"] = cfg.min_auc
+    result["triggered"] = cfg.min_auc is None or result["auc"] >= cfg.min_auc
+    log.info(
+        "drift of %d new texts vs %d training texts: AUC %.3f, centroid distance %.4f%s",
+        result["new_rows"],
+        result["reference_rows"],
+        result["auc"],
+        result["centroid_distance"],
+        "" if cfg.min_auc is None else f" (trigger at AUC >= {cfg.min_auc})",
+    )
+    return result
+
+
+def take_in(root: Path, params: Params, new: list[Path]) -> list[Path]:
+    """Validate every landed file, then move each into the dataset as a DVC-tracked file."""
+    check_landed(root, params, new)
     added = []
     for file in new:
         dest = intake.add_file(file, params.ingest, root=root)

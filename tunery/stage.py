@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tunery import env
+from tunery import env, journal
 from tunery.config import Params, load_params
 from tunery.errors import TuneryError
 from tunery.io import write_json
@@ -72,24 +72,75 @@ def stage_main(stage: str, body: StageBody, argv: list[str] | None = None) -> No
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     root = env.configure()
+    journal_file = journal.journal_path()
     try:
         params = load_params(root / args.params, args.set)
         section = params.section(stage)
+        if journal_file is not None:
+            _run_journaled(stage, body, params, root, section.model_dump(mode="json"), journal_file)
+            return
         from tunery import tracking  # imported late: mlflow costs seconds and the GPU box lacks it
 
         start = time.perf_counter()
         with tracking.stage_run(
             root, params.tracking.experiment, stage, section.model_dump(mode="json")
         ) as run:
-            metrics = dict(body(params, root, run))
-            metrics["seconds"] = round(time.perf_counter() - start, 3)
-            run.log_metrics(numeric_items("", metrics))
-            if params.tracking.log_models:
-                for name, folder in model_outputs(params, stage).items():
-                    if (root / folder).is_dir():
-                        run.log_artifact(root / folder, name)
-            write_json(root / "metrics" / f"{stage}.json", metrics)
+            metrics = _finish(stage, body(params, root, run), start, params, root, run)
         log.info("%s done in %.1f s", stage, metrics["seconds"])
     except TuneryError as exc:
         print(f"tunery {stage}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+
+
+def _finish(
+    stage: str, result: Mapping[str, Any], start: float, params: Params, root: Path, run: Any
+) -> dict[str, Any]:
+    """Time, log and write the stage's metrics; log its model folders when asked to."""
+    metrics = dict(result)
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    run.log_metrics(numeric_items("", metrics))
+    if params.tracking.log_models:
+        for name, folder in model_outputs(params, stage).items():
+            if (root / folder).is_dir():
+                run.log_artifact(root / folder, name)
+    write_json(root / "metrics" / f"{stage}.json", metrics)
+    return metrics
+
+
+def process_start() -> float:
+    """When this process started (epoch seconds): interpreter start-up and imports count."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def process_seconds() -> float:
+    return time.time() - process_start()
+
+
+def _run_journaled(
+    stage: str,
+    body: StageBody,
+    params: Params,
+    root: Path,
+    section: Mapping[str, Any],
+    journal_file: Path,
+) -> None:
+    """Run the stage recording its tracking calls; the pipeline flow replays them (journal.py)."""
+    run = journal.JournalRun(stage, section)  # the section becomes the child run's params
+    start = time.perf_counter()
+    status, error = "FAILED", ""
+    try:
+        metrics = _finish(stage, body(params, root, run), start, params, root, run)
+        status = "FINISHED"
+        log.info("%s done in %.1f s", stage, metrics["seconds"])
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        run.write(
+            journal_file,
+            status=status,
+            error=error,
+            timing={"seconds": round(time.perf_counter() - start, 3), "process": process_seconds()},
+        )
