@@ -55,6 +55,7 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("TUNERY_PARENT_RUN_ID", raising=False)
     monkeypatch.delenv("TUNERY_TRACKING_JOURNAL", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
 def small_params(source_path: str = "data/source") -> dict:

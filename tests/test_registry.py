@@ -180,3 +180,44 @@ def test_registry_only_predictor_matches_the_local_folder(tmp_path, params, monk
     assert (
         remote.metadata["model_version"] == version and remote.metadata["registered_model"] == "m"
     )
+
+
+def test_gate_refuses_when_the_champion_moved_since_the_evaluation(tmp_path, params):
+    """Two pipelines at once: the second was evaluated against a champion that is gone."""
+    v1, v2, v3 = (register(tmp_path, params, t) for t in ("a", "b", "c"))
+    assert promotion.gate_challenger(
+        tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True
+    ).promote
+    promotion.promote(tmp_path, params, v2, "another run won meanwhile")
+    evaluated_against_v1 = {**scores(0.7), "path": f"models:/m/{v1}"}
+    d = promotion.gate_challenger(
+        tmp_path,
+        params,
+        v3,
+        challenger=scores(0.9),
+        champion=evaluated_against_v1,
+        parity_passed=True,
+    )
+    assert not d.promote and f"moved from version {v1} to {v2}" in d.reason
+    assert champion(tmp_path, params) == v2
+    assert tracking.version_info(tmp_path, "m", v3)["tags"]["gate.decision"] == "rejected"
+
+
+def test_a_failing_registry_is_never_read_as_no_champion(tmp_path, params, monkeypatch):
+    """Only "no such model/alias" means no champion; any other error must not let the gate
+    treat a challenger as the first model (fail closed)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    assert champion(tmp_path, params) is None  # no model yet
+    v1 = register(tmp_path, params, "one")
+    assert champion(tmp_path, params) is None  # model, but no such alias
+
+    def broken(self, name, alias):
+        raise MlflowException("the registry is unreachable", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", broken)
+    with pytest.raises(MlflowException, match="unreachable"):
+        promotion.gate_challenger(
+            tmp_path, params, v1, challenger=scores(0.9), champion=None, parity_passed=True
+        )

@@ -51,9 +51,8 @@ def cmd_check(args: argparse.Namespace, root: Path) -> int:
 
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
     from flows.server import prestart_server
-    from tunery.stage import process_start
-
     from tunery.config import load_params
+    from tunery.stage import process_start
 
     params = load_params(root / "params.yaml")  # bad params: a clear error before anything starts
     server = prestart_server()  # its start-up overlaps opening the MLflow store below
@@ -197,11 +196,16 @@ def cmd_demo_shard(args: argparse.Namespace, root: Path) -> int:
 def cmd_ui(args: argparse.Namespace, root: Path) -> int:
     from tunery.tracking import ARTIFACT_DIR, tracking_uri
 
+    uri = tracking_uri(root)
+    if not uri.startswith("sqlite:"):
+        # A tracking server already has its UI; starting a local one on its URI would be wrong.
+        print(f"MLFLOW_TRACKING_URI points at a tracking server: open {uri} in a browser")
+        return 0
     cmd = [
         str(Path(sys.executable).parent / "mlflow"),
         "ui",
         "--backend-store-uri",
-        tracking_uri(root),
+        uri,
         "--default-artifact-root",
         str(root / ARTIFACT_DIR),
         "--host",

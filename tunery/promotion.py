@@ -46,6 +46,13 @@ def _record(
     return record
 
 
+def _compared_version(champion: Mapping[str, Any] | None, name: str) -> str | None:
+    """The registry version the evaluation compared against (`path: models:/NAME/VERSION`)."""
+    path = str((champion or {}).get("path") or "")
+    prefix = f"models:/{name}/"
+    return path.removeprefix(prefix) if path.startswith(prefix) else None
+
+
 def gate_challenger(
     root: Path,
     params: Params,
@@ -58,16 +65,26 @@ def gate_challenger(
     """Run the gate for a registered challenger; move `champion` to it only if the gate says so."""
     name = params.registry.model_name
     current = tracking.alias_version(root, name, CHAMPION)
-    try:
-        decision = gate.decide(
-            challenger,
-            champion,
-            has_champion=current is not None,
-            parity_passed=parity_passed,
-            cfg=params.registry,
+    compared = _compared_version(champion, name)
+    if compared is not None and compared != current:
+        # Another run (or `tunery promote`) moved the champion after this challenger was evaluated
+        # against it: the numbers compare against the wrong model.
+        decision = gate.Decision(
+            False,
+            f"the champion moved from version {compared} to {current or 'none'} since the "
+            "evaluation: not promoted (fail closed; re-run to compare against the new champion)",
         )
-    except Exception as exc:  # fail closed: an error in the gate is a "no"
-        decision = gate.Decision(False, f"gate error: {exc!r} (fail closed)")
+    else:
+        try:
+            decision = gate.decide(
+                challenger,
+                champion,
+                has_champion=current is not None,
+                parity_passed=parity_passed,
+                cfg=params.registry,
+            )
+        except Exception as exc:  # fail closed: an error in the gate is a "no"
+            decision = gate.Decision(False, f"gate error: {exc!r} (fail closed)")
     tracking.tag_version(
         root,
         name,

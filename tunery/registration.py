@@ -127,6 +127,8 @@ def resolve_registry_uri(uri: str) -> Path:
 
     The alias is resolved to a version first, so a moved alias never serves a stale cache. The
     copy is verified by the Predictor like any deployable folder (manifest, sha256, external data).
+    The registry is the one `MLFLOW_TRACKING_URI` (or the project's embedded store) names; its
+    artifacts may live anywhere MLflow reaches (a server's proxied store, S3).
     """
     from tunery import env
     from tunery.inference import REGISTRY_FILE
@@ -144,7 +146,9 @@ def resolve_registry_uri(uri: str) -> Path:
         alias = None
     else:
         raise TuneryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    cache = root / ".cache" / "tunery" / "registry" / f"{name}-v{version}"
+    # Keyed by the store too: version 3 of a sqlite store and of a tracking server are different
+    # models, and switching MLFLOW_TRACKING_URI must never serve the other store's copy.
+    cache = root / ".cache" / "tunery" / "registry" / f"{name}-v{version}-{tracking.store_id(root)}"
     if not (cache / REGISTRY_FILE).is_file():
         with atomic_dir(cache) as tmp:
             got = tracking.download_model(root, f"models:/{name}/{version}", tmp / "dl")

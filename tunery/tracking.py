@@ -6,35 +6,172 @@ project. `MLFLOW_TRACKING_URI` points the same code at a tracking server instead
 A pipeline run is a parent MLflow run; every stage runs in a child run named after the stage. The
 parent's id travels to stage processes (started by DVC) through `TUNERY_PARENT_RUN_ID`, so the
 hierarchy holds across processes.
+
+Nothing here assumes a local store: artifact URIs may be `file:`, `mlflow-artifacts:` (a server
+proxying its artifact store) or `s3:`, and every read goes through MLflow. Concurrent writers to the
+embedded sqlite store (two pipeline runs, or a pipeline and `tunery promote`): the first use of the
+store in each process creates/migrates it under an inter-process file lock beside the database
+(`mlflow.db-tunery.lock`), and every store call is retried with backoff when sqlite still answers
+"database is locked" after MLflow's own 20 s busy timeout. A tracking server needs neither.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import json
+import logging
 import os
-from collections.abc import Iterator, Mapping
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
+log = logging.getLogger("tunery.tracking")
+
 PARENT_ENV = "TUNERY_PARENT_RUN_ID"
 DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+STORE_LOCK_SUFFIX = "-tunery.lock"  # beside the sqlite file: mlflow.db-tunery.lock
 
 
 def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / DB_FILE).resolve()}"
 
 
+def registry_uri(root: Path) -> str:
+    """The model registry: `MLFLOW_REGISTRY_URI` when set, else the tracking store."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri(root)
+
+
+# --------------------------------------------------------------------------- concurrent writers
+T = TypeVar("T")
+LOCK_RETRIES = 8
+LOCK_BACKOFF_S = 0.25
+LOCK_BACKOFF_MAX_S = 5.0
+_LOCKED = re.compile(r"database (table )?is locked", re.IGNORECASE)
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    """sqlite's "database is locked", however MLflow or SQLAlchemy wrapped it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _LOCKED.search(str(current)):
+            return True
+        current = current.__cause__  # MLflow/SQLAlchemy wrap the sqlite error as the cause
+    return False
+
+
+def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call `fn`, retrying with jittered exponential backoff while the store says it is locked.
+
+    Safe for writes: a locked sqlite transaction is rolled back whole, so a retry never doubles.
+    """
+    delay = LOCK_BACKOFF_S
+    for attempt in range(1, LOCK_RETRIES + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == LOCK_RETRIES or not is_locked_error(exc):
+                raise
+            wait = delay * (1 + random.random())
+            log.warning(
+                "%s: the MLflow store is locked by another writer; retry %d/%d in %.1f s",
+                getattr(fn, "__name__", "call"),
+                attempt,
+                LOCK_RETRIES - 1,
+                wait,
+            )
+            time.sleep(wait)
+            delay = min(delay * 2, LOCK_BACKOFF_MAX_S)
+    raise AssertionError("unreachable")
+
+
+class _RetryingClient:
+    """An `MlflowClient` whose every call goes through `retry_locked`."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return functools.wraps(attr)(functools.partial(retry_locked, attr))
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` store URI; None for anything else."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+_PREPARED: set[str] = set()
+
+
+def _prepare_store(uri: str) -> None:
+    """Create or migrate an embedded sqlite store once per process, one process at a time.
+
+    Two processes creating a fresh store at once would both run MLflow's schema migrations and
+    one would fail ("duplicate column"); the file lock makes the second wait and find it done.
+    """
+    if uri in _PREPARED:
+        return
+    db = sqlite_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + STORE_LOCK_SUFFIX), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                client = MlflowClient(uri, registry_uri=uri)
+                retry_locked(client.search_experiments, max_results=1)
+                retry_locked(client.search_registered_models, max_results=1)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    _PREPARED.add(uri)
+
+
+_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _connect(root: Path) -> tuple[str, str]:
+    """Point MLflow (tracking and registry) at the project's store, prepared; return both URIs.
+
+    `mlflow.set_tracking_uri`/`set_registry_uri` also export MLFLOW_TRACKING_URI/REGISTRY_URI
+    into this process's environment; those are put back as they were, so only a URI the user set
+    counts as "the user's choice" (another project's store in the same process, or the next test,
+    must not inherit this one's).
+    """
+    uri, reg = tracking_uri(root), registry_uri(root)
+    for each in {uri, reg}:
+        _prepare_store(each)
+    saved = {key: os.environ.get(key) for key in _URI_VARS}
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(reg)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return uri, reg
+
+
 def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the project's store and make sure the experiment exists; return its id."""
-    uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri)
+    uri, reg = _connect(root)
+    client = _RetryingClient(MlflowClient(uri, registry_uri=reg))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         # With a sqlite store the default artifact root is ./mlruns relative to the *cwd*; pin it
@@ -49,7 +186,7 @@ def setup(root: Path, experiment: str) -> str:
             exp_id = client.get_experiment_by_name(experiment).experiment_id
     else:
         exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
+    retry_locked(mlflow.set_experiment, experiment_id=exp_id)
     return exp_id
 
 
@@ -88,7 +225,7 @@ class Run:
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params(dict(items[i : i + 100]))
+            retry_locked(mlflow.log_params, dict(items[i : i + 100]))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         numeric = {
@@ -97,10 +234,10 @@ class Run:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         if numeric:
-            mlflow.log_metrics(numeric, step=step)
+            retry_locked(mlflow.log_metrics, numeric, step=step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        retry_locked(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -125,7 +262,7 @@ class Run:
             source=json.dumps({"path": source, "md5": digest}),
             profile=json.dumps(dict(profile)),
         )
-        MlflowClient().log_inputs(
+        _RetryingClient(MlflowClient()).log_inputs(
             self.run_id,
             datasets=[
                 DatasetInput(
@@ -136,12 +273,36 @@ class Run:
 
 
 @contextlib.contextmanager
+def _active_run(**start: Any) -> Iterator[mlflow.ActiveRun]:
+    """`mlflow.start_run(**start)` as a context, its start and end retried on a locked store.
+
+    The end is recorded with the retried `set_terminated` first: `mlflow.end_run` pops the run
+    before it writes, so retrying `end_run` itself could end the parent run instead.
+    """
+    active = retry_locked(mlflow.start_run, **start)
+    run_id = active.info.run_id
+    status = "FAILED"
+    try:
+        yield active
+        status = "FINISHED"
+    finally:
+        retry_locked(MlflowClient().set_terminated, run_id, status)
+        current = mlflow.active_run()
+        if current is not None and current.info.run_id == run_id:
+            try:
+                mlflow.end_run(status)
+            except Exception as exc:  # popped already; its status is recorded above
+                if not is_locked_error(exc):
+                    raise
+
+
+@contextlib.contextmanager
 def stage_run(root: Path, experiment: str, stage: str, params: Mapping[str, Any]) -> Iterator[Run]:
     """An MLflow run named after `stage`, a child of the pipeline run when one is active."""
     setup(root, experiment)
     parent = os.environ.get(PARENT_ENV) or None
     nested = mlflow.active_run() is not None  # a stage called in-process inside the pipeline run
-    with mlflow.start_run(
+    with _active_run(
         run_name=stage, parent_run_id=parent, nested=nested, tags={"tunery.stage": stage}
     ) as active:
         run = Run(active)
@@ -155,7 +316,7 @@ def pipeline_run(
 ) -> Iterator[Run]:
     """A parent run; stage processes started inside it (e.g. by `dvc repro`) become its children."""
     setup(root, experiment)
-    with mlflow.start_run(
+    with _active_run(
         run_name=name,
         tags={"tunery.stage": "pipeline", **{k: str(v) for k, v in (tags or {}).items()}},
     ) as active:
@@ -172,9 +333,9 @@ def pipeline_run(
 
 def child_runs(root: Path, experiment: str, parent_run_id: str) -> list[dict[str, Any]]:
     """Stage runs under a parent run: name, status, metrics (for summaries and tests)."""
-    setup(root, experiment)
-    runs = MlflowClient().search_runs(
-        [mlflow.get_experiment_by_name(experiment).experiment_id],
+    exp_id = setup(root, experiment)
+    runs = _RetryingClient(MlflowClient()).search_runs(
+        [exp_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
         order_by=["attributes.start_time ASC"],
     )
@@ -195,10 +356,16 @@ PROMOTIONS_SUFFIX = "-promotions"
 
 
 def _client(root: Path) -> MlflowClient:
-    uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, registry_uri=uri)
+    uri, reg = _connect(root)
+    return _RetryingClient(MlflowClient(uri, registry_uri=reg))  # type: ignore[return-value]
+
+
+def _missing(exc: Exception) -> bool:
+    """A registry answer meaning "no such model/alias" (anything else is an error to raise)."""
+    return getattr(exc, "error_code", None) in (
+        "RESOURCE_DOES_NOT_EXIST",
+        "INVALID_PARAMETER_VALUE",
+    )
 
 
 def _pip_requirements() -> list[str]:
@@ -248,8 +415,9 @@ def register_onnx(
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, model_dir / item.name)
         for sub, folder in (extras or {}).items():  # e.g. the adapter, for warm starts
             shutil.copytree(folder, model_dir / sub)
-        mlflow.log_artifacts(str(model_dir), artifact_path=DEPLOY_ARTIFACT)
-    version = mlflow.register_model(
+        retry_locked(mlflow.log_artifacts, str(model_dir), artifact_path=DEPLOY_ARTIFACT)
+    version = retry_locked(
+        mlflow.register_model,
         f"runs:/{run.run_id}/{DEPLOY_ARTIFACT}",
         name,
         tags={k: str(v) for k, v in (tags or {}).items()},
@@ -258,12 +426,18 @@ def register_onnx(
 
 
 def alias_version(root: Path, name: str, alias: str) -> str | None:
-    """The version behind `name@alias`, or None when the model or alias does not exist."""
+    """The version behind `name@alias`, or None when the model or alias does not exist.
+
+    Any other failure (a locked or unreachable store) raises: "no champion" must never be a guess,
+    or the gate would judge a challenger as the first model.
+    """
     client = _client(root)
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as exc:
+        if _missing(exc):
+            return None
+        raise
 
 
 def set_alias(root: Path, name: str, alias: str, version: str) -> None:
@@ -294,8 +468,10 @@ def list_versions(root: Path, name: str) -> list[dict[str, Any]]:
     client = _client(root)
     try:
         versions = client.search_model_versions(f"name = '{name}'")
-    except mlflow.exceptions.MlflowException:
-        return []
+    except mlflow.exceptions.MlflowException as exc:
+        if _missing(exc):
+            return []
+        raise
     # search results carry no aliases: take them from the registered model
     by_version: dict[str, list[str]] = {}
     if versions:
@@ -359,10 +535,23 @@ def decisions(root: Path, experiment: str, name: str) -> list[dict[str, Any]]:
 
 
 def download_model(root: Path, uri: str, dst: Path) -> Path:
-    """Download a registered model (`models:/NAME@alias` or `models:/NAME/VERSION`) into `dst`."""
+    """Download a registered model (`models:/NAME@alias` or `models:/NAME/VERSION`) into `dst`.
+
+    Works for any artifact store MLflow reaches (local folder, `mlflow-artifacts:` through a
+    server, `s3:` with credentials from the environment).
+    """
     _client(root)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    return Path(
+        retry_locked(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=str(dst))
+    )
+
+
+def store_id(root: Path) -> str:
+    """A short, stable id of the registry this project talks to (for per-store local caches)."""
+    import hashlib
+
+    return hashlib.sha256(registry_uri(root).encode()).hexdigest()[:12]
 
 
 def run_tags(run_id: str) -> dict[str, str]:
-    return dict(MlflowClient().get_run(run_id).data.tags)
+    return dict(_RetryingClient(MlflowClient()).get_run(run_id).data.tags)
