@@ -7,8 +7,12 @@ same texts, same batch size and max length, on the same model, in one process, o
   `TrainingArguments` (fp32, eager, random batches), texts tokenized with truncation and padded per
   batch by the Trainer's default collator.
 - tunery: `tunery.finetuning.train` as the stage runs it: length-grouped batches (little padding),
-  bf16 autocast and torch.compile on CUDA, padding to multiples of 8.
+  and on CUDA bf16 autocast, torch.compile with CUDA graphs ("reduce-overhead"), lengths padded to
+  multiples of 32, loader workers, no per-step host sync (`finetuning.cuda_settings`).
+  More tunery arms may override stage settings: `--arms baseline,tunery,tunery:compile=off`.
 
+Step times: the baseline's between `on_step_begin` and `on_step_end` with a CUDA sync at each
+(its data loading left out); the tunery arm's from the stage itself (CUDA events, loading included).
 Reported per arm: steady-state samples/s and real (non-padding) tokens/s over the steps after the
 warm-up ones (compilation happens there), padded tokens/s, padding share, peak memory (CUDA
 allocator peak; on CPU the process's peak RSS). Ratios are tunery / baseline.
@@ -246,10 +250,14 @@ def run_tunery(
     device: str,
     precision: str,
     compile_: bool | None,
+    overrides: dict[str, Any] | None = None,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from tunery import finetuning as ft
+
+    prof = HostAndKernelProfile(steps - profile_steps, steps, device) if profile_steps else None
 
     cfg = config(
         device=device,
@@ -259,6 +267,7 @@ def run_tunery(
         max_length=max_length,
         steps=steps,
         n=len(texts),
+        overrides=overrides,
     )
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     names = [f"c{i}" for i in range(k)]
@@ -274,10 +283,18 @@ def run_tunery(
         val_split=val_split,
         checkpoint_dir=None,
         max_length=max_length,
+        callbacks=[prof] if prof else (),
     )
+    n = steps - profile_steps  # the profiled steps (at the end) are left out of the rates
     out = steady(
-        result.step_seconds, result.step_samples, result.step_tokens, result.step_padded, warmup
+        result.step_seconds[:n],
+        result.step_samples[:n],
+        result.step_tokens[:n],
+        result.step_padded[:n],
+        warmup,
     )
+    if prof:
+        out["profile"] = prof.summary()
     used_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     return {
         **out,
@@ -285,7 +302,80 @@ def run_tunery(
         "precision": ft.resolve_precision(cfg, device),
         "compile": used_compile,
         "length_grouping": True,
+        **result.settings,
+        **({"overrides": overrides} if overrides else {}),
     }
+
+
+def HostAndKernelProfile(start_after: int, end_at: int, device: str) -> Any:
+    """A Trainer callback: cProfile (host, Python) and, on CUDA, GPU kernel time over the steps
+    start_after+1 .. end_at (left out of the measured rates)."""
+    import cProfile
+    import pstats
+
+    import torch
+    from transformers import TrainerCallback
+
+    class _Profile(TrainerCallback):
+        def __init__(self) -> None:
+            self.cp = cProfile.Profile()
+            self.kp: Any = None
+            self.wall = 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == start_after:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    try:
+                        from torch.profiler import ProfilerActivity, profile
+
+                        self.kp = profile(activities=[ProfilerActivity.CUDA])
+                        self.kp.__enter__()
+                    except Exception:  # the host profile alone still says a lot
+                        self.kp = None
+                self.t0 = time.perf_counter()
+                self.cp.enable()
+            elif state.global_step == end_at:
+                self.cp.disable()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                self.wall = time.perf_counter() - self.t0
+                if self.kp is not None:
+                    self.kp.__exit__(None, None, None)
+
+        def summary(self) -> dict[str, Any]:
+            steps = end_at - start_after
+            st = pstats.Stats(self.cp)
+            rows = []
+            for (file, line, fn), (_cc, nc, tt, ct, _) in st.stats.items():
+                rows.append((tt, ct, nc, f"{Path(file).name}:{line}:{fn}"))
+            top_tt = sorted(rows, reverse=True)[:25]
+            top_ct = sorted(rows, key=lambda r: -r[1])[:25]
+            out: dict[str, Any] = {
+                "steps": steps,
+                "wall_ms_per_step_profiled": round(1000 * self.wall / steps, 2),
+                "host_top_self_ms_per_step": [
+                    {"ms": round(1000 * tt / steps, 3), "calls": nc // steps, "fn": f}
+                    for tt, _, nc, f in top_tt
+                ],
+                "host_top_cumulative_ms_per_step": [
+                    {"ms": round(1000 * ct / steps, 3), "calls": nc // steps, "fn": f}
+                    for _, ct, nc, f in top_ct
+                ],
+            }
+            if self.kp is not None:
+                total, top = 0.0, []
+                for e in self.kp.key_averages():
+                    t = (getattr(e, "device_time_total", 0) or 0) / 1e3 / steps
+                    if t > 0:
+                        total += t
+                        top.append((t, e.count // steps, e.key[:100]))
+                top.sort(reverse=True)
+                out["gpu_kernel_ms_per_step"] = round(total, 3)
+                out["gpu_top"] = [{"ms": round(t, 3), "calls": c, "k": k} for t, c, k in top[:15]]
+            return out
+
+    return _Profile()
 
 
 def config(
@@ -297,6 +387,7 @@ def config(
     max_length: int,
     steps: int,
     n: int,
+    overrides: dict[str, Any] | None = None,
 ) -> Any:
     """The stage's config with bench settings: pydantic's FinetuneConfig when importable (here),
     else a look-alike with the same attributes (the GPU machine has no pydantic)."""
@@ -316,7 +407,11 @@ def config(
         "early_stopping_patience": 2,
         "class_weights": "none",
         "group_by_length": True,
+        "compile_mode": "auto",
+        "pad_to_multiple_of": None,
+        "dataloader_workers": None,
         "lora": LORA,
+        **(overrides or {}),
     }
     try:
         from tunery.config import FinetuneConfig
@@ -327,6 +422,24 @@ def config(
         for m in ("ia3", "adalora", "prefix", "full"):
             settings[m] = SimpleNamespace(learning_rate=1.0e-3, target_modules=None)
         return SimpleNamespace(**settings)
+
+
+def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
+    """`tunery:compile_mode=default:pad_to_multiple_of=8` -> ("tunery", {...})."""
+    kind, *pairs = spec.strip().split(":")
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        low = raw.lower()
+        value: Any = raw
+        if low in ("true", "on", "false", "off"):
+            value = low in ("true", "on")
+        elif low in ("none", "null"):
+            value = None
+        elif raw.isdigit():
+            value = int(raw)
+        overrides[key] = value
+    return kind, overrides
 
 
 # --------------------------------------------------------------------------- main
@@ -342,7 +455,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per arm")
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the rates")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--arms", default="baseline,tunery")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="tunery arms: profile (host cProfile, GPU kernels) this many last steps, "
+        "left out of the rates",
+    )
+    p.add_argument(
+        "--arms",
+        default="baseline,tunery",
+        help="comma-separated; a tunery arm may override stage settings, "
+        "e.g. tunery:compile_mode=default:pad_to_multiple_of=8 or tunery:compile=false",
+    )
     p.add_argument(
         "--out", default=None, help="JSON file (default: bench/results/finetune_<device>.json)"
     )
@@ -373,23 +498,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         arms: dict[str, Any] = {}
         for arm in args.arms.split(","):
+            kind, overrides = parse_arm(arm)
             t0 = time.perf_counter()
-            if arm == "baseline":
-                arms[arm] = run_baseline(encoder, texts, labels, **common)
-            elif arm == "tunery":
-                arms[arm] = run_tunery(
-                    encoder,
-                    texts,
-                    labels,
-                    **common,
-                    precision=args.precision,
-                    compile_=None if args.compile is None else args.compile == "on",
-                )
-            else:
-                raise SystemExit(f"unknown arm {arm!r}")
+            try:
+                if kind == "baseline":
+                    arms[arm] = run_baseline(encoder, texts, labels, **common)
+                elif kind == "tunery":
+                    compile_ = None if args.compile is None else args.compile == "on"
+                    if "compile" in overrides:
+                        compile_ = overrides.pop("compile")
+                    arms[arm] = run_tunery(
+                        encoder,
+                        texts,
+                        labels,
+                        **common,
+                        precision=args.precision,
+                        compile_=compile_,
+                        overrides=overrides,
+                        profile_steps=args.profile_steps,
+                    )
+                else:
+                    raise SystemExit(f"unknown arm {arm!r}")
+            except Exception as exc:  # keep the other arms' numbers
+                if len(args.arms.split(",")) == 1:
+                    raise
+                import traceback
+
+                traceback.print_exc()
+                arms[arm] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
             arms[arm]["wall_seconds"] = round(time.perf_counter() - t0, 1)
             print(f"{arm}: {json.dumps(arms[arm])}", file=sys.stderr)
             if device == "cuda":
+                torch._dynamo.reset()  # each arm compiles afresh; frees the CUDA graph pools
                 torch.cuda.empty_cache()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -413,11 +553,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "arms": arms,
     }
-    if {"baseline", "tunery"} <= set(arms):
-        b, t = arms["baseline"], arms["tunery"]
-        result["ratio_tunery_over_baseline"] = {
-            key: round(t[key] / b[key], 2)
-            for key in ("samples_per_s", "tokens_per_s", "peak_memory_mb")
+    b = arms.get("baseline", {})
+    for name, t in arms.items():
+        if name == "baseline" or "error" in t or "samples_per_s" not in b:
+            continue
+        key = "ratio_tunery_over_baseline" if name == "tunery" else f"ratio_{name}_over_baseline"
+        result[key] = {
+            k: round(t[k] / b[k], 2) for k in ("samples_per_s", "tokens_per_s", "peak_memory_mb")
         }
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"finetune_{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,9 @@ compute, not padding), same batch. Variants, each a fresh model and a fresh `Tra
   and `tunery.pretraining.use_objective` (MLM head only at masked positions), dataloader workers.
 - `tunery`: the same with `torch.compile` (the stage's default on CUDA).
 
-Measured: tokens/s over the timed steps (wall clock between the end of the warm-up steps and the
-end of the last step, CUDA synchronised, data loading included), peak GPU memory, and model-FLOPs
+Measured: tokens/s over the timed steps (from the end of the warm-up steps to the end of the last
+step, data loading included; on CUDA by events recorded after each step and read after training,
+so the timed window has no host synchronisation, as in the stage), peak GPU memory, and model-FLOPs
 utilisation against `--peak-tflops` (989: H100 SXM dense bf16). FLOP formulas (per token):
 
 - `mfu` (the usual "6·N·T"): 6 × N with N = every parameter of BertForMaskedLM counted once
@@ -105,6 +106,66 @@ def flops_per_token(cfg: Any, n_params: int, seq: int, head_share: float) -> dic
     }
 
 
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "attention", "efficient", "cutlassf")):
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul", "wgmma")):
+        return "matmul"
+    if "adam" in n or "multi_tensor" in n or "foreach" in n:
+        return "optimizer"
+    if n.startswith("triton"):
+        return "triton (fused elementwise/norm)"
+    return "other"
+
+
+def Profile(start_after: int, steps: int) -> Any:
+    """A callback profiling `steps` optimizer steps after step `start_after` (GPU kernel time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class _Profile(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof: Any = None
+            self.wall = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == start_after:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+            elif state.global_step == start_after + steps and self.prof is not None:
+                torch.cuda.synchronize()
+                self.wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+
+        def summary(self) -> dict[str, Any]:
+            if self.prof is None:
+                return {}
+            kinds: dict[str, float] = {}
+            top = []
+            for e in self.prof.key_averages():
+                t = (getattr(e, "device_time_total", 0) or 0) / 1e3 / steps  # ms per step
+                if t <= 0:
+                    continue
+                kinds[_kernel_kind(e.key)] = kinds.get(_kernel_kind(e.key), 0.0) + t
+                top.append((t, e.count // steps, e.key[:100]))
+            top.sort(reverse=True)
+            busy = sum(kinds.values())
+            return {
+                "wall_ms_per_step": round(1000 * self.wall / steps, 2),
+                "gpu_kernel_ms_per_step": round(busy, 2),
+                "by_kind_ms": {
+                    k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda x: -x[1])
+                },
+                "top": [{"ms": round(t, 3), "calls": c, "kernel": k} for t, c, k in top[:12]],
+            }
+
+    return _Profile()
+
+
 def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]:
     import torch
     from transformers import (
@@ -121,7 +182,10 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
     cfg = model_config(a.model, a.seq)
     tok = make_tokenizer(cfg.vocab_size, a.seq)
     total_steps = a.warmup + a.steps
-    features = synthetic_features(total_steps * a.batch, a.seq, cfg.vocab_size, seed=0)
+    profile_steps = 3 if (a.profile and cuda and name.startswith("tunery")) else 0
+    features = synthetic_features(
+        (total_steps + profile_steps) * a.batch, a.seq, cfg.vocab_size, seed=0
+    )
     set_seed(0)
     model = BertForMaskedLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -129,7 +193,7 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
     common = {
         "output_dir": tempfile.mkdtemp(prefix=f"bench-{name}-"),
         "per_device_train_batch_size": a.batch,
-        "max_steps": total_steps,
+        "max_steps": total_steps + profile_steps,
         "save_strategy": "no",
         "logging_strategy": "no",
         "report_to": "none",
@@ -145,6 +209,8 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
         dev = training.device_args(
             device=device, precision="auto", compile=name == "tunery" and cuda
         )
+        if a.compile_mode and dev["torch_compile"]:
+            dev["torch_compile_mode"] = a.compile_mode
         settings = dict(
             common,
             **dev,
@@ -164,25 +230,45 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
         def __init__(self) -> None:
             self.marks: dict[int, float] = {}
 
+        # CUDA: an event per step (no host synchronisation inside the timed window, as in the
+        # stage), read after training: the interval between two marks is GPU-timeline wall time.
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step > total_steps:
+                return
             if state.global_step in (a.warmup, total_steps) or state.global_step > a.warmup:
                 if cuda:
-                    torch.cuda.synchronize()
-                self.marks[state.global_step] = time.perf_counter()
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    self.marks[state.global_step] = event
+                else:
+                    self.marks[state.global_step] = time.perf_counter()
+
+        def seconds(self) -> dict[int, float]:
+            if not cuda:
+                return dict(self.marks)
+            first = self.marks[a.warmup]
+            self.marks[total_steps].synchronize()
+            return {s: first.elapsed_time(e) / 1e3 for s, e in self.marks.items()}
 
     clock = Clock()
+    prof = Profile(total_steps, profile_steps) if profile_steps else None
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(
-        model=model, args=args, train_dataset=features, data_collator=collate, callbacks=[clock]
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=collate,
+        callbacks=[clock] + ([prof] if prof else []),
     )
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    elapsed = clock.marks[total_steps] - clock.marks[a.warmup]
-    steps = sorted(clock.marks)
-    per_step = [clock.marks[s] - clock.marks[p] for p, s in itertools.pairwise(steps)]
+    marks = clock.seconds()
+    elapsed = marks[total_steps] - marks[a.warmup]
+    steps = sorted(marks)
+    per_step = [marks[s] - marks[p] for p, s in itertools.pairwise(steps)]
     tokens = a.steps * a.batch * a.seq
     tps = tokens / elapsed
     share = 0.15 if sparse else 1.0  # the sparse head runs on the ~15 % masked positions
@@ -192,6 +278,8 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
         "variant": name,
         "bf16": bool(args.bf16),
         "torch_compile": bool(args.torch_compile),
+        "torch_compile_mode": args.torch_compile_mode,
+        "batch": a.batch,
         "optim": str(args.optim),
         "sparse_mlm_head": sparse,
         "dataloader_workers": int(args.dataloader_num_workers),
@@ -207,6 +295,8 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
     }
     if cuda:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if prof is not None:
+        out["kernel_profile"] = prof.summary()
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -224,6 +314,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--workers", type=int, default=4, help="dataloader workers of the tunery variants"
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the tunery variant (default: torch's)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="GPU kernel-time breakdown (3 extra steps)"
     )
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     p.add_argument(

@@ -305,10 +305,13 @@ def test_class_weights_by_hand():
 
 
 def test_last_complete_checkpoint(tmp_path):
+    from tunery.training import write_marker
+
     assert last_complete_checkpoint(tmp_path / "none") is None
     for step, complete in ((5, True), (10, True), (15, False)):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if complete:  # the marker (written by `CompletionMarker` on save) makes it complete
+            write_marker(tmp_path / f"checkpoint-{step}")
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-10"
     assert not (tmp_path / "checkpoint-15").exists()

@@ -184,6 +184,15 @@ class FinetuneConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it
     compile: bool | None = None  # None: on CUDA only
+    # torch.compile mode. auto: "reduce-overhead" (CUDA graphs: short texts make the step
+    # launch-bound) on CUDA for lora/ia3/full, torch's default otherwise.
+    compile_mode: Literal[
+        "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "auto"
+    # Pad batches to a multiple of this (few shapes for compile / CUDA graphs). None: 32 on CUDA,
+    # no rounding on CPU.
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+    dataloader_workers: int | None = Field(default=None, ge=0)  # None: 2 on CUDA, 0 on CPU
     group_by_length: bool = True
     threads: int = Field(default=0, ge=0)  # torch CPU threads; 0: torch's default
     checkpoint_dir: str = "checkpoints/finetune"

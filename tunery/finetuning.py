@@ -10,13 +10,10 @@ GPU machine (no mlflow/prefect/dvc) can import it too.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -28,7 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunery.errors import DataValidationError, TuneryError
-from tunery.io import file_md5
+
+# Checkpoints and fingerprints: one implementation, shared with pretraining. A checkpoint is
+# complete once `CompletionMarker` has recorded its files; `fingerprint` (a hash of settings and
+# file contents) keys the resume folder and ties an adapter to its encoder.
+from tunery.training import fingerprint_files as fingerprint
+from tunery.training import last_complete_checkpoint, trainer_callbacks, training_args
 
 if TYPE_CHECKING:  # pydantic is not on the GPU machine; the bench passes a look-alike there
     from tunery.config import FinetuneConfig
@@ -467,6 +469,8 @@ class TrainResult:
     step_samples: list[int] = field(default_factory=list)
     step_tokens: list[int] = field(default_factory=list)
     step_padded: list[int] = field(default_factory=list)
+    # The fast-path settings this run used (pad multiple, compile mode, loader workers).
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class _TokenCounter:
@@ -512,32 +516,6 @@ def macro_f1_from_logits(eval_pred: Any) -> dict[str, float]:
     }
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest `checkpoint-N` whose trainer state was written (the Trainer writes it last)."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if m and path.is_dir():
-            if (path / "trainer_state.json").is_file():
-                found.append((int(m.group(1)), path))
-            else:
-                log.warning("ignoring incomplete checkpoint %s", path)
-                shutil.rmtree(path, ignore_errors=True)
-    return max(found)[1] if found else None
-
-
-def fingerprint(payload: Mapping[str, Any], files: Sequence[Path]) -> str:
-    """A hash of the settings and input files a training run depends on (resume key)."""
-    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
-    for f in files:
-        f = Path(f)
-        h.update(f.name.encode())
-        h.update(file_md5(f).encode() if f.is_file() else b"-")
-    return h.hexdigest()[:16]
-
-
 def model_files(folder: Path) -> list[Path]:
     """The files that define a model dir's weights and config (for fingerprints)."""
     folder = Path(folder)
@@ -546,6 +524,42 @@ def model_files(folder: Path) -> list[Path]:
         for p in folder.rglob("*")
         if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name == "vocab.txt")
     )
+
+
+def cuda_settings(
+    cfg: FinetuneConfig, method: str, device: str, use_compile: bool
+) -> dict[str, Any]:
+    """The GPU fast path's settings; on CPU exactly what the stage always did (no extra settings).
+
+    With short texts (the demo's glosses are ~20 tokens) a step is bound by kernel launches and
+    host work, not by the GPU's arithmetic: so on CUDA, lengths padded to a multiple of 32 (few
+    shapes), torch.compile with CUDA graphs ("reduce-overhead") for the methods tested with it,
+    batches collated in worker processes and copied from pinned memory without blocking, and no
+    per-step host synchronisation (the Trainer's NaN/Inf loss filter reads the loss every step;
+    off on CUDA: a NaN loss shows in the logged average instead of being skipped).
+    """
+    cuda = device == "cuda"
+    pad = getattr(cfg, "pad_to_multiple_of", None)
+    workers = getattr(cfg, "dataloader_workers", None)
+    workers = (2 if cuda else 0) if workers is None else workers
+    mode = getattr(cfg, "compile_mode", "auto") or "auto"
+    if mode == "auto":
+        graphs = cuda and method in ("lora", "ia3", "full")
+        mode = "reduce-overhead" if graphs else "default"
+    trainer: dict[str, Any] = {"dataloader_num_workers": workers}
+    if workers:
+        trainer["dataloader_persistent_workers"] = True
+    if use_compile and mode != "default":
+        trainer["torch_compile_mode"] = mode
+    if cuda:
+        trainer["logging_nan_inf_filter"] = False
+        trainer["dataloader_pin_memory"] = True
+        trainer["accelerator_config"] = {"non_blocking": True}
+    return {
+        "pad_to_multiple_of": pad if pad is not None else (32 if cuda else None),
+        "compile_mode": mode if use_compile else None,
+        "trainer": trainer,
+    }
 
 
 def train(
@@ -574,24 +588,23 @@ def train(
         PrinterCallback,
         Trainer,
         TrainerCallback,
-        TrainingArguments,
     )
 
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
     if getattr(cfg, "threads", 0):
         torch.set_num_threads(cfg.threads)
-    use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
+    cuda = device == "cuda"
+    use_compile = cfg.compile if cfg.compile is not None else cuda
+    fast = cuda_settings(cfg, method, device, use_compile)
     epochs = cfg.epochs if epochs is None else epochs
     n_classes = model.config.num_labels
     lr = getattr(cfg, method).learning_rate
 
     train_features = tokenize(tokenizer, train_split, max_length)
     val_features = tokenize(tokenizer, val_split, max_length)
-    # Multiples of 8 keep tensor-core shapes and limit torch.compile recompiles on GPU.
-    collator = DataCollatorWithPadding(
-        tokenizer, pad_to_multiple_of=8 if device == "cuda" else None
-    )
+    # On CUDA, lengths rounded up to a multiple of 32: few shapes for torch.compile / CUDA graphs.
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=fast["pad_to_multiple_of"])
     counter = _TokenCounter()
     steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
 
@@ -611,12 +624,27 @@ def train(
 
         def __init__(self) -> None:
             self.step_seconds: list[float] = []
-            self._t0 = 0.0
+            self._t0: Any = 0.0
+            self._pairs: list[tuple[Any, Any]] = []  # CUDA: (start, end) events per step
 
         # Training time = the sum of epoch-begin/step-end intervals: batches and steps included,
-        # evaluation and checkpointing (after an epoch's last step) excluded.
+        # evaluation and checkpointing (after an epoch's last step) excluded. On CUDA the marks
+        # are CUDA events read after training: no host synchronisation per step, and an interval
+        # ends when the GPU has finished the step (or at the mark, when the GPU waits on the host).
+        def _mark(self) -> Any:
+            if not cuda:
+                return time.perf_counter()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+
+        def collect(self) -> None:
+            if self._pairs:
+                self._pairs[-1][1].synchronize()
+                self.step_seconds = [a.elapsed_time(b) / 1e3 for a, b in self._pairs]
+
         def on_epoch_begin(self, args, state, control, **kw):
-            self._t0 = time.perf_counter()
+            self._t0 = self._mark()
 
         def on_optimizer_step(self, args, state, control, model=None, **kw):
             if method == "adalora":
@@ -625,10 +653,11 @@ def train(
                 peft_model.base_model.update_and_allocate(state.global_step)
 
         def on_step_end(self, args, state, control, **kw):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            self.step_seconds.append(now - self._t0)
+            now = self._mark()
+            if cuda:
+                self._pairs.append((self._t0, now))
+            else:
+                self.step_seconds.append(now - self._t0)
             self._t0 = now
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -679,18 +708,14 @@ def train(
         use_cpu=device == "cpu",
         bf16=precision == "bf16",
         torch_compile=use_compile,
+        **fast["trainer"],
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         label_names=["labels"],
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
         restore_callback_states_from_checkpoint=True,
     )
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    if "train_sampling_strategy" not in known:  # transformers < 5.2x (the GPU machine's 5.17)
-        settings["group_by_length"] = cfg.group_by_length
-        del settings["train_sampling_strategy"]
-    args = TrainingArguments(**settings)
+    args = training_args(**settings)  # adapts to the transformers version (the GPU machine's 5.17)
 
     class TuneryTrainer(Trainer):
         """Counts training tokens; keeps AdaLoRA checkpoints at full rank (see below)."""
@@ -699,6 +724,34 @@ def train(
             if model.training:
                 counter.add(inputs["attention_mask"])
             return super().compute_loss(model, inputs, *a, **kw)
+
+        # On CUDA the step is host-bound (see `cuda_settings`); the Trainer walks all ~500 modules
+        # of a peft model several times per step. Two of those walks give per-step constants:
+        # the parameter count (FLOP estimate) and the parameters that can have gradients (the
+        # frozen ones never do, and clipping skips parameters without one): computed once.
+        _params_count: int | None = None
+        _grad_params: list[Any] | None = None
+
+        def floating_point_ops(self, inputs):
+            if not cuda:
+                return super().floating_point_ops(inputs)
+            if self._params_count is None:
+                self._params_count = (
+                    self.model.num_parameters(exclude_embeddings=True)
+                    if hasattr(self.model, "num_parameters")
+                    else -1
+                )
+            main_input = getattr(self.model, "main_input_name", "input_ids")
+            if main_input not in inputs or self._params_count < 0:
+                return 0
+            return 6 * inputs[main_input].numel() * self._params_count
+
+        def _clip_grad_norm(self, model):
+            if not cuda or self.accelerator.distributed_type != "NO" or self.args.fp16:
+                return super()._clip_grad_norm(model)
+            if self._grad_params is None:
+                self._grad_params = [p for p in model.parameters() if p.requires_grad]
+            return torch.nn.utils.clip_grad_norm_(self._grad_params, self.args.max_grad_norm)
 
         # AdaLoRA's rank pattern changes while it trains, and peft saves the adapter resized to
         # the current pattern, so checkpoints from different steps have different shapes and the
@@ -751,6 +804,8 @@ def train(
         callbacks=[
             hooks,
             EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience),
+            # marks each checkpoint complete (before any later callback can fail the run)
+            *(trainer_callbacks(max_minutes=None) if checkpoint_dir is not None else ()),
             *callbacks,
         ],
     )
@@ -758,6 +813,7 @@ def train(
     try:
         with PeakMemory(device) as mem:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        hooks.collect()
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
@@ -787,6 +843,11 @@ def train(
         step_samples=counter.samples,
         step_tokens=step_tokens,
         step_padded=counter.padded,
+        settings={
+            "pad_to_multiple_of": fast["pad_to_multiple_of"],
+            "compile_mode": fast["compile_mode"],
+            "dataloader_workers": fast["trainer"]["dataloader_num_workers"],
+        },
     )
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import TuneryError
-from tunery.io import write_json
+from tunery.io import file_md5, write_json
 
 log = logging.getLogger("tunery.training")
 
@@ -91,6 +91,11 @@ def device_args(*, device: str, precision: str, compile: bool | None) -> dict[st
         args["ddp_backend"] = "nccl" if dev == "cuda" else "gloo"
     if dev == "cuda":
         args["tf32"] = True
+        # No host synchronisation per step: batches are copied without blocking, and the NaN/Inf
+        # loss filter (which reads the loss every step) is off, so the host queues the next step
+        # while the GPU works (a NaN loss then shows in the logged average instead of being skipped).
+        args["logging_nan_inf_filter"] = False
+        args["accelerator_config"] = {"non_blocking": True}
     return args
 
 
@@ -114,6 +119,16 @@ def fingerprint(*parts: Any) -> str:
     """A stable hash of JSON-able parts (params sections, data hashes)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fingerprint_files(payload: Mapping[str, Any], files: list[Path] | tuple[Path, ...]) -> str:
+    """A hash of settings and the contents of files (name + MD5 each; a missing file counts too)."""
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+    for f in files:
+        f = Path(f)
+        h.update(f.name.encode())
+        h.update(file_md5(f).encode() if f.is_file() else b"-")
+    return h.hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:
@@ -168,6 +183,25 @@ def verify_checkpoint(checkpoint: Path) -> None:
             )
 
 
+def last_complete_checkpoint(folder: Path, *, main: bool = True) -> Path | None:
+    """The newest complete checkpoint in `folder` (its marker present and intact), or None.
+
+    A checkpoint without the marker was not fully written: skipped, and removed by the main
+    process. A marked checkpoint whose files changed raises `CheckpointError` (file and rule).
+    """
+    for _step, ckpt in checkpoints(Path(folder)):
+        if not (ckpt / MARKER).is_file():
+            if main:
+                log.warning(
+                    "%s is incomplete (the save was interrupted): skipped and removed", ckpt
+                )
+                shutil.rmtree(ckpt, ignore_errors=True)
+            continue
+        verify_checkpoint(ckpt)
+        return ckpt
+    return None
+
+
 def resume_point(folder: Path, fp: str, *, main: bool = True) -> Path | None:
     """The newest complete checkpoint in `folder` made with fingerprint `fp`, or None.
 
@@ -195,18 +229,10 @@ def resume_point(folder: Path, fp: str, *, main: bool = True) -> Path | None:
     if main:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(stored, {"fingerprint": fp})
-    for step, ckpt in checkpoints(folder):
-        if not (ckpt / MARKER).is_file():
-            if main:
-                log.warning(
-                    "%s is incomplete (the save was interrupted): skipped and removed", ckpt
-                )
-                shutil.rmtree(ckpt, ignore_errors=True)
-            continue
-        verify_checkpoint(ckpt)
-        log.info("resuming from %s (step %d)", ckpt, step)
-        return ckpt
-    return None
+    ckpt = last_complete_checkpoint(folder, main=main)
+    if ckpt is not None:
+        log.info("resuming from %s", ckpt)
+    return ckpt
 
 
 def trainer_callbacks(*, max_minutes: float | None) -> list[Any]:
