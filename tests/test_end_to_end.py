@@ -52,7 +52,7 @@ def test_pipeline_then_retrain_on_new_data(project, monkeypatch):
         assert retrain_flow(project=str(project))["status"] == "nothing to do"
 
         (project / "data" / "landing").mkdir()
-        make_rows(4, offset=900).to_csv(project / "data" / "landing" / "new.csv", index=False)
+        make_rows(10, offset=900).to_csv(project / "data" / "landing" / "new.csv", index=False)
         second = retrain_flow(project=str(project))
         ran = {r["stage"]: r["ran"] for r in second["stages"]}
         assert ran["finetune"] and ran["evaluate"] and ran["compress"]
@@ -62,6 +62,13 @@ def test_pipeline_then_retrain_on_new_data(project, monkeypatch):
             info["warm_start"] and "tunery-classifier-v1" in info["warm_start"]
         )  # from the champion
         assert "gate.decision" in tracking.version_info(project, "tunery-classifier", "2")["tags"]
+        # Drift was measured with the first run's encoder before the new file was taken in.
+        assert 0.0 <= second["drift"]["auc"] <= 1.0 and second["drift"]["new_rows"] == 30
+        # The new file's test rows are the newest data: the champion (v1) never trained on them.
+        newest = second["newest"]
+        assert newest["origins"] == "incoming:new.csv" and newest["rows"] > 0
+        assert "champion_macro_f1" in newest
+        assert 0.0 < second["timing"]["overhead_share"] < 1.0
 
     got = Predictor("models:/tunery-classifier@champion", device="cpu").predict(
         ["a small red animal"]
