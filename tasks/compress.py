@@ -64,26 +64,25 @@ def _build(
             fp16=True,
         )
     elif name == "int8_dynamic":
-        comp.quantize_int8_dynamic(export_dir / ox.MODEL_FILE, dest)
+        comp.quantize_int8_dynamic(export_dir / ox.MODEL_FILE, dest, **cfg.int8.model_dump())
     elif name == "int8_static":
         calib.rewind()
         comp.quantize_int8_static(export_dir / "raw.onnx", dest, calib, work)
     elif name.startswith("pruned_"):
         pruned_fp32 = work / "pruned_fp32.onnx"
         if not pruned_fp32.exists():
-            pruned = comp.prune_ffn(model, calib._feeds, cfg.prune.ffn_fraction)
-            ox.export_onnx(
-                pruned, tokenizer, work / "pruned.raw.onnx", opset=opset, max_length=max_length
-            )
-            ox.optimize(
-                work / "pruned.raw.onnx",
+            comp.build_pruned(
+                model,
+                tokenizer,
+                calib._feeds,
                 pruned_fp32,
-                model_type=model_type,
-                num_heads=heads,
-                hidden_size=hidden,
+                heads=cfg.prune.heads,
+                ffn_fraction=cfg.prune.ffn_fraction,
+                opset=opset,
+                max_length=max_length,
             )
         if name == "pruned_int8_dynamic":
-            comp.quantize_int8_dynamic(pruned_fp32, dest)
+            comp.quantize_int8_dynamic(pruned_fp32, dest, **cfg.int8.model_dump())
     else:  # pragma: no cover - the config schema lists the names
         raise TuneryError(f"unknown variant {name!r}")
     return dest
@@ -145,7 +144,14 @@ def run(
     # The speed baseline is PyTorch as usually run (default attention), fp32, on the CPU.
     eager = AutoModelForSequenceClassification.from_pretrained(str(ft.merged_dir)).eval()
     reference_bench = {
-        "cpu": comp.bench(comp.torch_forward(eager), names, singles, groups, warmup=b.warmup)
+        "cpu": comp.bench(
+            comp.torch_forward(eager),
+            names,
+            singles,
+            groups,
+            warmup=b.warmup,
+            repeats=b.throughput_repeats,
+        )
     }
     del eager
 
@@ -154,6 +160,7 @@ def run(
         wanted += ["pruned_fp32", "pruned_int8_dynamic"]
     variants: dict[str, dict[str, Any]] = {}
     rejected: list[str] = []
+    rejected_variants: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(
         dir=variants_dir.parent if variants_dir.parent.exists() else None
     ) as scratch:
@@ -193,7 +200,12 @@ def run(
                         else comp.onnx_runner(path, prov, threads=b.threads)
                     )
                     info["bench"][prov] = comp.bench(
-                        r, r.input_names, singles, groups, warmup=b.warmup
+                        r,
+                        r.input_names,
+                        singles,
+                        groups,
+                        warmup=b.warmup,
+                        repeats=b.throughput_repeats,
                     )
                 except TuneryError as exc:
                     info["bench"][prov] = {"error": str(exc)}
@@ -201,6 +213,7 @@ def run(
             if name.startswith("pruned_") and -info["parity"]["macro_f1_delta"] > cfg.max_f1_drop:
                 log.info("variant %s: outside the accuracy budget, not kept", name)
                 rejected.append(name)
+                rejected_variants[name] = info
                 continue
             variants[name] = info
             files[name] = path
@@ -256,7 +269,10 @@ def run(
         ),
         "eligible": eligible,
         "rejected": rejected,
+        "prune": cfg.prune.model_dump() if cfg.prune.enabled else None,
+        "bench_config": cfg.bench.model_dump(),
         "variants": variants,
+        "rejected_variants": rejected_variants,
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "report.json", report)

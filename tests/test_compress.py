@@ -180,3 +180,269 @@ def test_pruning_keeps_a_plain_smaller_model():
     with torch.no_grad():
         out = pruned(input_ids=torch.from_numpy(feed["input_ids"])).logits
     assert out.shape == (4, 3)
+
+
+def _bert(heads: int = 4, hidden: int = 16, layers: int = 2):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=40,
+        num_labels=3,
+        attn_implementation="eager",
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def _feeds(n: int = 3, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        ids = rng.integers(5, 50, (4, 9)).astype(np.int64)
+        mask = np.ones_like(ids)
+        mask[1, 6:] = 0  # padding: ignored by the importance scores and refits
+        mask[3, 4:] = 0
+        feeds.append({"input_ids": ids * mask, "attention_mask": mask})
+    return feeds
+
+
+def test_head_pruning_removes_the_least_important_heads_per_layer():
+    import torch
+
+    from tunery.compression import prune_heads
+
+    model, feeds = _bert(), _feeds()
+    pruned = prune_heads(model, feeds, 1)
+    for layer in pruned.bert.encoder.layer:
+        attn = layer.attention.self
+        assert attn.num_attention_heads == 3 and attn.all_head_size == 12
+        assert (
+            attn.query.weight.shape == attn.key.weight.shape == attn.value.weight.shape == (12, 16)
+        )
+        assert layer.attention.output.dense.weight.shape == (16, 12)
+    assert model.bert.encoder.layer[0].attention.self.query.weight.shape == (16, 16)  # untouched
+    with torch.no_grad():
+        out = pruned(**{k: torch.from_numpy(v) for k, v in feeds[0].items()}).logits
+    assert out.shape == (4, 3)
+    with pytest.raises(TuneryError, match="cannot remove 4 of 4"):
+        prune_heads(model, feeds, 4)
+
+
+def test_head_pruning_refit_reproduces_the_attention_output_best():
+    """On the calibration tokens, least squares beats the mean shift, which beats no refit."""
+    import torch
+
+    from tunery.compression import prune_heads
+
+    model, feeds = _bert(), _feeds()
+
+    def first_layer_error(pruned) -> float:
+        outs = {}
+        for name, m in (("ref", model), ("got", pruned)):
+            dense = m.bert.encoder.layer[0].attention.output.dense
+            h = dense.register_forward_hook(lambda _m, _i, o, name=name: outs.__setitem__(name, o))
+            with torch.no_grad():
+                m(**{k: torch.from_numpy(v) for k, v in feeds[0].items()})
+            h.remove()
+        real = torch.from_numpy(feeds[0]["attention_mask"]).bool()
+        return float(((outs["ref"] - outs["got"])[real] ** 2).mean())
+
+    errors = {
+        refit: first_layer_error(prune_heads(model, feeds, 2, refit=refit, ridge=1e-8))
+        for refit in ("none", "mean", "lstsq")
+    }
+    assert errors["lstsq"] < errors["mean"] < errors["none"], errors
+    with pytest.raises(TuneryError, match="refit"):
+        prune_heads(model, feeds, 1, refit="magic")
+
+
+def test_build_pruned_exports_a_fused_smaller_graph_matching_pytorch(tmp_path):
+    import numpy as np
+    import onnx
+    import torch
+    from transformers import AutoTokenizer
+
+    from tests.test_export import make_finetune_dir
+    from tunery import onnx_export as ox
+    from tunery.compression import CalibrationReader, build_pruned, prune_ffn, prune_heads
+    from tunery.inference import create_session, encode
+
+    ft = make_finetune_dir(tmp_path, train_steps=3)
+    model = ox.load_torch_model(ft / "merged")
+    tok = AutoTokenizer.from_pretrained(ft / "merged")
+    texts = ["a red animal that lives in the wild", "rice", "an old tool made of wood", "x"]
+    feeds = CalibrationReader(encode(tok, texts, 32), ["input_ids", "attention_mask"])._feeds
+    info = build_pruned(
+        model, tok, feeds, tmp_path / "p.onnx", heads=1, ffn_fraction=0.25, max_length=32
+    )
+    assert info["heads_per_layer"] == 1 and info["ffn_neurons_per_layer"] == 48
+    graph = onnx.load(tmp_path / "p.onnx").graph
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert len(attention) == 2
+    assert all(a.i == 1 for n in attention for a in n.attribute if a.name == "num_heads")
+    reference = prune_ffn(prune_heads(model, feeds, 1), feeds, 0.25)
+    session, _ = create_session(tmp_path / "p.onnx", "cpu")
+    batch = tok(texts, padding=True, return_tensors="np")
+    feed = {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()}
+    got = session.run(None, feed)[0]
+    with torch.no_grad():
+        want = reference(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(TuneryError, match="prune"):
+        build_pruned(model, tok, feeds, tmp_path / "q.onnx")
+
+
+def test_int8_graph_for_cpu_runs_layer_norm_unfused(tmp_path):
+    """SkipLayerNormalization -> Sum + LayerNormalization: same logits, and onnxruntime keeps it so."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from tasks import export
+    from tests.test_export import make_data_dir, make_finetune_dir
+    from tunery.compression import plain_layer_norms, quantize_int8_dynamic
+
+    ft, data = make_finetune_dir(tmp_path, train_steps=3), make_data_dir(tmp_path)
+    export.run(ExportConfig(), finetune_dir=ft, data_dir=data, out_dir=tmp_path / "onnx")
+    fused = tmp_path / "onnx" / "model.onnx"
+    model = onnx.load(fused)
+    n_skip = sum(n.op_type == "SkipLayerNormalization" for n in model.graph.node)
+    assert n_skip and plain_layer_norms(model) == n_skip
+    ops = [n.op_type for n in model.graph.node]
+    assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") >= n_skip
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "plain.onnx")
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 100, (3, 7)).astype(np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+
+    def run(path, optimized=None):
+        so = ort.SessionOptions()
+        if optimized:
+            so.optimized_model_filepath = str(optimized)
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return s.run(
+            None, {k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}}
+        )[0]
+
+    np.testing.assert_allclose(run(tmp_path / "plain.onnx"), run(fused), atol=1e-5)
+    run(tmp_path / "plain.onnx", optimized=tmp_path / "seen.onnx")  # what onnxruntime runs
+    assert "SkipLayerNormalization" not in {
+        n.op_type for n in onnx.load(tmp_path / "seen.onnx").graph.node
+    }
+
+    quantize_int8_dynamic(fused, tmp_path / "q_plain.onnx")
+    quantize_int8_dynamic(
+        fused, tmp_path / "q_fused.onnx", plain_layer_norm=False, pack_tokens=False
+    )
+    quantize_int8_dynamic(fused, tmp_path / "q_excl.onnx", exclude=["classifier"])
+    ops_of = {
+        k: [(n.op_type, n.name) for n in onnx.load(tmp_path / f"q_{k}.onnx").graph.node]
+        for k in ("plain", "fused", "excl")
+    }
+    types = {k: [t for t, _ in v] for k, v in ops_of.items()}
+    assert "SkipLayerNormalization" not in types["plain"] and "Sum" in types["plain"]
+    assert "SkipLayerNormalization" in types["fused"]
+    assert "NonZero" in types["plain"] and "NonZero" not in types["fused"]  # pack_tokens
+    assert not list(tmp_path.glob("*.packed.onnx"))  # the intermediate graph is removed
+
+    def float_classifier(k):
+        return any(t in ("MatMul", "Gemm") and "classifier" in n for t, n in ops_of[k])
+
+    assert float_classifier("excl") and not float_classifier("plain")
+
+
+def test_throughput_batches_are_length_sorted():
+    from tunery.compression import bench_inputs
+
+    encoded = [{"input_ids": [1] * n} for n in (9, 2, 7, 3, 8, 1, 5, 4)]
+    singles, groups = bench_inputs(encoded, runs=3, batch=3, batches=2)
+    assert len(singles) == 3
+    lengths = [len(e["input_ids"]) for g in groups for e in g]
+    assert lengths == sorted(lengths) and [len(g) for g in groups] == [3, 3]
+
+
+def _run_compress(root, tmp_path, cfg):
+    from tasks import compress
+
+    return compress.run(
+        cfg,
+        finetune_dir=root / "finetune",
+        export_dir=root / "onnx",
+        data_dir=root / "prepared",
+        variants_dir=tmp_path / "v",
+        out_dir=tmp_path / "d",
+        report_dir=tmp_path / "r",
+        plot_path=tmp_path / "p.png",
+    )
+
+
+def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
+    compressed, tmp_path, monkeypatch
+):
+    from tunery import compression as comp
+
+    root, _, _ = compressed
+    real_runner, real_parity = comp.onnx_runner, comp.parity
+    checking: list[str] = []
+
+    def runner(path, device, threads=0):
+        checking.append(path.name)
+        return real_runner(path, device, threads)
+
+    def parity(ref, logits, y):
+        p = real_parity(ref, logits, y)
+        if checking[-1].startswith("pruned_"):  # pretend pruning cost 2 points of macro-F1
+            p = {**p, "macro_f1_delta": -0.02, "macro_f1": p["macro_f1"] - 0.02}
+        return p
+
+    monkeypatch.setattr(comp, "onnx_runner", runner)
+    monkeypatch.setattr(comp, "parity", parity)
+    cfg = CompressConfig(
+        variants=["fp32", "int8_dynamic"],
+        prune=PruneConfig(enabled=True, heads=1),
+        max_f1_drop=0.01,
+        bench=SMALL_BENCH,
+    )
+    metrics = _run_compress(root, tmp_path, cfg)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["rejected"] == ["pruned_fp32", "pruned_int8_dynamic"]
+    assert not any(n.startswith("pruned_") for n in report["variants"])
+    assert (
+        not report["selected"].startswith("pruned_") and metrics["selected"] == report["selected"]
+    )
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["fp32", "int8_dynamic"]
+    assert report["rejected_variants"]["pruned_int8_dynamic"]["parity"]["macro_f1_delta"] == -0.02
+    assert "Rejected (outside the accuracy budget" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_pruned_variant_within_the_budget_is_kept_and_can_be_selected(compressed, tmp_path):
+    root, _, _ = compressed
+    cfg = CompressConfig(
+        variants=["fp32"],
+        prune=PruneConfig(enabled=True, heads=1),
+        max_f1_drop=1.0,
+        bench=SMALL_BENCH,
+    )
+    _run_compress(root, tmp_path, cfg)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["rejected"] == []
+    assert {"pruned_fp32", "pruned_int8_dynamic"} <= set(report["eligible"])
+    assert report["prune"]["heads"] == 1
+    assert (tmp_path / "v" / "pruned_int8_dynamic" / "model.onnx").is_file()
+
+
+def test_prune_config_needs_something_to_prune():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="heads > 0 and/or ffn_fraction"):
+        PruneConfig(enabled=True)
+    assert PruneConfig(enabled=False).heads == 0

@@ -196,3 +196,114 @@ def test_external_data_inside_the_folder_is_accepted(exported, tmp_path):
     dest.parent.mkdir()
     onnx.save(model, dest, save_as_external_data=True, location="weights.bin", size_threshold=0)
     assert ox.check_external_data(dest) == ["weights.bin"]
+
+
+def test_last_layer_runs_on_the_first_token_only(exported, tmp_path):
+    """The classifier reads token 0: the last layer's tail is sliced to it, logits unchanged."""
+    import onnx
+
+    from tunery import onnx_export as ox
+    from tunery.inference import create_session
+
+    root, metrics = exported
+    assert metrics["fused_operators"]["ClsOnlyTail"] >= 4  # O-proj, 2 layer norms, FFN
+    graph = onnx.load(root / "onnx" / "model.onnx").graph
+    assert sum(n.name.startswith("cls_only_tail_Slice") for n in graph.node) == 2
+    full = ox.optimize(
+        root / "onnx" / "raw.onnx",
+        tmp_path / "full.onnx",
+        model_type="bert",
+        num_heads=2,
+        hidden_size=32,
+        cls_only=False,
+    )
+    assert "ClsOnlyTail" not in full
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 100, (4, 9)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    feed = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": 0 * ids}
+    outs = []
+    for path in (root / "onnx" / "model.onnx", tmp_path / "full.onnx"):
+        session, _ = create_session(path, "cpu")
+        names = {i.name for i in session.get_inputs()}
+        outs.append(session.run(None, {k: v for k, v in feed.items() if k in names})[0])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+def _graph(tail: str):
+    """x (batch, seq, 4) -> Reshape -> MatMul -> Add -> <tail>; tail: gather0 | mean | both."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array([0, 0, 4], np.int64), "shape"),
+        numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["r"], "reshape"),
+        helper.make_node("MatMul", ["r", "w"], ["m"], "matmul"),
+        helper.make_node("Add", ["m", "b"], ["h"], "add"),
+    ]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    outputs = [y]
+    if tail == "mean":
+        nodes.append(helper.make_node("ReduceMean", ["h"], ["y"], "mean", axes=[1], keepdims=0))
+    else:
+        nodes.append(helper.make_node("Gather", ["h", "zero"], ["y"], "gather", axis=1))
+        if tail == "both":
+            outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
+    graph = helper.make_graph(nodes, "g", [x], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_cls_only_tail_only_where_token_zero_is_all_that_is_read():
+    import onnxruntime as ort
+
+    from tunery.onnx_export import cls_only_tail
+
+    x = np.random.default_rng(1).normal(size=(2, 5, 4)).astype(np.float32)
+
+    def run(model):
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(["y"], {"x": x})[0]
+
+    model = _graph("gather0")
+    before = run(model)
+    assert cls_only_tail(model) == 2  # MatMul and Add now see token 0 only
+    assert [n.op_type for n in model.graph.node][:2] == ["Reshape", "Slice"]
+    np.testing.assert_allclose(run(model), before, atol=1e-6)
+    for tail in ("mean", "both"):  # every token is read: nothing to narrow
+        model = _graph(tail)
+        assert cls_only_tail(model) == 0
+        assert "Slice" not in {n.op_type for n in model.graph.node}
+
+
+def test_pack_tokens_skips_the_padding_with_the_same_logits(exported, tmp_path):
+    import onnx
+
+    from tunery.inference import create_session
+    from tunery.onnx_export import pack_tokens
+
+    root, _ = exported
+    model = onnx.load(root / "onnx" / "model.onnx")
+    assert pack_tokens(model) >= 4  # the first layer's projections, FFN, layer norms at least
+    assert "NonZero" in {n.op_type for n in model.graph.node}
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "packed.onnx")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 100, (4, 9)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    feed = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": 0 * ids}
+    outs = []
+    for path in (root / "onnx" / "model.onnx", tmp_path / "packed.onnx"):
+        session, _ = create_session(path, "cpu")
+        names = {i.name for i in session.get_inputs()}
+        outs.append(session.run(None, {k: v for k, v in feed.items() if k in names})[0])
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+    assert pack_tokens(_graph("gather0")) == 0  # no attention mask input: nothing to pack
