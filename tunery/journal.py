@@ -45,13 +45,10 @@ class JournalRun:
         self._record("log_params", params=dict(params))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        numeric = {
-            k: float(v)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        if numeric:
-            self._record("log_metrics", metrics=numeric, step=step)
+        # Recorded as given; `tracking.Run.log_metrics` keeps the numbers when it is replayed.
+        self._record(
+            "log_metrics", metrics=json.loads(json.dumps(dict(metrics), default=str)), step=step
+        )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._record("set_tags", tags={k: str(v) for k, v in tags.items()})
