@@ -1,13 +1,16 @@
 """Registry, gate, manual promotion and rollback on a temporary MLflow store."""
 
+import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tunery import promotion, tracking
+from tunery import promotion, registration, tracking
 from tunery.config import load_params
 from tunery.errors import TuneryError
 
@@ -221,3 +224,82 @@ def test_a_failing_registry_is_never_read_as_no_champion(tmp_path, params, monke
         promotion.gate_challenger(
             tmp_path, params, v1, challenger=scores(0.9), champion=None, parity_passed=True
         )
+
+
+def pipeline_tail(root, params, tag, *, challenger, champion):
+    """A pipeline run's registry step on what the stages left: models/deploy (rebuilt: same tag,
+    same bytes), the evaluation's gate.json and the compress report."""
+    deploy = root / registration.DEPLOY_DIR
+    shutil.rmtree(deploy, ignore_errors=True)
+    deploy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(deploy_dir(Path(tempfile.mkdtemp(dir=root)), tag), deploy)
+    sha = hashlib.sha256((deploy / "model.onnx").read_bytes()).hexdigest()
+    (deploy / "tunery_model.json").write_text(json.dumps({"variant": tag, "sha256": sha}))
+    for path, data in (
+        (registration.GATE_REPORT, {"challenger": challenger, "champion": champion}),
+        (registration.COMPRESS_REPORT, {"parity_passed": True}),
+    ):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(json.dumps(data))
+    with tracking.pipeline_run(root, params.tracking.experiment) as run:
+        return registration.register_and_gate(root, params, run)
+
+
+def against(f1, version):
+    """Champion numbers as `evaluate` records them when it compared against the registry."""
+    return {**scores(f1), "path": f"models:/m/{version}"}
+
+
+def test_unchanged_challenger_is_regated_once_evaluated_against_the_current_champion(
+    tmp_path, params
+):
+    """The champion moves between evaluate and the gate: the gate refuses (fail closed). DVC sees
+    nothing stale, so a re-run finds the model unchanged: it must say the evaluation is stale
+    (never promote on it), and gate the same version once evaluate compared it against the
+    current champion."""
+    first = pipeline_tail(tmp_path, params, "one", challenger=scores(0.7), champion=None)
+    v1 = first["version"]
+    assert first["promoted"] and champion(tmp_path, params) == v1
+
+    # evaluated against v1; meanwhile another run's model becomes the champion
+    v2 = register(tmp_path, params, "other")
+    promotion.promote(tmp_path, params, v2, "another run won meanwhile")
+    refused = pipeline_tail(
+        tmp_path, params, "two", challenger=scores(0.9), champion=against(0.7, v1)
+    )
+    v3 = refused["version"]
+    assert refused["registered"] and not refused["promoted"]
+    assert f"moved from version {v1} to {v2}" in refused["reason"]
+
+    # re-run, evaluate still up to date in DVC: the stale comparison is reported, never promoted
+    again = pipeline_tail(
+        tmp_path, params, "two", challenger=scores(0.9), champion=against(0.7, v1)
+    )
+    assert not again["registered"] and again["version"] == v3 and not again.get("promoted")
+    assert f"compared against version {v1}" in again["summary"]
+    assert "evaluate" in again["summary"] and champion(tmp_path, params) == v2
+    n_decisions = len(tracking.decisions(tmp_path, "reg", "m"))
+
+    # evaluate re-run against the current champion: the unchanged version is gated again
+    fresh = pipeline_tail(
+        tmp_path, params, "two", challenger=scores(0.9), champion=against(0.7, v2)
+    )
+    assert not fresh["registered"] and fresh["version"] == v3 and fresh["promoted"], fresh
+    assert champion(tmp_path, params) == v3
+    assert tracking.alias_version(tmp_path, "m", promotion.CHALLENGER) == v3
+    log = tracking.decisions(tmp_path, "reg", "m")
+    assert len(log) == n_decisions + 1 and (log[-1]["from"], log[-1]["to"]) == (v2, v3)
+    tags = tracking.version_info(tmp_path, "m", v3)["tags"]
+    assert (tags["gate.champion_version"], tags["gate.compared_version"]) == (v2, v2)
+
+    # nothing changed since: the decision stands, nothing is gated twice
+    same = pipeline_tail(tmp_path, params, "two", challenger=scores(0.9), champion=against(0.7, v2))
+    assert not same["registered"] and "unchanged" in same["summary"]
+    assert len(tracking.decisions(tmp_path, "reg", "m")) == len(log)
+
+    # a rolled-back version is never put back by the gate, even on a fresh comparison
+    promotion.rollback(tmp_path, params, "v3 misbehaves")
+    promotion.promote(tmp_path, params, v1, "back to the first")
+    back = pipeline_tail(tmp_path, params, "two", challenger=scores(0.9), champion=against(0.7, v1))
+    assert not back.get("promoted") and "rolled back" in back["summary"]
+    assert champion(tmp_path, params) == v1

@@ -46,8 +46,9 @@ def _record(
     return record
 
 
-def _compared_version(champion: Mapping[str, Any] | None, name: str) -> str | None:
-    """The registry version the evaluation compared against (`path: models:/NAME/VERSION`)."""
+def compared_version(champion: Mapping[str, Any] | None, name: str) -> str | None:
+    """The registry version the evaluation compared against (`path: models:/NAME/VERSION`), or
+    None when it compared against no registry version (no champion, or a local folder)."""
     path = str((champion or {}).get("path") or "")
     prefix = f"models:/{name}/"
     return path.removeprefix(prefix) if path.startswith(prefix) else None
@@ -65,14 +66,15 @@ def gate_challenger(
     """Run the gate for a registered challenger; move `champion` to it only if the gate says so."""
     name = params.registry.model_name
     current = tracking.alias_version(root, name, CHAMPION)
-    compared = _compared_version(champion, name)
+    compared = compared_version(champion, name)
     if compared is not None and compared != current:
         # Another run (or `tunery promote`) moved the champion after this challenger was evaluated
         # against it: the numbers compare against the wrong model.
         decision = gate.Decision(
             False,
             f"the champion moved from version {compared} to {current or 'none'} since the "
-            "evaluation: not promoted (fail closed; re-run to compare against the new champion)",
+            "evaluation: not promoted (fail closed; re-run evaluate, `tunery run evaluate --force`, "
+            "then `tunery run`, to compare against the new champion)",
         )
     else:
         try:
@@ -92,7 +94,11 @@ def gate_challenger(
         {
             "gate.decision": "promoted" if decision.promote else "rejected",
             "gate.reason": decision.reason,
+            # The champion when the gate ran, and the one the evaluation's numbers compared
+            # against: they differ when the gate refused a stale comparison. Registration re-gates
+            # an unchanged model only when this pair changes (tunery/registration.py).
             "gate.champion_version": current or "none",
+            "gate.compared_version": compared or "none",
             **{f"gate.check.{k}": v for k, v in decision.checks.items()},
         },
     )

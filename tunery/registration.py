@@ -1,7 +1,9 @@
 """After the stages: register the deployable model as the challenger and run the promotion gate.
 
 Registration is skipped when the deployable model is byte-identical to an already registered
-version (nothing changed since), so re-running an up-to-date pipeline registers nothing new.
+version (nothing changed since), so re-running an up-to-date pipeline registers nothing new. That
+version is gated again only when what the gate judges on changed since its last decision (see
+`_unchanged`).
 """
 
 from __future__ import annotations
@@ -40,14 +42,12 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
         )
     name = params.registry.model_name
     sha = meta.get("sha256", "")
-    for existing in tracking.list_versions(root, name):
-        if sha and existing["tags"].get("deploy.sha256") == sha:
-            summary = f"model unchanged: already registered as version {existing['version']}; nothing to gate"
-            log.info(summary)
-            return {"registered": False, "version": existing["version"], "summary": summary}
-
     gate_report = _read_json(root / GATE_REPORT) or {}
     compress_report = _read_json(root / COMPRESS_REPORT) or {}
+    for existing in tracking.list_versions(root, name):
+        if sha and existing["tags"].get("deploy.sha256") == sha:
+            return _unchanged(root, params, existing, gate_report, compress_report)
+
     challenger = gate_report.get("challenger")
     tags = {
         "deploy.sha256": sha,
@@ -83,6 +83,81 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
         "reason": decision.reason,
         "summary": summary,
     }
+
+
+def _unchanged(
+    root: Path,
+    params: Params,
+    existing: dict[str, Any],
+    gate_report: dict[str, Any],
+    compress_report: dict[str, Any],
+) -> dict[str, Any]:
+    """The deployable model is already registered as `existing`: gate it again only if what the
+    gate judges on changed since its last decision.
+
+    `evaluate` does not depend on the registry champion in DVC. When the champion moves after an
+    evaluation, the gate refuses that challenger (its numbers compare against a model that is no
+    longer the champion: fail closed), and a re-run finds evaluate and the model up to date, with
+    gate.json still comparing against the old champion. Those numbers must never promote. We do
+    not re-score the champion here: the gate would then judge on numbers no DVC-tracked report
+    holds, and the registry step would pull in the evaluation code. Instead the step says which
+    evaluation is stale and what to re-run; once `evaluate` has compared the same model against
+    the current champion, the version is gated again, on a fresh comparison, recorded like any
+    other decision.
+
+    "Changed" means the pair (champion now, champion gate.json compared against) differs from the
+    pair recorded on the version at its last gate (tags `gate.champion_version`,
+    `gate.compared_version`). A version never gated (or gated before the second tag existed) is
+    gated. Otherwise its last decision stands and nothing is logged twice. A version that was
+    rolled back is never put back by the gate; that takes `tunery promote`.
+    """
+    name = params.registry.model_name
+    version = existing["version"]
+    tags = existing["tags"]
+    head = f"model unchanged: already registered as version {version}"
+    current = tracking.alias_version(root, name, promotion.CHAMPION)
+    compared = promotion.compared_version(gate_report.get("champion"), name)
+    out: dict[str, Any] = {"registered": False, "version": version}
+    if current == version:
+        summary = f"{head}, the champion; nothing to gate"
+    elif tags.get("promotion.rolled_back"):
+        summary = (
+            f"{head}, rolled back ({tags['promotion.rolled_back']}); not gated again "
+            f"(`tunery promote {version}` puts it back)"
+        )
+    elif (tags.get("gate.champion_version"), tags.get("gate.compared_version")) != (
+        current or "none",
+        compared or "none",
+    ):
+        # The gate itself refuses a stale comparison (and says what to re-run).
+        tracking.set_alias(root, name, promotion.CHALLENGER, version)
+        decision = promotion.gate_challenger(
+            root,
+            params,
+            version,
+            challenger=gate_report.get("challenger"),
+            champion=gate_report.get("champion"),
+            parity_passed=compress_report.get("parity_passed"),
+        )
+        verdict = "promoted to champion" if decision.promote else "not promoted"
+        summary = (
+            f"{head}; gated again (the champion or its evaluation changed since its last gate): "
+            f"{verdict}: {decision.reason}"
+        )
+        out.update(promoted=decision.promote, reason=decision.reason, regated=True)
+    elif compared is not None and compared != current:
+        summary = (
+            f"{head}; not promoted: its evaluation (gate.json) compared against version "
+            f"{compared}, but the champion is now {current or 'none'} (fail closed). "
+            "`tunery run evaluate --force`, then `tunery run`, gate it against the current champion"
+        )
+    else:
+        summary = (
+            f"{head}; nothing to gate (last gate: {tags.get('gate.decision', '-')}: "
+            f"{tags.get('gate.reason', '')})"
+        )
+    log.info(summary)
+    return {**out, "summary": summary}
 
 
 FINETUNE_SUBDIR = "finetune"  # inside a registered model: what a warm start needs
