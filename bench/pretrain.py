@@ -80,12 +80,14 @@ def synthetic_features(n: int, seq: int, vocab_size: int, seed: int) -> list[dic
     ]
 
 
-def model_config(name: str, seq: int) -> Any:
+def model_config(name: str, seq: int, dropout: float = 0.1) -> Any:
     from transformers import BertConfig
 
+    drop = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     if name == "bert-base":
-        return BertConfig(max_position_embeddings=max(512, seq))
+        return BertConfig(max_position_embeddings=max(512, seq), **drop)
     return BertConfig(
+        **drop,
         vocab_size=2000,
         hidden_size=64,
         num_hidden_layers=2,
@@ -179,7 +181,7 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
     from tunery import pretraining, training
 
     cuda = device == "cuda"
-    cfg = model_config(a.model, a.seq)
+    cfg = model_config(a.model, a.seq, a.dropout)
     tok = make_tokenizer(cfg.vocab_size, a.seq)
     total_steps = a.warmup + a.steps
     profile_steps = 3 if (a.profile and cuda and name.startswith("tunery")) else 0
@@ -323,6 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--profile", action="store_true", help="GPU kernel-time breakdown (3 extra steps)"
     )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.1,
+        help="hidden and attention dropout of the model, every variant (BERT: 0.1; the stage's "
+        "scratch encoder takes it from pretrain.scratch.dropout)",
+    )
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     p.add_argument(
         "--variants", default="baseline,baseline_bf16,tunery_eager,tunery", help="comma-separated"
@@ -353,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": a.model,
         "seq": a.seq,
         "batch": a.batch,
+        "dropout": a.dropout,
         "timed_steps": a.steps,
         "warmup_steps": a.warmup,
         "peak_tflops": a.peak_tflops,

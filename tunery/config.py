@@ -179,6 +179,9 @@ class FinetuneConfig(Section):
     early_stopping_patience: int = Field(default=2, ge=1)
     class_weights: Literal["none", "balanced"] = "none"
     seed: int = 42
+    # Bit-identical re-runs (Trainer's full_determinism: deterministic kernels). None: on CPU only,
+    # where it is cheap; on CUDA it costs speed, so it is opt-in there.
+    deterministic: bool | None = None
     # The merged model must reproduce the adapter model's logits within this (max abs difference).
     merge_tolerance: float = Field(default=1.0e-3, gt=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
