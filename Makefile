@@ -19,6 +19,7 @@ wordnet:  ## the demo data source: Debian's wordnet-base
 	@bash scripts/install-wordnet.sh
 
 demo: setup wordnet  ## the whole pipeline on the embedded default (offline, CPU)
+	$(VENV)/bin/tunery init
 	$(VENV)/bin/tunery run
 
 test: setup  ## the default test suite (fast; no network, no GPU)

@@ -127,7 +127,8 @@ def pipeline_flow(
     )
     experiment = params.tracking.experiment
     t0 = time.perf_counter()
-    with tracking.pipeline_run(root, experiment) as run:
+    # The DVC worker imports DVC while MLflow opens the parent run.
+    with pipeline.dvc_worker(root), tracking.pipeline_run(root, experiment) as run:
         tracked = time.perf_counter() - t0
         logger.info("MLflow parent run %s at %s", run.run_id, tracking.tracking_uri(root))
         results = [stage_task(stage, str(root), experiment, force) for stage in names]

@@ -1,27 +1,143 @@
-"""Starting Prefect's temporary server early. Importing this module imports nothing from prefect."""
+"""Prefect's temporary API server, started early and cheaply. Importing this module imports
+nothing from prefect.
+
+Without PREFECT_API_URL, Prefect starts a temporary server when the first flow runs
+(`prefect.server.api.server.SubprocessASGIServer`): the flow waits for it, and the caller process
+first imports `prefect.server` (FastAPI, SQLAlchemy, every server model) only to launch it. On
+2 cores that put ~13 s of start-up before the first stage (measured; the flow itself then spends
+~2.5 s on nine stages). `start_temporary_server` launches the same server process (the same
+uvicorn command and environment as SubprocessASGIServer) without that import, so it starts while
+the caller imports MLflow and opens its store, and points PREFECT_API_URL at it for this process
+only. Measured on the same machine: the first flow starts 7.7 s after the process instead of 14.1.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import importlib.util
 import os
-import threading
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunery.errors import TuneryError
 
 
-def prestart_server() -> threading.Thread | None:
-    """Start Prefect's temporary API server in the background, so that its ~10 s start-up overlaps
-    the caller's own preparation (importing mlflow, opening the store). The flow's client then finds
-    the server already running: `SubprocessASGIServer()` is a per-port singleton and the client uses
-    the one without a port. Nothing to do when PREFECT_API_URL names a server."""
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TemporaryServer:
+    """The temporary server process; `wait()` blocks until it answers, `stop()` ends it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self._launch()
+        atexit.register(self.stop)  # registered before prefect's own exit handlers: runs after
+        # them, so the flow's last logs still reach the server
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _launch(self) -> None:
+        spec = importlib.util.find_spec("prefect")
+        if spec is None or spec.origin is None:
+            raise TuneryError("prefect is not installed in this environment; run `make setup`")
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(Path(spec.origin).parent.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",  # localhost only
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env={
+                **os.environ,
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+            },
+        )
+        os.environ["PREFECT_API_URL"] = self.api_url
+
+    def wait(self, timeout: float | None = None) -> None:
+        import httpx
+
+        timeout = timeout or float(
+            os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            code = self.proc.poll()
+            if code == 3:  # uvicorn could not bind: the port was taken meanwhile
+                self._launch()
+                continue
+            if code is not None:
+                raise TuneryError(
+                    f"Prefect's temporary server exited with code {code} while starting; "
+                    "its messages are above. Set PREFECT_API_URL to use a running server instead."
+                )
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise TuneryError(
+            f"Prefect's temporary server did not answer within {timeout:.0f} s "
+            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+        )
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_temporary_server() -> TemporaryServer | None:
+    """Launch the temporary server now, before anything imports prefect (Prefect reads
+    PREFECT_API_URL when it first needs a client); None when PREFECT_API_URL names a server."""
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None  # a server is named, or prefect is set up already (and starts its own)
+    return TemporaryServer()
+
+
+def init_server_database() -> str | None:
+    """Create (or upgrade) the temporary server's database in PREFECT_HOME and register Prefect's
+    block types, by starting the server once: both take ~6 s on a fresh database (2 cores), paid
+    here at set-up instead of in the first run. Return PREFECT_HOME, or None when PREFECT_API_URL
+    names a server (it has its own database)."""
     if os.environ.get("PREFECT_API_URL"):
         return None
+    server = TemporaryServer()
+    try:
+        server.wait()
+    finally:
+        server.stop()
+        os.environ.pop("PREFECT_API_URL", None)
+    from prefect.settings import get_current_settings
 
-    def start() -> None:
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start()
-        except Exception:  # the flow starts its own server as usual
-            pass
-
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread
+    return str(get_current_settings().home)

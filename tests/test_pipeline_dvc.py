@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -111,3 +112,97 @@ def test_data_add_rejects_bad_file_and_adds_nothing(project):
     assert result.returncode == 2
     assert "bad.csv: row 3: [null_label]" in result.stderr
     assert list((project / "data" / "incoming").iterdir()) == []
+
+
+def _worker_project(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True
+    )
+    script = (
+        "import os, pathlib, sys; print('stage says', os.environ.get('TUNERY_X'), flush=True); "
+        "sys.exit(3) if pathlib.Path('fail').exists() else pathlib.Path('out.txt').write_text('x')"
+    )
+    stage = {"cmd": f'{sys.executable} -c "{script}"', "deps": ["in.txt"], "outs": ["out.txt"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": stage}}))
+    (tmp_path / "in.txt").write_text("1")
+    return tmp_path
+
+
+def test_dvc_worker_runs_dvc_streams_output_and_survives_failures(tmp_path, monkeypatch):
+    import os
+
+    from tunery import pipeline
+
+    root = _worker_project(tmp_path)
+    monkeypatch.delenv("TUNERY_X", raising=False)
+    with pipeline.dvc_worker(root) as worker:
+        lines = []
+        out = pipeline.dvc_command(
+            root, "repro", "s", on_line=lines.append, extra_env={"TUNERY_X": "42"}
+        )
+        # the stage's own output comes back, in order with DVC's, and saw the extra variable
+        assert "Running stage 's'" in out and "stage says 42\n" in lines
+        assert out.index("Running stage 's'") < out.index("stage says 42")
+        assert (root / "out.txt").read_text() == "x" and (root / "dvc.lock").is_file()
+        assert not pipeline.repro_stage(root, "s")  # up to date: DVC skips it
+        # a failing stage: the error, and the same worker serves the next command
+        (root / "fail").write_text("")
+        (root / "in.txt").write_text("2")
+        with pytest.raises(pipeline.StageFailed, match="failed"):
+            pipeline.dvc_command(root, "repro", "s", on_line=lambda line: None)
+        (root / "fail").unlink()
+        assert pipeline.repro_stage(root, "s", on_line=lambda line: None)
+        # the extra variable was for that command only
+        out = pipeline.dvc_command(root, "repro", "--force", "s", on_line=lambda line: None)
+        assert "stage says None" in out
+        assert worker.proc.poll() is None
+    assert worker.proc.poll() is not None  # stopped at the end of the block
+    assert os.environ.get("TUNERY_X") is None
+
+
+def test_dvc_worker_is_stopped_with_its_stage_when_the_caller_gives_up(tmp_path):
+    from tunery import pipeline
+
+    root = _worker_project(tmp_path)
+    stage = {
+        "cmd": f"{sys.executable} -c \"print('started', flush=True); import time; time.sleep(60)\"",
+        "outs": ["never.txt"],
+    }
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"slow": stage}}))
+
+    class GiveUp(Exception):
+        pass
+
+    def on_line(line):
+        if line.startswith("started"):
+            raise GiveUp  # as a task timeout or Ctrl-C would, while the stage runs
+
+    worker = pipeline.start_dvc_worker(root)
+    with pytest.raises(GiveUp):
+        pipeline.dvc_command(root, "repro", "slow", on_line=on_line)
+    assert worker.proc.poll() is not None
+    leftover = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+    # the next command starts a fresh worker
+    assert pipeline.start_dvc_worker(root) is not worker
+    pipeline.start_dvc_worker(root).close()
+
+
+def test_init_creates_the_stores_and_run_stops_its_prefect_server(project):
+    import re
+    import socket
+    from pathlib import Path
+
+    init_repo(project)
+    result = tunery(project, "init")
+    assert "MLflow store ready" in result.stdout and "Prefect database ready" in result.stdout
+    home = Path(tool_env(project)["PREFECT_HOME"])
+    assert (home / "prefect.db").is_file() and (project / "mlflow.db").is_file()
+    assert tunery(project, "init").returncode == 0  # idempotent
+    result = tunery(project, "run", "ingest")
+    assert "stages run: ingest" in result.stdout
+    # The temporary server this run launched itself (flows/server.py) answered the flow, and
+    # is gone after the command ends.
+    port = int(re.search(r"127\.0\.0\.1:(\d+)/runs/", result.stdout + result.stderr).group(1))
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0

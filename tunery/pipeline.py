@@ -7,15 +7,19 @@ do: the lineage on the MLflow parent run, and the registry step after the stages
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +52,35 @@ class StageFailed(TuneryError):
         self.user_error = user_error
 
 
+def _finish(argv: tuple[str, ...], code: int, lines: list[str]) -> str:
+    if code != 0:
+        tail = "".join(lines[-15:])
+        # Stages print "tunery <stage>: error: ..." for bad input or params (tunery/stage.py).
+        user_error = any(line.startswith("tunery ") and ": error: " in line for line in lines)
+        raise StageFailed(
+            f"`dvc {' '.join(argv)}` failed (exit {code}):\n{tail}", user_error=user_error
+        )
+    return "".join(lines)
+
+
+def _print(text: str) -> None:
+    print(text, end="", flush=True)
+
+
 def dvc_command(
     root: Path,
     *argv: str,
     on_line: Callable[[str], None] | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> str:
-    """Run `dvc ARGV...` in the project, streaming its output line by line; raise on failure."""
+    """Run `dvc ARGV...` in the project, streaming its output line by line; raise on failure.
+
+    Through the project's DVC worker when one is running (`start_dvc_worker`), else as a process.
+    """
+    worker = _WORKERS.get(root.resolve())
+    if worker is not None:
+        code, lines = worker.run(argv, extra_env or {}, on_line or _print)
+        return _finish(argv, code, lines)
     exe = shutil.which("dvc", path=tool_env()["PATH"])
     if exe is None:
         raise TuneryError("`dvc` is not installed in this environment; run `make setup`")
@@ -69,18 +95,110 @@ def dvc_command(
     )
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        (on_line or (lambda text: print(text, end="", flush=True)))(line)
-    if proc.wait() != 0:
-        tail = "".join(lines[-15:])
-        # Stages print "tunery <stage>: error: ..." for bad input or params (tunery/stage.py).
-        user_error = any(line.startswith("tunery ") and ": error: " in line for line in lines)
-        raise StageFailed(
-            f"`dvc {' '.join(argv)}` failed (exit {proc.returncode}):\n{tail}",
-            user_error=user_error,
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            (on_line or _print)(line)
+    except BaseException:  # a timeout or Ctrl-C while streaming: do not leave DVC running
+        proc.kill()
+        raise
+    return _finish(argv, proc.wait(), lines)
+
+
+class DvcWorker:
+    """One `python -m tunery.dvc_worker` process for a project: DVC imported once, commands run
+    one at a time through `dvc.cli.main` (see tunery/dvc_worker.py for why and the protocol)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._ready = False
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "tunery.dvc_worker"],
+            cwd=root,
+            env=tool_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # Ctrl-C reaches us; `close` stops the worker and its stage
         )
-    return "".join(lines)
+
+    def _read_until_sentinel(self, on_line: Callable[[str], None]) -> tuple[str, list[str]]:
+        from tunery.dvc_worker import SENTINEL
+
+        assert self.proc.stdout is not None
+        lines: list[str] = []
+        for line in self.proc.stdout:
+            if line.startswith(SENTINEL):
+                return line[len(SENTINEL) :].strip(), lines
+            lines.append(line)
+            on_line(line)
+        raise TuneryError(
+            f"the DVC worker exited (code {self.proc.wait()}) before finishing; output:\n"
+            + "".join(lines[-15:])
+        )
+
+    def run(
+        self, argv: tuple[str, ...], extra_env: dict[str, str], on_line: Callable[[str], None]
+    ) -> tuple[int, list[str]]:
+        with self._lock:
+            try:
+                if not self._ready:
+                    self._read_until_sentinel(on_line)  # DVC imported
+                    self._ready = True
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"argv": list(argv), "env": extra_env}) + "\n")
+                self.proc.stdin.flush()
+                code, lines = self._read_until_sentinel(on_line)
+                return int(code), lines
+            except BaseException:  # a timeout, Ctrl-C or a dead worker: stop it and the stage
+                self.close(kill=True)
+                raise
+
+    def close(self, *, kill: bool = False) -> None:
+        _WORKERS.pop(self.root, None)
+        if self.proc.poll() is not None:
+            return
+        if not kill and self.proc.stdin is not None:
+            self.proc.stdin.close()  # the worker ends at end of input
+            try:
+                self.proc.wait(timeout=10)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and the stage it runs
+        self.proc.wait()
+
+
+_WORKERS: dict[Path, DvcWorker] = {}
+
+
+def start_dvc_worker(root: Path) -> DvcWorker:
+    """The project's DVC worker, started if needed (its DVC import runs in the background)."""
+    root = root.resolve()
+    worker = _WORKERS.get(root)
+    if worker is None or worker.proc.poll() is not None:
+        worker = _WORKERS[root] = DvcWorker(root)
+    return worker
+
+
+@contextlib.contextmanager
+def dvc_worker(root: Path) -> Iterator[DvcWorker]:
+    """`start_dvc_worker` for the duration of a block; the worker is stopped at its end."""
+    worker = start_dvc_worker(root)
+    try:
+        yield worker
+    finally:
+        worker.close()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    for worker in list(_WORKERS.values()):
+        worker.close()
 
 
 def repro_stage(
