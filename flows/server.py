@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from tunery.env import restored
 from tunery.errors import TuneryError
 
 
@@ -132,12 +133,12 @@ def init_server_database() -> str | None:
     names a server (it has its own database)."""
     if os.environ.get("PREFECT_API_URL"):
         return None
-    server = TemporaryServer()
-    try:
-        server.wait()
-    finally:
-        server.stop()
-        os.environ.pop("PREFECT_API_URL", None)
+    with restored(["PREFECT_API_URL"]):  # the server sets it for its own lifetime only
+        server = TemporaryServer()
+        try:
+            server.wait()
+        finally:
+            server.stop()
     from prefect.settings import get_current_settings
 
     return str(get_current_settings().home)

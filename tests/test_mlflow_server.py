@@ -19,7 +19,6 @@ marked `slow`: `pytest -m slow tests/test_mlflow_server.py`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_registry import deploy_dir
+from tests.test_registry import stage_deployable
 from tunery import pipeline, promotion, registration, tracking
 from tunery.config import load_params
 
@@ -307,22 +306,6 @@ def make_project(tmp_path: Path, experiment: str, model: str) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "dvc.yaml").write_text("stages: {}\n")
     return root
-
-
-def stage_deployable(root: Path, tag: str, *, challenger, champion) -> None:
-    """What the stages leave for registration: models/deploy, the gate and compress reports."""
-    deploy = root / registration.DEPLOY_DIR
-    shutil.rmtree(deploy, ignore_errors=True)
-    deploy.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(deploy_dir(root, tag), deploy)
-    sha = hashlib.sha256((deploy / "model.onnx").read_bytes()).hexdigest()
-    (deploy / "tunery_model.json").write_text(json.dumps({"variant": tag, "sha256": sha}))
-    for path, data in (
-        (registration.GATE_REPORT, {"challenger": challenger, "champion": champion}),
-        (registration.COMPRESS_REPORT, {"parity_passed": True}),
-    ):
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(json.dumps(data))
 
 
 def scores(f1: float, version: str | None = None, model: str = "m") -> dict:

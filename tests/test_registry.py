@@ -226,9 +226,9 @@ def test_a_failing_registry_is_never_read_as_no_champion(tmp_path, params, monke
         )
 
 
-def pipeline_tail(root, params, tag, *, challenger, champion):
-    """A pipeline run's registry step on what the stages left: models/deploy (rebuilt: same tag,
-    same bytes), the evaluation's gate.json and the compress report."""
+def stage_deployable(root: Path, tag: str, *, challenger, champion) -> None:
+    """What the stages leave for registration: models/deploy (same tag, same bytes), the
+    evaluation's gate.json and the compress report."""
     deploy = root / registration.DEPLOY_DIR
     shutil.rmtree(deploy, ignore_errors=True)
     deploy.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +241,11 @@ def pipeline_tail(root, params, tag, *, challenger, champion):
     ):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(json.dumps(data))
+
+
+def pipeline_tail(root, params, tag, *, challenger, champion):
+    """A pipeline run's registry step on what the stages left."""
+    stage_deployable(root, tag, challenger=challenger, champion=champion)
     with tracking.pipeline_run(root, params.tracking.experiment) as run:
         return registration.register_and_gate(root, params, run)
 

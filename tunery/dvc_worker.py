@@ -17,7 +17,6 @@ Run it unbuffered (`python -u`) so DVC's messages and the stage's output keep th
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 SENTINEL = "\x1etunery-dvc-worker-done"
@@ -26,18 +25,13 @@ SENTINEL = "\x1etunery-dvc-worker-done"
 def _run(argv: list[str], extra_env: dict[str, str]) -> int:
     from dvc.cli import main
 
-    saved = {key: os.environ.get(key) for key in extra_env}
-    os.environ.update(extra_env)
+    from tunery.env import restored
+
     try:
-        return int(main(argv) or 0)
+        with restored((), extra_env):
+            return int(main(argv) or 0)
     except SystemExit as exc:  # argparse errors
         return exc.code if isinstance(exc.code, int) else 1
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def serve() -> None:

@@ -7,7 +7,9 @@ still wins.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 MARKERS = ("params.yaml", "dvc.yaml")
@@ -53,3 +55,20 @@ def configure(root: Path | None = None) -> Path:
     for key, value in project_defaults(root).items():
         os.environ.setdefault(key, value)
     return root
+
+
+@contextlib.contextmanager
+def restored(keys: Iterable[str], updates: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Set `updates` in this process's environment for the block; afterwards the variables in
+    `keys` and `updates` are as they were before it (set, changed or removed inside or not)."""
+    updates = dict(updates or {})
+    saved = {key: os.environ.get(key) for key in {*keys, *updates}}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -158,7 +158,8 @@ class DvcWorker:
                 raise
 
     def close(self, *, kill: bool = False) -> None:
-        _WORKERS.pop(self.root, None)
+        if _WORKERS.get(self.root) is self:
+            del _WORKERS[self.root]
         if self.proc.poll() is not None:
             return
         if not kill and self.proc.stdin is not None:

@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from tunery import env
+
 log = logging.getLogger("tunery.tracking")
 
 PARENT_ENV = "TUNERY_PARENT_RUN_ID"
@@ -155,16 +157,9 @@ def _connect(root: Path) -> tuple[str, str]:
     uri, reg = tracking_uri(root), registry_uri(root)
     for each in {uri, reg}:
         _prepare_store(each)
-    saved = {key: os.environ.get(key) for key in _URI_VARS}
-    try:
+    with env.restored(_URI_VARS):
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(reg)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return uri, reg
 
 
@@ -316,19 +311,14 @@ def pipeline_run(
 ) -> Iterator[Run]:
     """A parent run; stage processes started inside it (e.g. by `dvc repro`) become its children."""
     setup(root, experiment)
-    with _active_run(
-        run_name=name,
-        tags={"tunery.stage": "pipeline", **{k: str(v) for k, v in (tags or {}).items()}},
-    ) as active:
-        previous = os.environ.get(PARENT_ENV)
-        os.environ[PARENT_ENV] = active.info.run_id
-        try:
-            yield Run(active)
-        finally:
-            if previous is None:
-                os.environ.pop(PARENT_ENV, None)
-            else:
-                os.environ[PARENT_ENV] = previous
+    with (
+        _active_run(
+            run_name=name,
+            tags={"tunery.stage": "pipeline", **{k: str(v) for k, v in (tags or {}).items()}},
+        ) as active,
+        env.restored((), {PARENT_ENV: active.info.run_id}),
+    ):
+        yield Run(active)
 
 
 def child_runs(root: Path, experiment: str, parent_run_id: str) -> list[dict[str, Any]]:
