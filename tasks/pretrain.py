@@ -88,6 +88,7 @@ def resume_fingerprint(cfg: PretrainConfig, corpus_md5: str) -> str:
         "save_total_limit",
         "logging_steps",
         "compile",
+        "compile_mode",
         "threads",
     ):
         shaping["train"].pop(key, None)
@@ -212,6 +213,9 @@ def run(
 
     head = "mlm" if cfg.objective == "mlm" else "none"
     t = cfg.train
+    device = training.device_args(device=t.device, precision=t.precision, compile=t.compile)
+    if device["torch_compile"] and t.compile_mode != "default":
+        device["torch_compile_mode"] = t.compile_mode
     args = training.training_args(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=t.batch_size,
@@ -233,7 +237,7 @@ def run(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_pin_memory=False,
-        **training.device_args(device=t.device, precision=t.precision, compile=t.compile),
+        **device,
     )
     fp = resume_fingerprint(cfg, file_md5(corpus_path))
     with args.main_process_first(desc="checkpoint housekeeping"):
@@ -338,6 +342,7 @@ def run(
         "device": str(args.device),
         "bf16": bool(args.bf16),
         "compiled": bool(args.torch_compile),
+        "compile_mode": (args.torch_compile_mode or "default") if args.torch_compile else None,
         "total_seconds": round(time.perf_counter() - t0, 2),
     }
     if tokens_seen:

@@ -215,6 +215,20 @@ def test_checkpoints_of_other_params_are_not_resumed(data_dir, tmp_path, caplog)
     assert "starting fresh" in caplog.text
 
 
+def test_compile_settings_do_not_stop_a_resume_but_an_unknown_mode_is_refused(tmp_path):
+    from tasks.pretrain import resume_fingerprint
+
+    plain = resume_fingerprint(tiny_cfg(), "md5")
+    tuned = tiny_cfg(train={"compile": True, "compile_mode": "max-autotune"})
+    assert resume_fingerprint(tuned, "md5") == plain
+    assert resume_fingerprint(tiny_cfg(train={"batch_size": 4}), "md5") != plain
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"pretrain.train.compile_mode"):
+        load_params(path, ["pretrain.train.compile_mode=fastest"])
+
+
 def test_a_corrupted_checkpoint_is_a_clear_error(data_dir, tmp_path):
     from tunery.training import CheckpointError
 
@@ -360,3 +374,21 @@ def test_two_process_ddp_on_cpu(data_dir, tmp_path):
     assert (
         root / params["pretrain"]["checkpoint_dir"] / "checkpoint-4" / "tunery-complete.json"
     ).is_file()
+
+
+def test_tf32_set_by_trainingarguments_leaves_both_torch_apis_readable():
+    # On CUDA, TrainingArguments turns TF32 on through torch's per-backend API only; Inductor's GEMM
+    # autotuning (compile mode max-autotune) reads the legacy one and failed with "mix of the
+    # legacy and new APIs" on the H100. A fresh process: these are process-wide torch settings.
+    code = (
+        "import torch\n"
+        "from tunery.training import agree_tf32_settings\n"
+        "torch.backends.fp32_precision = 'tf32'  # what enable_tf32(True) does on torch >= 2.9\n"
+        "agree_tf32_settings()\n"
+        "print(torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(),"
+        " torch.backends.cuda.matmul.fp32_precision)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["True", "high", "tf32"]

@@ -351,6 +351,11 @@ class PretrainTrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it
     compile: bool | None = None  # None: on CUDA only
+    # torch.compile mode. max-autotune(-no-cudagraphs): Inductor benchmarks Triton GEMM templates
+    # (bias/GELU fused into the matmul) against cuBLAS; minutes more compile time.
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
     threads: int = Field(default=0, ge=0)  # torch CPU threads; 0: torch's default
     save_steps: int = Field(default=200, gt=0)
     save_total_limit: int = Field(default=2, gt=0)

@@ -111,7 +111,24 @@ def training_args(**settings: Any):
     dropped = sorted(k for k in settings if k not in known)
     if dropped:
         log.debug("TrainingArguments of this transformers version lack %s; ignored", dropped)
-    return TrainingArguments(**{k: v for k, v in settings.items() if k in known})
+    args = TrainingArguments(**{k: v for k, v in settings.items() if k in known})
+    agree_tf32_settings()
+    return args
+
+
+def agree_tf32_settings() -> None:
+    """Make torch's legacy matmul-precision setting agree with the per-backend one.
+
+    `TrainingArguments` turns TF32 on through torch's new API (`torch.backends.fp32_precision`),
+    which leaves the legacy global (`torch.get_float32_matmul_precision()`) at "highest". Code that
+    still reads the legacy one then fails with "mix of the legacy and new APIs" -- Inductor's GEMM
+    autotuning does (`torch_compile_mode="max-autotune"`; pytorch/pytorch#166387, #196728).
+    `set_float32_matmul_precision("high")` sets both to TF32, so the two agree.
+    """
+    import torch
+
+    if torch.backends.cuda.matmul.fp32_precision == "tf32":
+        torch.set_float32_matmul_precision("high")
 
 
 # --------------------------------------------------------------------------- fingerprints
