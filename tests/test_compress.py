@@ -134,21 +134,10 @@ def test_selection_fails_when_nothing_is_within_budget():
 
 
 def test_cuda_target_without_cuda_fails_and_writes_nothing(compressed, tmp_path):
-    from tasks import compress
-
     root, _, _ = compressed
     cfg = CompressConfig(variants=["fp32"], target_provider="cuda", bench=SMALL_BENCH)
     with pytest.raises(TuneryError, match="target_provider is 'cuda'"):
-        compress.run(
-            cfg,
-            finetune_dir=root / "finetune",
-            export_dir=root / "onnx",
-            data_dir=root / "prepared",
-            variants_dir=tmp_path / "v",
-            out_dir=tmp_path / "d",
-            report_dir=tmp_path / "r",
-            plot_path=tmp_path / "p.png",
-        )
+        _run_compress(root, tmp_path, cfg)
     assert not (tmp_path / "d").exists() and not (tmp_path / "v").exists()
 
 

@@ -203,7 +203,6 @@ def test_last_layer_runs_on_the_first_token_only(exported, tmp_path):
     import onnx
 
     from tunery import onnx_export as ox
-    from tunery.inference import create_session
 
     root, metrics = exported
     assert metrics["fused_operators"]["ClsOnlyTail"] >= 4  # O-proj, 2 layer norms, FFN
@@ -218,17 +217,26 @@ def test_last_layer_runs_on_the_first_token_only(exported, tmp_path):
         cls_only=False,
     )
     assert "ClsOnlyTail" not in full
+    outs = _run_padded_batch([root / "onnx" / "model.onnx", tmp_path / "full.onnx"], padded={1: 5})
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+def _run_padded_batch(paths, padded):
+    """Each model's first output on 4 random 9-token texts; `padded`: row -> tokens kept."""
+    from tunery.inference import create_session
+
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 100, (4, 9)).astype(np.int64)
     mask = np.ones_like(ids)
-    mask[1, 5:] = 0
+    for row, keep in padded.items():
+        mask[row, keep:] = 0
     feed = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": 0 * ids}
     outs = []
-    for path in (root / "onnx" / "model.onnx", tmp_path / "full.onnx"):
+    for path in paths:
         session, _ = create_session(path, "cpu")
         names = {i.name for i in session.get_inputs()}
         outs.append(session.run(None, {k: v for k, v in feed.items() if k in names})[0])
-    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    return outs
 
 
 def _graph(tail: str):
@@ -285,7 +293,6 @@ def test_cls_only_tail_only_where_token_zero_is_all_that_is_read():
 def test_pack_tokens_skips_the_padding_with_the_same_logits(exported, tmp_path):
     import onnx
 
-    from tunery.inference import create_session
     from tunery.onnx_export import pack_tokens
 
     root, _ = exported
@@ -294,16 +301,8 @@ def test_pack_tokens_skips_the_padding_with_the_same_logits(exported, tmp_path):
     assert "NonZero" in {n.op_type for n in model.graph.node}
     onnx.checker.check_model(model)
     onnx.save(model, tmp_path / "packed.onnx")
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, 100, (4, 9)).astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    feed = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": 0 * ids}
-    outs = []
-    for path in (root / "onnx" / "model.onnx", tmp_path / "packed.onnx"):
-        session, _ = create_session(path, "cpu")
-        names = {i.name for i in session.get_inputs()}
-        outs.append(session.run(None, {k: v for k, v in feed.items() if k in names})[0])
+    outs = _run_padded_batch(
+        [root / "onnx" / "model.onnx", tmp_path / "packed.onnx"], padded={1: 5, 2: 2}
+    )
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
     assert pack_tokens(_graph("gather0")) == 0  # no attention mask input: nothing to pack
