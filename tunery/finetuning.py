@@ -30,7 +30,12 @@ from tunery.errors import DataValidationError, TuneryError
 # complete once `CompletionMarker` has recorded its files; `fingerprint` (a hash of settings and
 # file contents) keys the resume folder and ties an adapter to its encoder.
 from tunery.training import fingerprint_files as fingerprint
-from tunery.training import last_complete_checkpoint, trainer_callbacks, training_args
+from tunery.training import (
+    last_complete_checkpoint,
+    length_sorted_batches,
+    trainer_callbacks,
+    training_args,
+)
 
 if TYPE_CHECKING:  # pydantic is not on the GPU machine; the bench passes a look-alike there
     from tunery.config import FinetuneConfig
@@ -873,18 +878,12 @@ def predict_proba(
 
     device = device or next(model.parameters()).device.type
     model.to(device).eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    batches = length_sorted_batches(
+        tokenizer, texts, max_length=max_length, batch_size=batch_size, device=device
+    )
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = tokenizer(
-                [texts[i] for i in idx],
-                truncation=True,
-                max_length=max_length,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
+        for idx, batch in batches:
             logits = model(**batch).logits.float()
             out[idx] = torch.softmax(logits, -1).cpu().numpy()
     return out

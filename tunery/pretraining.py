@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tunery.training import length_sorted_batches
+
 log = logging.getLogger("tunery.pretraining")
 
 _CLASS_CACHE: dict[tuple[type, type], type] = {}
@@ -285,18 +287,12 @@ def embed(
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
+    batches = length_sorted_batches(
+        tok, texts, max_length=max_length, batch_size=batch_size, device=device
+    )
     with torch.no_grad():
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            enc = tok(
-                [texts[j] for j in idx],
-                truncation=True,
-                max_length=max_length,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
+        for idx, enc in batches:
             hidden = encoder(**enc)[0]
             out[idx] = pool(hidden, enc["attention_mask"]).float().cpu().numpy()
     encoder.train(was_training)

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,27 @@ def agree_tf32_settings() -> None:
 
     if torch.backends.cuda.matmul.fp32_precision == "tf32":
         torch.set_float32_matmul_precision("high")
+
+
+def length_sorted_batches(
+    tokenizer: Any, texts: Sequence[str], *, max_length: int, batch_size: int, device: Any
+) -> Iterator[tuple[list[int], Any]]:
+    """(row indices, tokenized batch on `device`) over `texts`, shortest first.
+
+    For inference loops: batching texts of similar length keeps padding (wasted compute) small;
+    callers scatter results back with `out[idx] = ...`.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer(
+            [texts[i] for i in idx],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        yield idx, batch.to(device)
 
 
 # --------------------------------------------------------------------------- fingerprints
