@@ -209,10 +209,11 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
         sparse = False
     else:
         dev = training.device_args(
-            device=device, precision="auto", compile=name == "tunery" and cuda
+            device=device,
+            precision="auto",
+            compile=name == "tunery" and cuda,
+            compile_mode=a.compile_mode,
         )
-        if a.compile_mode and dev["torch_compile"]:
-            dev["torch_compile_mode"] = a.compile_mode
         settings = dict(
             common,
             **dev,

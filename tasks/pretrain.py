@@ -213,9 +213,6 @@ def run(
 
     head = "mlm" if cfg.objective == "mlm" else "none"
     t = cfg.train
-    device = training.device_args(device=t.device, precision=t.precision, compile=t.compile)
-    if device["torch_compile"] and t.compile_mode != "default":
-        device["torch_compile_mode"] = t.compile_mode
     args = training.training_args(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=t.batch_size,
@@ -237,7 +234,9 @@ def run(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_pin_memory=False,
-        **device,
+        **training.device_args(
+            device=t.device, precision=t.precision, compile=t.compile, compile_mode=t.compile_mode
+        ),
     )
     fp = resume_fingerprint(cfg, file_md5(corpus_path))
     with args.main_process_first(desc="checkpoint housekeeping"):

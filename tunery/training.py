@@ -79,14 +79,18 @@ def use_bf16(precision: str, device: str) -> bool:
     return has_bf16
 
 
-def device_args(*, device: str, precision: str, compile: bool | None) -> dict[str, Any]:
-    """The device-dependent part of `TrainingArguments`."""
+def device_args(
+    *, device: str, precision: str, compile: bool | None, compile_mode: str | None = None
+) -> dict[str, Any]:
+    """The device-dependent part of `TrainingArguments` (`compile_mode` None/"default": torch's)."""
     dev = select_device(device)
     args: dict[str, Any] = {
         "use_cpu": dev == "cpu",
         "bf16": use_bf16(precision, dev),
         "torch_compile": dev == "cuda" if compile is None else compile,
     }
+    if args["torch_compile"] and compile_mode not in (None, "default"):
+        args["torch_compile_mode"] = compile_mode
     if world_size() > 1:
         args["ddp_backend"] = "nccl" if dev == "cuda" else "gloo"
     if dev == "cuda":
