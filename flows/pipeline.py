@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tunery import env, pipeline
+from tunery import env, pipeline, stage_value
 from tunery.config import load_params
 
 
@@ -56,6 +56,7 @@ def _summary(
     timing: dict[str, float],
     run_id: str,
     uri: str,
+    stage_table: dict[str, Any] | None = None,
 ) -> str:
     lines = [
         "# Tunery pipeline",
@@ -80,6 +81,8 @@ def _summary(
     ]
     if registry:
         lines += ["", f"**Registry:** {registry.get('summary', '')}"]
+    if stage_table is not None:
+        lines += ["", stage_value.markdown(stage_table)]
     return "\n".join(lines)
 
 
@@ -150,7 +153,14 @@ def pipeline_flow(
         100 * timing["overhead_share"],
     )
     create_markdown_artifact(
-        _summary(results, registry, timing, run.run_id, tracking.tracking_uri(root)),
+        _summary(
+            results,
+            registry,
+            timing,
+            run.run_id,
+            tracking.tracking_uri(root),
+            stage_value.read(root / params.evaluate.report_dir),
+        ),
         key="tunery-pipeline",
     )
     return {"run_id": run.run_id, "stages": results, "registry": registry, "timing": timing}

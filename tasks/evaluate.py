@@ -1,26 +1,32 @@
-"""evaluate: score the fine-tuned model on the test split and the frozen holdout, against a champion.
+"""evaluate: score the model as it is served on the test split and the frozen holdout, against the
+champion as it is served, and say what each stage bought.
 
-Inputs:  `<finetune.out_dir>/` (the model), `<prepare.out_dir>/{train,test,holdout}.parquet` (train
-         only for the TF-IDF + logistic-regression baseline); optionally the champion
-         (`evaluate.champion`): a finetune output dir, a deployable ONNX folder, or a registry URI
-         (`models:/<name>@champion`) once the registry registers its resolver with
-         `tunery.inference.register_resolver`.
-Outputs: `metrics/evaluate.json` (accuracy, macro-F1, ECE, per-class P/R/F1 per split; baseline;
-         champion numbers and deltas), `<report_dir>/` written atomically: `gate.json` (what the
-         promotion gate reads: holdout macro-F1, per-class F1, champion and deltas),
-         `<split>.json` (full report: confusion matrix, reliability bins, confidently wrong),
-         `<split>_confident_wrong.md`; `plots/evaluate/` (confusion and reliability PNGs, and
-         `<split>_predictions.json` for `dvc plots` confusion templates).
+Inputs:  `<compress.out_dir>/` (the deployable ONNX model: the compressed, calibrated variant that
+         `tunery predict` and the registry serve, run by onnxruntime), `<finetune.out_dir>/`
+         (`finetune.json`: method and data origins; `arms.json`: the fine-tune arms),
+         `<compress.report_dir>/report.json` (speed-up and drop of the deployed variant),
+         `<prepare.out_dir>/{train,test,holdout}.parquet` (train only for the TF-IDF +
+         logistic-regression baseline); optionally the champion (`evaluate.champion`): a registry
+         URI (`models:/<name>/<version>`, served the same way), a deployable ONNX folder, or a
+         finetune output dir.
+Outputs: `metrics/evaluate.json` (headline numbers), `<report_dir>/` written atomically:
+         `gate.json` (what the promotion gate reads: holdout macro-F1, per-class F1, champion and
+         deltas), `stage_value.{json,md}` (tunery/stage_value.py), `<split>.json` (full report:
+         confusion matrix, reliability bins, confidently wrong), `<split>_confident_wrong.md`;
+         `plots/evaluate/` (confusion and reliability PNGs, and `<split>_predictions.json` for
+         `dvc plots` confusion templates).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from tunery import evaluation as ev
+from tunery import stage_value
 from tunery.config import EvaluateConfig, Params
 from tunery.data.split import BASE_ORIGIN_PREFIX
 from tunery.finetuning import (
@@ -30,6 +36,7 @@ from tunery.finetuning import (
     Split,
     load_classifier,
     load_split,
+    read_arms,
     read_labels,
 )
 from tunery.io import atomic_dir
@@ -52,17 +59,27 @@ def _score(clf: LoadedClassifier | Any, split: Any, cfg: EvaluateConfig) -> dict
     )
 
 
-class _OnnxChampion:
-    """A deployable ONNX folder (what the registry holds) behind the `LoadedClassifier` calls."""
+class ServedModel:
+    """A deployable ONNX folder or registry version, scored exactly as it is served (the
+    `Predictor` of `tunery predict` and the HTTP server), behind the `LoadedClassifier` calls."""
 
-    def __init__(self, ref: str) -> None:
-        from tunery.inference import Predictor  # onnxruntime: only when a champion is ONNX
+    def __init__(self, ref: str, *, device: str = "cpu", info: dict[str, Any] | None = None):
+        from tunery.inference import Predictor
 
-        self.predictor = Predictor(ref, device="cpu")
+        self.predictor = Predictor(ref, device=device)
         self.labels = list(self.predictor.classes)
+        self.info = (
+            info if info is not None else self.predictor.manifest.get("source", {}).get("finetune")
+        )
 
     def predict_proba(self, texts: list[str], *, batch_size: int = 128) -> Any:
         return self.predictor.predict(texts).probabilities
+
+    def uncalibrated_proba(self, texts: list[str]) -> Any:
+        """softmax(logits): what the model would serve without its fitted temperature."""
+        from tunery.inference import softmax
+
+        return softmax(self.predictor.logits(texts))
 
 
 def load_champion(ref: str | None, root: Path) -> tuple[str, Any] | None:
@@ -75,9 +92,9 @@ def load_champion(ref: str | None, root: Path) -> tuple[str, Any] | None:
     if (path / INFO_FILE).is_file():
         return str(path), load_classifier(path)
     if ":/" in ref and not path.exists():
-        return ref, _OnnxChampion(ref)
+        return ref, ServedModel(ref)
     if (path / "model.onnx").is_file():
-        return str(path), _OnnxChampion(str(path))
+        return str(path), ServedModel(str(path))
     raise FinetuneError(
         f"evaluate.champion {ref!r}: neither a finetune output ({INFO_FILE}) nor a deployable "
         "ONNX folder (model.onnx) nor a registry URI"
@@ -104,8 +121,6 @@ def _origins_of(model: Any) -> list[str] | None:
     """The data origins a model was fine-tuned on, when it recorded them (finetune.json, or the
     `source.finetune` block of a deployable folder's manifest)."""
     info = getattr(model, "info", None)
-    if info is None and hasattr(model, "predictor"):
-        info = (model.predictor.manifest.get("source") or {}).get("finetune")
     origins = (info or {}).get("data_origins")
     return list(origins) if origins is not None else None
 
@@ -171,18 +186,59 @@ def _newest_summary(newest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _served_challenger(cfg: EvaluateConfig, model_dir: Path, finetune_dir: Path) -> ServedModel:
+    info_path = finetune_dir / INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    if not (model_dir / "model.onnx").is_file():
+        raise FinetuneError(f"{model_dir}: no deployable model (model.onnx); run compress first")
+    return ServedModel(str(model_dir), device=cfg.device, info=info)
+
+
+def _deployed_summary(
+    clf: ServedModel, holdout: dict[str, Any], uncalibrated: dict[str, Any], compress: dict
+) -> dict[str, Any]:
+    """The deployed row of the stage-value table: what is served, at what cost."""
+    manifest = clf.predictor.manifest
+    variant = manifest.get("variant")
+    calib = manifest.get("calibration") or {}
+    target = compress.get("target_provider", "cpu")
+    bench = ((compress.get("variants") or {}).get(variant) or {}).get("bench", {}).get(target, {})
+    ref = (compress.get("reference_bench") or {}).get(target, {})
+    parity = ((compress.get("variants") or {}).get(variant) or {}).get("parity") or {}
+    speed = (
+        bench["throughput"] / ref["throughput"]
+        if bench.get("throughput") and ref.get("throughput")
+        else None
+    )
+    size = sum(f.stat().st_size for f in clf.predictor.model_dir.glob("*.onnx*")) / 1e6
+    return {
+        "variant": variant,
+        "method": (clf.info or {}).get("method"),
+        "macro_f1": round(holdout["macro_f1"], 4),
+        "accuracy": round(holdout["accuracy"], 4),
+        "ece": round(holdout["ece"], 4),
+        "ece_uncalibrated": round(uncalibrated["ece"], 4),
+        "temperature": calib.get("temperature"),
+        "size_mb": round(size, 1),
+        "speedup": round(speed, 2) if speed else None,
+        "drop_macro_f1": -parity["macro_f1_delta"] if "macro_f1_delta" in parity else None,
+    }
+
+
 def run(
     cfg: EvaluateConfig,
     *,
     model_dir: Path,
+    finetune_dir: Path,
     data_dir: Path,
     report_dir: Path,
     plot_dir: Path,
+    compress_report: Path | None = None,
     champion: str | None = None,
     root: Path | None = None,
 ) -> dict[str, Any]:
     # Everything that can fail on bad input happens before anything is written.
-    clf = load_classifier(model_dir)
+    clf = _served_challenger(cfg, model_dir, finetune_dir)
     data_labels = read_labels(data_dir / "labels.json")
     unknown = sorted(set(data_labels) - set(clf.labels))
     if unknown:
@@ -195,12 +251,21 @@ def run(
         )
     splits = {name: load_split(data_dir / f"{name}.parquet", clf.labels) for name in SPLITS}
     reports = {name: _score(clf, split, cfg) for name, split in splits.items()}
+    uncalibrated = ev.evaluate_predictions(
+        splits["holdout"].texts,
+        splits["holdout"].labels,
+        clf.uncalibrated_proba(splits["holdout"].texts),
+        clf.labels,
+        n_bins=cfg.calibration_bins,
+        k=0,
+    )
     champ = load_champion(champion, root or Path.cwd())
     champion_result = _champion(cfg, champ, data_dir, clf.labels) if champ else None
     newest = _newest(cfg, clf, champ, data_dir)
 
     baseline = None
     if cfg.baseline:
+        t0 = time.perf_counter()
         train = load_split(data_dir / "train.parquet", clf.labels)
         baseline = ev.tfidf_baseline(
             train.texts,
@@ -208,9 +273,14 @@ def run(
             {name: (s.texts, s.labels) for name, s in splits.items()},
             clf.labels,
         )
+        baseline["seconds"] = round(time.perf_counter() - t0, 1)
+    compress = _read_json(compress_report) if compress_report else {}
+    deployed = _deployed_summary(clf, reports["holdout"], uncalibrated, compress)
+    table = stage_value.build(arms=read_arms(finetune_dir), baseline=baseline, deployed=deployed)
 
     metrics: dict[str, Any] = {
-        "method": clf.info.get("method"),
+        "method": deployed["method"],
+        "variant": deployed["variant"],
         **{name: ev.summary(r) for name, r in reports.items()},
     }
     if baseline is not None:
@@ -226,7 +296,8 @@ def run(
         "rows": holdout["rows"],
         "challenger": {
             "model": str(model_dir),
-            "method": clf.info.get("method"),
+            "variant": deployed["variant"],
+            "method": deployed["method"],
             "macro_f1": round(holdout["macro_f1"], 4),
             "accuracy": round(holdout["accuracy"], 4),
             "ece": round(holdout["ece"], 4),
@@ -254,8 +325,13 @@ def run(
         else:
             metrics["champion"] = {"comparable": False}
 
+    metrics["holdout"]["ece_uncalibrated"] = deployed["ece_uncalibrated"]
+    metrics["stage_value"] = {
+        r["row"]: r["macro_f1"] for r in table["rows"] if r["macro_f1"] is not None
+    }
     with atomic_dir(report_dir) as tmp:
         (tmp / GATE_FILE).write_text(json.dumps(gate, indent=2) + "\n")
+        stage_value.write(tmp, table)
         for name, report in reports.items():
             (tmp / f"{name}.json").write_text(
                 json.dumps({"labels": clf.labels, **report}, indent=2) + "\n"
@@ -327,7 +403,15 @@ def run(
         )
     else:
         log.info("newest data: none in the test split (%s)", newest["rule"])
+    log.info("what each stage bought:\n%s", stage_value.terminal(table))
     return metrics
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _pairs(report: dict[str, Any]) -> list[tuple[int, int]]:
@@ -360,7 +444,9 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     plot_dir = root / "plots" / "evaluate"
     metrics = run(
         cfg,
-        model_dir=root / params.finetune.out_dir,
+        model_dir=root / params.compress.out_dir,
+        finetune_dir=root / params.finetune.out_dir,
+        compress_report=root / params.compress.report_dir / "report.json",
         data_dir=root / params.prepare.out_dir,
         report_dir=report_dir,
         plot_dir=plot_dir,

@@ -115,10 +115,12 @@ def test_tfidf_baseline_learns_separable_toy_data():
 # --------------------------------------------------------------------------- the stage
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny LoRA fine-tune (CPU, seconds) and its data, shared by the stage tests."""
-    from tasks import finetune
+    """A tiny LoRA fine-tune (CPU, seconds), exported and compressed into the deployable folder
+    that evaluate scores as served, and its data, shared by the stage tests."""
+    from tasks import compress, export, finetune
     from tests.test_finetune import write_splits
     from tests.tiny import make_tiny_encoder
+    from tunery.config import CompressConfig, ExportConfig
 
     base = tmp_path_factory.mktemp("evaluate")
     encoder = make_tiny_encoder(base / "encoder")
@@ -133,6 +135,25 @@ def trained(tmp_path_factory):
         plot_dir=base / "plots",
         root=base,
     )
+    export.run(ExportConfig(), finetune_dir=base / "model", data_dir=data, out_dir=base / "onnx")
+    compress.run(
+        CompressConfig(
+            variants=["fp32"],
+            bench={
+                "warmup": 1,
+                "latency_runs": 2,
+                "throughput_batches": 1,
+                "throughput_repeats": 1,
+            },
+        ),
+        finetune_dir=base / "model",
+        export_dir=base / "onnx",
+        data_dir=data,
+        variants_dir=base / "variants",
+        out_dir=base / "deploy",
+        report_dir=base / "compress",
+        plot_path=base / "tradeoff.png",
+    )
     return base
 
 
@@ -142,7 +163,9 @@ def _run(base: Path, tmp_path: Path, **kw):
     cfg = EvaluateConfig(confident_wrong=3, **kw.pop("cfg", {}))
     return evaluate.run(
         cfg,
-        model_dir=kw.pop("model_dir", base / "model"),
+        model_dir=kw.pop("model_dir", base / "deploy"),
+        finetune_dir=kw.pop("finetune_dir", base / "model"),
+        compress_report=base / "compress" / "report.json",
         data_dir=kw.pop("data_dir", base / "data"),
         report_dir=tmp_path / "reports",
         plot_dir=tmp_path / "plots",
@@ -155,7 +178,7 @@ def test_stage_writes_metrics_reports_and_plots(trained, tmp_path):
     metrics = _run(trained, tmp_path)
     for split in ("test", "holdout"):
         m = metrics[split]
-        assert set(m) == {"rows", "accuracy", "macro_f1", "ece", "per_class"}
+        assert {"rows", "accuracy", "macro_f1", "ece", "per_class"} <= set(m)
         assert set(m["per_class"]) == {"animal", "food", "tool"}
         report = json.loads((tmp_path / "reports" / f"{split}.json").read_text())
         assert np.asarray(report["confusion"]).sum() == m["rows"]
@@ -173,8 +196,8 @@ def test_stage_writes_metrics_reports_and_plots(trained, tmp_path):
 
 
 def test_champion_on_the_same_holdout_gives_deltas(trained, tmp_path):
-    # The model as its own champion: same numbers, all deltas zero.
-    metrics = _run(trained, tmp_path, champion=str(trained / "model"))
+    # The served model as its own champion: same numbers, all deltas zero.
+    metrics = _run(trained, tmp_path, champion=str(trained / "deploy"))
     gate = json.loads((tmp_path / "reports" / "gate.json").read_text())
     assert gate["champion"]["comparable"] is True
     assert gate["champion"]["macro_f1"] == gate["challenger"]["macro_f1"]
@@ -198,7 +221,7 @@ def test_unknown_label_in_holdout_fails_and_writes_nothing(trained, tmp_path):
 
 
 def test_not_a_model_dir_fails_and_writes_nothing(trained, tmp_path):
-    with pytest.raises(TuneryError, match="not a finetune output"):
+    with pytest.raises(TuneryError, match="no deployable model"):
         _run(trained, tmp_path, model_dir=tmp_path)
     with pytest.raises(TuneryError, match="evaluate.champion"):
         _run(trained, tmp_path, champion=str(tmp_path))
@@ -237,7 +260,7 @@ def test_newest_data_scored_for_challenger_and_champion(trained, tmp_path):
     info = json.loads((trained / "model" / "finetune.json").read_text())
     assert info["data_origins"] == ["test"]  # the toy splits' origin
 
-    metrics = _run(trained, tmp_path, data_dir=data, champion=str(trained / "model"))
+    metrics = _run(trained, tmp_path, data_dir=data, champion=str(trained / "deploy"))
     newest = metrics["newest"]
     assert newest["origins"] == "incoming:week2.csv" and newest["rows"] == 6
     assert newest["delta_macro_f1"] == 0.0  # the model is its own champion
@@ -261,3 +284,67 @@ def test_no_newest_data_is_said_not_scored(trained, tmp_path):
     assert metrics["newest"] == {"rows": 0, "origins": "none"}
     report = json.loads((tmp_path / "reports" / "newest.json").read_text())
     assert "report" not in report and report["rule"] == "the last incoming file"
+
+
+# --------------------------------------------------------------------------- the stage-value table
+def test_stage_value_table_from_the_stage(trained, tmp_path):
+    """Without arms (a fine-tune without ablations): baseline and the served model, with verdicts."""
+    metrics = _run(trained, tmp_path)
+    table = json.loads((tmp_path / "reports" / "stage_value.json").read_text())
+    rows = {r["row"]: r for r in table["rows"]}
+    assert next(iter(rows)) == "tfidf" and list(rows)[-1] == "deployed"
+    assert rows["deployed"]["macro_f1"] == round(metrics["holdout"]["macro_f1"], 4)
+    assert rows["deployed"]["delta"] == round(
+        rows["deployed"]["macro_f1"] - rows["tfidf"]["macro_f1"], 4
+    )
+    assert "fp32" in rows["deployed"]["what"]
+    assert "calibration" in table["verdicts"] and "compress" in table["verdicts"]
+    md = (tmp_path / "reports" / "stage_value.md").read_text()
+    assert "TF-IDF" in md and "deployed" in md
+
+
+def test_stage_value_rows_deltas_and_verdicts():
+    from tunery import stage_value as sv
+
+    arm = {"train_seconds": 10.0, "trainable_share": 0.01, "params": 22_000_000}
+    arms = {
+        "chosen": "base",
+        "pretrain_gate": {"decision": "pretraining did not help: 0.80 vs 0.82", "applied": True},
+        "arms": {
+            "probe": {**arm, "holdout": {"macro_f1": 0.60, "accuracy": 0.6}},
+            "base": {**arm, "method": "lora", "holdout": {"macro_f1": 0.85, "accuracy": 0.85}},
+            "pipeline": {**arm, "method": "lora", "holdout": {"macro_f1": 0.83, "accuracy": 0.8}},
+            "full": {**arm, "method": "full", "holdout": {"macro_f1": 0.86, "accuracy": 0.86}},
+        },
+    }
+    deployed = {
+        "variant": "int8_dynamic",
+        "method": "lora",
+        "macro_f1": 0.845,
+        "ece": 0.02,
+        "ece_uncalibrated": 0.25,
+        "temperature": 0.4,
+        "speedup": 3.5,
+        "drop_macro_f1": 0.003,
+        "size_mb": 22.0,
+    }
+    table = sv.build(
+        arms=arms, baseline={"holdout": {"macro_f1": 0.7, "accuracy": 0.7}}, deployed=deployed
+    )
+    assert [r["row"] for r in table["rows"]] == list(sv.ROWS)
+    deltas = {r["row"]: r["delta"] for r in table["rows"]}
+    assert deltas == {
+        "tfidf": None,
+        "probe": -0.1,
+        "base": 0.25,
+        "pipeline": -0.02,
+        "full": 0.03,
+        "deployed": -0.015,
+    }
+    assert {r["row"] for r in table["rows"] if r["shipped"]} == {"base", "deployed"}
+    v = table["verdicts"]
+    assert v["pretrain"].startswith("pretraining did not help")
+    assert "NOT within 0.005" in v["finetune"]  # base 0.85 vs full 0.86: 1 pt apart
+    assert "0.2500 uncalibrated -> 0.0200" in v["calibration"]
+    assert "3.50x" in v["compress"]
+    assert sv.terminal(table).count("\n") >= 6

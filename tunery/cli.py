@@ -109,6 +109,7 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
         or "none (everything up to date)"
     )
     print(f"\npipeline run {result['run_id']}: stages run: {ran}")
+    _print_stage_value(root)
     if result.get("registry"):
         print(f"registry: {result['registry']['summary']}")
     t = result["timing"]
@@ -212,9 +213,23 @@ def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
                 else ""
             )
         )
+    _print_stage_value(root)
     if result.get("registry"):
         print(f"decision: {result['registry']['summary']}")
     return 0
+
+
+def _print_stage_value(root: Path) -> None:
+    """The evaluate stage's table of what each stage bought (reports/evaluate/stage_value.md)."""
+    from tunery import stage_value
+    from tunery.config import load_params
+
+    report_dir = root / load_params(root / "params.yaml").evaluate.report_dir
+    table = stage_value.read(report_dir)
+    if table is not None:
+        print(
+            f"\n{stage_value.terminal(table)}\n  (table: {report_dir / stage_value.MARKDOWN_FILE})"
+        )
 
 
 def cmd_schedule(args: argparse.Namespace, root: Path) -> int:

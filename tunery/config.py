@@ -211,6 +211,9 @@ class EvaluateConfig(Section):
     calibration_bins: int = Field(default=10, gt=0)
     confident_wrong: int = Field(default=10, ge=0)
     batch_size: int = Field(default=128, gt=0)
+    # Where the served model is scored: auto (CUDA when the deployed variant targets it and a GPU
+    # is there) | cpu | cuda (refuses to fall back to the CPU).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     baseline: bool = True  # TF-IDF + logistic regression trained on the same train split
     report_dir: str = "reports/evaluate"
 

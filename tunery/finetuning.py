@@ -51,6 +51,7 @@ ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 LABELS_FILE = "labels.json"
 INFO_FILE = "finetune.json"
+ARMS_FILE = "arms.json"  # the fine-tune arms (pipeline / base / full / probe) and the pretrain gate
 SPLIT_FILES = ("train", "val", "test", "holdout")
 RANK_PATTERN_FILE = "adalora_rank_pattern.json"
 
@@ -916,6 +917,14 @@ class LoadedClassifier:
             max_length=int(self.info.get("max_length", 128)),
             batch_size=batch_size,
         )
+
+
+def read_arms(finetune_dir: Path) -> dict[str, Any] | None:
+    """The finetune stage's `arms.json`, or None when it wrote none (ablations off, older runs)."""
+    try:
+        return json.loads((Path(finetune_dir) / ARMS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_model_ref(ref: str | None, root: Path) -> Path | None:
