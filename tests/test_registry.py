@@ -1,6 +1,7 @@
 """Registry, gate, manual promotion and rollback on a temporary MLflow store."""
 
 import hashlib
+import itertools
 import json
 import shutil
 import tempfile
@@ -308,3 +309,74 @@ def test_unchanged_challenger_is_regated_once_evaluated_against_the_current_cham
     back = pipeline_tail(tmp_path, params, "two", challenger=scores(0.9), champion=against(0.7, v1))
     assert not back.get("promoted") and "rolled back" in back["summary"]
     assert champion(tmp_path, params) == v1
+
+
+def test_promoting_a_gate_rejected_version_needs_force_and_is_recorded(tmp_path, params):
+    v1, v2 = (register(tmp_path, params, t) for t in ("a", "b"))
+    promotion.gate_challenger(
+        tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True
+    )
+    promotion.gate_challenger(
+        tmp_path, params, v2, challenger=scores(0.6), champion=scores(0.7), parity_passed=True
+    )
+    with pytest.raises(TuneryError, match="rejected by the gate.*--force"):
+        promotion.promote(tmp_path, params, v2, "I know better")
+    assert champion(tmp_path, params) == v1
+    record = promotion.promote(tmp_path, params, v2, "I know better", force=True)
+    assert record["forced"] is True and "min_delta" in record["gate_reason"]
+    assert champion(tmp_path, params) == v2
+    assert tracking.decisions(tmp_path, "reg", "m")[-1]["forced"] in (True, "True")  # a tag
+
+
+def _promote_in_process(root: str, version: str, queue) -> None:
+    params = load_params(REPO / "params.yaml", ["tracking.experiment=reg", "registry.model_name=m"])
+    try:
+        queue.put(promotion.promote(Path(root), params, version, f"race {version}")["from"])
+    except TuneryError as exc:  # "already the champion" is a fair answer in a race
+        queue.put(f"refused: {exc}")
+
+
+def test_simultaneous_promotions_are_serialized_and_the_log_agrees(tmp_path, params):
+    """Eight processes promote at the same instant: every change reads the champion the previous
+    one left (no lost update), and the log's last entry is the alias."""
+    import multiprocessing as mp
+
+    versions = [register(tmp_path, params, f"v{i}") for i in range(8)]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_promote_in_process, args=(str(tmp_path), v, queue)) for v in versions
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    answers = [queue.get(timeout=5) for _ in procs]
+    log = [e for e in tracking.decisions(tmp_path, "reg", "m") if e["action"] == "manual_promote"]
+    assert len(log) == sum(not str(a).startswith("refused") for a in answers)
+    froms = [e["from"] for e in log]
+    assert len(set(froms)) == len(froms), f"two promotions read the same champion: {froms}"
+    for before, after in itertools.pairwise(log):
+        assert after["from"] == before["to"]
+    assert champion(tmp_path, params) == log[-1]["to"]
+
+
+def test_predict_and_serve_default_to_the_champion_not_the_candidate(tmp_path, params):
+    """`tunery predict`/`serve-model` without --model serve the registry champion; a gate-rejected
+    candidate in models/deploy is never the default."""
+    from tunery.cli import _model_source, build_parser
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    for cmd in (["predict", "x.csv", "-o", "y.csv"], ["serve-model"]):
+        assert build_parser().parse_args(cmd).model == "champion"
+    name = load_params(tmp_path / "params.yaml").registry.model_name
+    with pytest.raises(TuneryError, match="no champion yet.*models/deploy"):
+        _model_source("champion", tmp_path)
+    own = load_params(tmp_path / "params.yaml", ["tracking.experiment=reg"])
+    v1 = register(tmp_path, own, "one")
+    promotion.gate_challenger(
+        tmp_path, own, v1, challenger=scores(0.9), champion=None, parity_passed=True
+    )
+    assert _model_source("champion", tmp_path) == f"models:/{name}@champion"
+    assert _model_source("models/deploy", tmp_path) == str(tmp_path / "models/deploy")

@@ -165,8 +165,9 @@ def cmd_models(args: argparse.Namespace, root: Path) -> int:
 def cmd_promote(args: argparse.Namespace, root: Path) -> int:
     from tunery import promotion
 
-    record = promotion.promote(root, _load(args, root), args.version, args.reason)
-    print(f"champion: version {record['from'] or 'none'} -> {record['to']} ({args.reason})")
+    record = promotion.promote(root, _load(args, root), args.version, args.reason, force=args.force)
+    forced = " (forced past the gate's rejection)" if record.get("forced") else ""
+    print(f"champion: version {record['from'] or 'none'} -> {record['to']} ({args.reason}){forced}")
     return 0
 
 
@@ -275,8 +276,28 @@ def cmd_ui(args: argparse.Namespace, root: Path) -> int:
     return subprocess.call(cmd, cwd=root, env=tool_env())
 
 
+CHAMPION_MODEL = "champion"
+MODEL_HELP = (
+    "`champion` (default: the registry's champion, a verified local copy), models:/NAME@ALIAS, "
+    "models:/NAME/VERSION, or a model folder such as models/deploy (the last run's candidate, "
+    "which the gate may have rejected)"
+)
+
+
 def _model_source(model: str, root: Path) -> str:
-    """A model URI (`models:/name@alias`) as given; a relative folder against the project root."""
+    """A model URI (`models:/name@alias`) as given; a relative folder against the project root;
+    `champion`: the registry champion of this project's `registry.model_name`."""
+    if model == CHAMPION_MODEL:
+        from tunery import promotion, tracking
+        from tunery.config import load_params
+
+        name = load_params(root / "params.yaml").registry.model_name
+        if tracking.alias_version(root, name, promotion.CHAMPION) is None:
+            raise TuneryError(
+                f"model {name!r} has no champion yet: run the pipeline (`tunery run`), or pass "
+                "--model models/deploy to use the last run's candidate"
+            )
+        return f"models:/{name}@{promotion.CHAMPION}"
     if ":/" in model or Path(model).is_absolute() or Path(model).exists():
         return model
     return str(root / model)
@@ -391,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("version", help="registered model version number")
     p.add_argument("--reason", required=True, help="why (recorded on the version and in the log)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote a version the gate rejected (recorded as forced)",
+    )
     _params_args(p)
     p.set_defaults(fn=cmd_promote)
 
@@ -406,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="CSV, JSONL or Parquet file with a text column")
     p.add_argument("-o", "--output", required=True, help="output file (.csv, .jsonl or .parquet)")
-    p.add_argument("--model", default="models/deploy", help="model folder (default: models/deploy)")
+    p.add_argument("--model", default=CHAMPION_MODEL, help=MODEL_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--text-column", default="text")
     p.add_argument("--batch-size", type=int, default=64)
@@ -414,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("serve-model", help="serve a deployable ONNX model over HTTP (FastAPI)")
-    p.add_argument("--model", default="models/deploy", help="model folder (default: models/deploy)")
+    p.add_argument("--model", default=CHAMPION_MODEL, help=MODEL_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)

@@ -6,9 +6,10 @@ the model version, and as an entry of the append-only promotion log (`tracking.l
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,34 @@ from tunery.errors import TuneryError
 log = logging.getLogger("tunery.registry")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+LOCK_FILE = ".tunery-registry.lock"
+LOCK_TIMEOUT_S = 300.0
+
+
+def serialized(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn(root, ...)` holding the project's registry lock: read the alias, move it and log
+    the decision as one step, so that two processes (a scheduled gate, `tunery promote`, a
+    rollback) never both act on the same champion (a lost update). filelock: an OS lock the
+    kernel releases when its holder dies. It serializes the processes of one machine (or of a
+    shared project folder); with a remote tracking server shared by several machines, run the
+    gate from one worker pool (prefect.yaml's concurrency limit).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(root: Path, *args: Any, **kwargs: Any) -> Any:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(Path(root) / LOCK_FILE))
+        try:
+            with lock.acquire(timeout=LOCK_TIMEOUT_S):
+                return fn(root, *args, **kwargs)
+        except Timeout as exc:
+            raise TuneryError(
+                f"{lock.lock_file}: another registry change has held the lock for "
+                f"{LOCK_TIMEOUT_S:.0f} s; is a `tunery promote`/`rollback`/run still going?"
+            ) from exc
+
+    return wrapper
 
 
 def _record(
@@ -54,6 +83,7 @@ def compared_version(champion: Mapping[str, Any] | None, name: str) -> str | Non
     return path.removeprefix(prefix) if path.startswith(prefix) else None
 
 
+@serialized
 def gate_challenger(
     root: Path,
     params: Params,
@@ -134,12 +164,16 @@ def gate_challenger(
     return decision
 
 
-def promote(root: Path, params: Params, version: str, reason: str) -> dict[str, Any]:
-    """Manual promotion (recorded): make `version` the champion."""
+@serialized
+def promote(
+    root: Path, params: Params, version: str, reason: str, *, force: bool = False
+) -> dict[str, Any]:
+    """Manual promotion (recorded): make `version` the champion. A version the gate rejected
+    needs `force` (recorded as such)."""
     if not reason.strip():
         raise TuneryError("a manual promotion needs --reason")
     name = params.registry.model_name
-    versions = {v["version"] for v in tracking.list_versions(root, name)}
+    versions = {v["version"]: v for v in tracking.list_versions(root, name)}
     if str(version) not in versions:
         raise TuneryError(
             f"model {name!r} has no version {version} (have: {sorted(versions, key=int) or 'none'})"
@@ -147,13 +181,27 @@ def promote(root: Path, params: Params, version: str, reason: str) -> dict[str, 
     current = tracking.alias_version(root, name, CHAMPION)
     if current == str(version):
         raise TuneryError(f"version {version} is already the champion")
+    tags = versions[str(version)]["tags"]
+    rejected = tags.get("gate.decision") == "rejected"
+    if rejected and not force:
+        raise TuneryError(
+            f"version {version} was rejected by the gate ({tags.get('gate.reason', '')}); "
+            "`tunery promote --force` promotes it anyway (recorded as forced)"
+        )
     tracking.set_alias(root, name, CHAMPION, str(version))
     tracking.tag_version(root, name, str(version), {"promotion.manual_reason": reason})
     return _record(
-        root, params, action="manual_promote", frm=current, to=str(version), reason=reason
+        root,
+        params,
+        action="manual_promote",
+        frm=current,
+        to=str(version),
+        reason=reason,
+        extra={"forced": True, "gate_reason": tags.get("gate.reason", "")} if rejected else None,
     )
 
 
+@serialized
 def rollback(root: Path, params: Params, reason: str) -> dict[str, Any]:
     """Champion back to the one it replaced (recorded); repeated rollbacks walk further back."""
     name = params.registry.model_name
