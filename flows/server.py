@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from tunery import orphans
 from tunery.env import restored
 from tunery.errors import TuneryError
 
@@ -56,6 +57,7 @@ class TemporaryServer:
             [
                 sys.executable,
                 "-m",
+                "tunery.orphans",  # ends with `tunery`, even after a SIGKILL
                 "uvicorn",
                 "--app-dir",
                 str(Path(spec.origin).parent.parent),
@@ -71,7 +73,7 @@ class TemporaryServer:
                 "on",
             ],
             env={
-                **os.environ,
+                **orphans.child_env(),
                 "PREFECT_UI_ENABLED": "0",
                 "PREFECT__SERVER_EPHEMERAL": "1",
                 "PREFECT__SERVER_FINAL": "1",

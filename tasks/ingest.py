@@ -15,10 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from tunery.config import FilesSource, IngestConfig, Params
-from tunery.data import files, validate, wordnet
+from tunery.config import IngestConfig, Params
+from tunery.data import dataset
 from tunery.data.text import normalize
-from tunery.errors import DataValidationError
 from tunery.io import atomic_path, file_md5
 
 log = logging.getLogger("tunery.ingest")
@@ -27,54 +26,16 @@ LABELLED = "labelled.parquet"
 UNLABELLED = "unlabelled.parquet"
 
 
-def load_source(cfg: IngestConfig, root: Path) -> tuple[list[pd.DataFrame], list[str]]:
-    """Labelled frames (one per file, each already row-checked) and unlabelled texts."""
-    src = cfg.source
-    if isinstance(src, FilesSource):
-        path = root / src.path
-        frames = []
-        paths = files.list_files(path, files.LABELLED_SUFFIXES)
-        if not paths:
-            raise DataValidationError(
-                path, "missing_file", "folder holds no .csv, .jsonl or .parquet file"
-            )
-        for file in paths:
-            raw = files.read_labelled(
-                file, src.text_column, src.label_column, origin=f"source:{file.name}"
-            )
-            frames.append(validate.check_rows(raw, cfg, str(file)))
-        unlabelled = (
-            files.read_unlabelled(root / src.unlabelled_path) if src.unlabelled_path else []
-        )
-        return frames, unlabelled
-    labelled, unlabelled = wordnet.load(src)
-    return [validate.check_rows(labelled, cfg, str(Path(src.path) / "data.noun"))], unlabelled
-
-
-def load_incoming(
-    cfg: IngestConfig, root: Path, text_column: str, label_column: str
-) -> list[pd.DataFrame]:
-    folder = root / cfg.incoming
-    if not folder.is_dir():
-        return []
-    frames = []
-    for file in files.list_files(folder, files.LABELLED_SUFFIXES):
-        raw = files.read_labelled(file, text_column, label_column, origin=f"incoming:{file.name}")
-        frames.append(validate.check_rows(raw, cfg, str(file)))
-    return frames
-
-
 def run(cfg: IngestConfig, *, root: Path, out_dir: Path) -> dict[str, Any]:
-    frames, unlabelled = load_source(cfg, root)
-    text_col, label_col = ("text", "label")
-    if isinstance(cfg.source, FilesSource):
-        text_col, label_col = cfg.source.text_column, cfg.source.label_column
-    incoming = load_incoming(cfg, root, text_col, label_col)
+    built = dataset.build(cfg, root)
+    data, unlabelled, incoming, dup_stats = (
+        built.data,
+        built.unlabelled,
+        built.incoming,
+        built.stats,
+    )
     if incoming:
-        log.info("appending %d incoming file(s) from %s", len(incoming), cfg.incoming)
-    data = pd.concat(frames + incoming, ignore_index=True)
-    data, dup_stats = validate.deduplicate(data, cfg)
-    validate.check_classes(data, cfg, str(cfg.source.path))
+        log.info("appended %d incoming file(s) from %s", len(incoming), cfg.incoming)
 
     labelled_keys = set(data["text"].map(normalize))
     corpus = pd.DataFrame(

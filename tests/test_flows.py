@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -200,10 +201,13 @@ def test_low_drift_defers_the_retrain_until_ignored(project, harness, monkeypatc
 
     landing = project / "data" / "landing"
     landing.mkdir()
-    make_rows(6, offset=3).to_csv(landing / "week2.csv", index=False)  # like the training data
+    # mostly texts the data has (like the training data), with a few new ones (not all copies)
+    pd.concat([make_rows(6, offset=3), make_rows(1, offset=40)]).to_csv(
+        landing / "week2.csv", index=False
+    )
     deferred = retrain_flow(project=str(project))
     assert deferred["status"] == "deferred" and "min_auc" in deferred["reason"]
-    assert 0.0 <= deferred["drift"]["auc"] < 0.99 and deferred["drift"]["new_rows"] == 18
+    assert 0.0 <= deferred["drift"]["auc"] < 0.99 and deferred["drift"]["new_rows"] == 21
     assert (landing / "week2.csv").exists()  # waits for more data
 
     forced = retrain_flow(project=str(project), ignore_drift=True)

@@ -208,3 +208,22 @@ def test_init_creates_the_stores_and_run_stops_its_prefect_server(project):
     port = int(re.search(r"127\.0\.0\.1:(\d+)/runs/", result.stdout + result.stderr).group(1))
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_taken_in_file_can_be_withdrawn_and_is_recorded(project):
+    init_repo(project)
+    make_rows(8, offset=300).to_csv(project / "week.csv", index=False)
+    tunery(project, "data", "add", "week.csv")
+    dvc(project, "repro", "ingest")
+    with_it = json.loads((project / "metrics" / "ingest.json").read_text())["data_version"]
+    missing = tunery(project, "data", "withdraw", "nope.csv", "--reason", "x", check=False)
+    assert missing.returncode != 0 and "week.csv" in missing.stderr  # lists what is there
+    out = tunery(project, "data", "withdraw", "week.csv", "--reason", "labels were garbage")
+    assert with_it in out.stdout
+    assert not (project / "data" / "incoming" / "week.csv").exists()
+    assert not (project / "data" / "incoming" / "week.csv.dvc").exists()
+    record = json.loads((project / "data" / "withdrawn.jsonl").read_text().splitlines()[-1])
+    assert record["in_data_version"] == with_it and record["rows"] == 24
+    dvc(project, "repro", "ingest")
+    without = json.loads((project / "metrics" / "ingest.json").read_text())
+    assert without["data_version"] != with_it and without["incoming_files"] == 0

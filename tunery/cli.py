@@ -124,7 +124,10 @@ def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
     from tunery.data.intake import add_file
 
     params = _load(args, root)
-    dest = add_file(Path(args.path), params.ingest, root=root)
+    cfg = params.ingest
+    if args.allow_new_labels:
+        cfg = cfg.model_copy(update={"allow_new_labels": True})
+    dest = add_file(Path(args.path), cfg, root=root)
     from tunery.pipeline import dvc_command
 
     dvc_command(root, "add", str(dest.relative_to(root)))
@@ -132,6 +135,24 @@ def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
         dvc_command(root, "push")
     print(
         f"added {args.path} as {dest.relative_to(root)}; `tunery run` (or `dvc repro`) ingests it"
+    )
+    return 0
+
+
+def cmd_data_withdraw(args: argparse.Namespace, root: Path) -> int:
+    from tunery.data.intake import WITHDRAWN_LOG, withdraw
+    from tunery.pipeline import dvc_command
+
+    params = _load(args, root)
+    record = withdraw(args.name, params.ingest, root=root, reason=args.reason)
+    if record["dvc_file"].is_file():
+        dvc_command(root, "remove", str(record["dvc_file"].relative_to(root)))
+    record["path"].unlink(missing_ok=True)
+    print(
+        f"withdrew {record['file']} ({record['rows']} rows; it was part of data version "
+        f"{record['in_data_version'] or 'none yet'}), recorded in "
+        f"{Path(params.ingest.incoming).parent / WITHDRAWN_LOG}; the next `tunery run` or `tunery retrain` "
+        "ingests without it (a new data version) and re-trains"
     )
     return 0
 
@@ -372,8 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="CSV, JSONL or Parquet file with the configured text/label columns")
     p.add_argument("--push", action="store_true", help="also `dvc push` to the configured remote")
+    p.add_argument(
+        "--allow-new-labels",
+        action="store_true",
+        help="accept labels the data does not have yet (adds classes; default: refused)",
+    )
     _params_args(p)
     p.set_defaults(fn=cmd_data_add)
+
+    p = data.add_parser(
+        "withdraw",
+        help="take a file that was taken in back out (recorded; the next run is a new data version)",
+    )
+    p.add_argument("name", help="the file's name in the incoming folder (see `ls data/incoming`)")
+    p.add_argument("--reason", required=True, help="why (recorded in data/withdrawn.jsonl)")
+    _params_args(p)
+    p.set_defaults(fn=cmd_data_withdraw)
 
     p = sub.add_parser(
         "retrain", help="re-fine-tune now: take in new data, re-run stale stages, gate"

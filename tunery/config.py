@@ -63,6 +63,9 @@ class IngestConfig(Section):
     min_per_class: int = Field(default=10, ge=1)
     max_text_chars: int = Field(default=2000, gt=0)
     duplicates: Literal["drop", "reject"] = "drop"
+    # A new file whose labels the data does not have yet is refused (a typo, another task's file)
+    # unless new classes are allowed: then it adds a class.
+    allow_new_labels: bool = False
     out_dir: str = "data/raw"
 
 

@@ -35,6 +35,12 @@ def _run(argv: list[str], extra_env: dict[str, str]) -> int:
 
 
 def serve() -> None:
+    from tunery import orphans
+
+    # The worker leads its own process group (the stage runs in it): when `tunery` dies, even by
+    # SIGKILL, the worker and the stage it runs end too.
+    orphans.die_with_parent()
+    orphans.kill_group_on()
     import dvc.cli  # noqa: F401  the import this worker exists to pay once
 
     print(f"{SENTINEL} ready", flush=True)

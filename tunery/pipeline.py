@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from tunery import orphans
 from tunery.errors import TuneryError
 
 log = logging.getLogger("tunery.pipeline")
@@ -116,7 +117,7 @@ class DvcWorker:
         self.proc = subprocess.Popen(
             [sys.executable, "-u", "-m", "tunery.dvc_worker"],
             cwd=root,
-            env=tool_env(),
+            env=orphans.child_env(tool_env()),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

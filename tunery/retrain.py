@@ -17,7 +17,7 @@ from typing import Any
 
 from tunery import pipeline
 from tunery.config import Params, WordnetSource
-from tunery.data import files, intake, validate
+from tunery.data import files, intake
 from tunery.errors import TuneryError
 from tunery.io import atomic_path
 
@@ -54,17 +54,10 @@ def landing_files(root: Path, params: Params) -> list[Path]:
 
 
 def check_landed(root: Path, params: Params, new: list[Path]) -> list[str]:
-    """Validate every landed file with the ingest rules (all before any moves); return the texts."""
-    text_col, label_col = intake.columns(params.ingest)
-    texts: list[str] = []
-    for file in new:  # all or nothing: one bad file stops the intake before anything moves
-        rows = validate.check_rows(
-            files.read_labelled(file, text_col, label_col, origin=f"incoming:{file.name}"),
-            params.ingest,
-            str(file),
-        )
-        texts.extend(rows["text"].astype(str))
-    return texts
+    """Validate every landed file, alone and with the dataset it joins (all before any moves, as
+    ingest will build it); return their texts."""
+    checked = intake.check_new(new, params.ingest, root=root)  # all or nothing
+    return [t for rows in checked.values() for t in rows["text"].astype(str)]
 
 
 def measure_drift(root: Path, params: Params, texts: list[str]) -> dict[str, Any] | None:
@@ -104,7 +97,7 @@ def take_in(root: Path, params: Params, new: list[Path]) -> list[Path]:
     check_landed(root, params, new)
     added = []
     for file in new:
-        dest = intake.add_file(file, params.ingest, root=root)
+        dest = intake.add_file(file, params.ingest, root=root, checked=True)
         pipeline.dvc_command(
             root, "add", str(dest.relative_to(root)), on_line=lambda line: log.debug(line.rstrip())
         )

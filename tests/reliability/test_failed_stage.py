@@ -64,3 +64,50 @@ def test_failed_stage_keeps_the_last_good_outputs(project):
     )
     assert failed.returncode != 0
     assert {p: _digest(p) for p in kept} == good
+
+
+def test_sigkill_of_the_caller_ends_the_dvc_worker_and_its_stage(tmp_path):
+    """`kill -9` of the process that runs the pipeline: the DVC worker and the stage it runs end
+    within seconds (no training left running, no DVC lock held for the next run)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_pipeline_dvc import _worker_project
+
+    root = _worker_project(tmp_path)
+    marker = f"sleep-{os.getpid()}-{time.time_ns()}"
+    stage = {
+        "cmd": f"{sys.executable} -c \"print('started', flush=True); import time; "
+        f'time.sleep(120)" {marker}',
+        "outs": ["never.txt"],
+    }
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"slow": stage}}))
+    caller = (
+        "import sys; from pathlib import Path; from tunery import pipeline; "
+        "root = Path(sys.argv[1]); pipeline.start_dvc_worker(root); "
+        "pipeline.dvc_command(root, 'repro', 'slow')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", caller, str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])},
+    )
+    for line in proc.stdout:
+        if line.startswith("started"):
+            break
+    stage_pids = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    assert stage_pids.strip(), "the stage never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+        if not left.strip():
+            break
+        time.sleep(0.2)
+    assert not left.strip(), f"left running after the caller's SIGKILL: {left.split()}"

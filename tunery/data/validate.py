@@ -23,6 +23,14 @@ def check_rows(df: pd.DataFrame, cfg: IngestConfig, file: str) -> pd.DataFrame:
     null_label = df["label"].isna() | df["label"].astype(str).str.strip().eq("")
     if null_label.any():
         raise DataValidationError(file, "null_label", "label is missing", _rows(df, null_label))
+    not_text = df["text"].notna() & ~df["text"].map(lambda v: isinstance(v, str))
+    if not_text.any():
+        raise DataValidationError(
+            file,
+            "text_not_string",
+            "text must be a string (found numbers or lists)",
+            _rows(df, not_text),
+        )
     text = df["text"].where(df["text"].notna(), "").astype(str)
     empty = text.str.strip().eq("")
     if empty.any():
