@@ -12,8 +12,11 @@ Outputs: `<out_dir>/` config.json + model.safetensors + tokenizer files (`from_p
 
 Initialisation: `scratch` (a BERT built from params + a WordPiece tokenizer trained on the corpus)
 or `base` (a model folder, `package:<module>`, or a hub id; its own tokenizer). Objectives: `mlm`
-(BERT masking, optional whole-word, sparse head) or `simcse` (unsupervised). Training is
-`transformers.Trainer`; it runs unchanged under `torchrun` (DDP; rank 0 evaluates, writes and logs).
+(BERT masking, optional whole-word, sparse head; a base without an MLM head needs
+`mlm.head_warmup_steps` > 0) or `simcse` (unsupervised; `simcse.deletion` > 0 deletes tokens from
+the second view). Training is `transformers.Trainer`; it runs unchanged under `torchrun` (DDP;
+rank 0 evaluates, writes and logs). It stops at `train.max_steps` (or `epochs`); a wall-clock
+`train.max_minutes` is off by default, and a stop on it is recorded in the metrics.
 """
 
 from __future__ import annotations
@@ -127,10 +130,13 @@ def build_model(cfg: PretrainConfig, tok: Any, *, head: str) -> tuple[Any, Any, 
             cfg.base, head=head, max_length=cfg.max_length, attn_implementation="sdpa"
         )
         if head == "mlm" and info["new_weights"]:
+            check_fresh_head(cfg, info["new_weights"])
             log.warning(
-                "base %s has no (complete) MLM head: %d head tensor(s) freshly initialised",
+                "base %s has no (complete) MLM head: %d head tensor(s) freshly initialised; "
+                "the encoder is frozen for the first %d step(s) while it trains",
                 cfg.base,
                 len(info["new_weights"]),
+                cfg.mlm.head_warmup_steps,
             )
         return model, tok, info
     config = scratch_model_config(cfg, tok)
@@ -138,6 +144,20 @@ def build_model(cfg: PretrainConfig, tok: Any, *, head: str) -> tuple[Any, Any, 
     kwargs = {} if head == "mlm" else {"add_pooling_layer": False}
     model = auto.from_config(config, attn_implementation="sdpa", **kwargs)
     return model, tok, {"source": "scratch", "new_weights": []}
+
+
+def check_fresh_head(cfg: PretrainConfig, new_weights: list[str]) -> None:
+    """MLM through a random head with the encoder trained from step 0 only damages the base."""
+    from tunery.models import ModelError
+
+    if cfg.mlm.head_warmup_steps == 0:
+        raise ModelError(
+            cfg.base,
+            "no_mlm_head",
+            f"objective mlm needs an MLM head and this base has none ({len(new_weights)} head "
+            "tensor(s) would be random); set pretrain.mlm.head_warmup_steps > 0 to train a fresh "
+            "head with the encoder frozen first, or use pretrain.objective: simcse",
+        )
 
 
 def scratch_model_config(cfg: PretrainConfig, tok: Any) -> Any:
@@ -206,12 +226,10 @@ def run(
             "empty_split",
             "the probe needs a val split (prepare.fractions.val > 0)",
         )
-    if cfg.init == "base":
-        from tunery.models import resolve_model_ref
-
-        resolve_model_ref(cfg.base)  # a bad base fails before any checkpoint housekeeping
-
     head = "mlm" if cfg.objective == "mlm" else "none"
+    if cfg.init == "base":
+        # A bad base, or one the objective cannot run on, fails before any checkpoint housekeeping.
+        model, tok, info = build_model(cfg, None, head=head)
     t = cfg.train
     args = training.training_args(
         output_dir=str(checkpoint_dir),
@@ -241,8 +259,10 @@ def run(
     fp = resume_fingerprint(cfg, file_md5(corpus_path))
     with args.main_process_first(desc="checkpoint housekeeping"):
         resume = training.resume_point(checkpoint_dir, fp, main=main)
-        tok = build_tokenizer(cfg, train_texts, checkpoint_dir, main=main)
-    model, tok, info = build_model(cfg, tok, head=head)
+        if cfg.init == "scratch":
+            tok = build_tokenizer(cfg, train_texts, checkpoint_dir, main=main)
+    if cfg.init == "scratch":
+        model, tok, info = build_model(cfg, tok, head=head)
     pt.use_objective(
         model,
         cfg.objective,
@@ -252,8 +272,13 @@ def run(
     )
     whole_word = cfg.objective == "mlm" and cfg.mlm.whole_word
     features = pt.tokenize(tok, train_texts, max_length=cfg.max_length, offsets=whole_word)
-    collate = pt.mlm_collator(tok, cfg.mlm) if cfg.objective == "mlm" else pt.padding_collator(tok)
+    if cfg.objective == "mlm":
+        collate = pt.mlm_collator(tok, cfg.mlm)
+    else:
+        collate = pt.simcse_collator(tok, deletion=cfg.simcse.deletion)
     callbacks = training.trainer_callbacks(max_minutes=t.max_minutes)
+    if cfg.objective == "mlm" and cfg.mlm.head_warmup_steps:
+        callbacks.append(pt.head_warmup(model, cfg.mlm.head_warmup_steps))
     trainer = Trainer(
         model=model,
         args=args,
@@ -287,7 +312,10 @@ def run(
             model, "simcse", temperature=cfg.simcse.temperature, pooling=cfg.simcse.pooling
         )
         heldout["simcse_loss"] = round(
-            pt.heldout_simcse_loss(model, tok, held, batch_size=t.batch_size), 4
+            pt.heldout_simcse_loss(
+                model, tok, held, batch_size=t.batch_size, deletion=cfg.simcse.deletion
+            ),
+            4,
         )
     pt.plain_class(model)
 
@@ -328,7 +356,11 @@ def run(
         "steps": trainer.state.global_step,
         "steps_this_run": steps_done,
         "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+        # A cached output must not depend on the machine's speed: a wall-clock stop is recorded.
+        "max_steps": trainer.state.max_steps,
+        "max_minutes": t.max_minutes,
         "stopped_by_budget": bool(budget and budget.stopped_at is not None),
+        "stopped_at_step": budget.stopped_at if budget else None,
         "train_loss": round(float(result.training_loss), 4) if steps_done else None,
         "final_loss": history[-1]["loss"] if history else None,
         "train_seconds": round(train_seconds, 2),

@@ -147,7 +147,8 @@ def test_simcse_from_a_base_folder(data_dir, tmp_path):
     assert kept == AutoTokenizer.from_pretrained(base).get_vocab()
 
 
-def test_mlm_from_a_base_without_head_gets_a_fresh_head(data_dir, tmp_path, caplog):
+def headless_base(tmp_path: Path) -> Path:
+    """A tiny encoder saved without its MLM head (like all-MiniLM-L6-v2)."""
     from transformers import AutoModel
 
     full = make_tiny_encoder(tmp_path / "with_head")
@@ -156,13 +157,68 @@ def test_mlm_from_a_base_without_head_gets_a_fresh_head(data_dir, tmp_path, capl
     for f in full.iterdir():
         if f.name.startswith(("tokenizer", "special")):
             shutil.copy(f, bare / f.name)
+    return bare
+
+
+def encoder_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    return {k.removeprefix("bert."): v for k, v in state.items() if not k.startswith("cls.")}
+
+
+def test_mlm_from_a_base_without_head_warms_a_fresh_head_up_first(data_dir, tmp_path, caplog):
+    bare = headless_base(tmp_path)
+    cfg = tiny_cfg(init="base", base=str(bare), mlm={"head_warmup_steps": 3})
     with caplog.at_level(logging.WARNING, logger="tunery.pretrain"):
-        m = run_stage(tiny_cfg(init="base", base=str(bare)), data_dir, tmp_path)
+        m = run_stage(cfg, data_dir, tmp_path)
     assert m["fresh_head_tensors"] > 0
-    assert "freshly initialised" in caplog.text
+    assert "freshly initialised" in caplog.text and "frozen for the first 3" in caplog.text
     assert json.loads((tmp_path / "encoder" / "config.json").read_text())["architectures"] == [
         "BertForMaskedLM"
     ]
+    # Steps 1-3 trained the head alone: the encoder at checkpoint-3 is the base's, bit for bit;
+    # steps 4-6 trained it.
+    before = encoder_tensors(bare)
+    at3 = encoder_tensors(tmp_path / "ckpt" / "checkpoint-3")
+    at6 = encoder_tensors(tmp_path / "ckpt" / "checkpoint-6")
+    assert all(torch.equal(at3[k], v) for k, v in before.items() if k in at3)
+    assert any(not torch.equal(at6[k], v) for k, v in before.items() if k in at6)
+
+
+def test_mlm_on_a_base_without_head_and_no_warmup_is_refused(data_dir, tmp_path):
+    from tunery.models import ModelError
+
+    bare = headless_base(tmp_path)
+    with pytest.raises(ModelError, match=r"\[no_mlm_head\].*pretrain.mlm.head_warmup_steps"):
+        run_stage(tiny_cfg(init="base", base=str(bare)), data_dir, tmp_path)
+    assert not (tmp_path / "encoder").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_simcse_deletion_view_gives_a_loss_and_moves_the_weights(tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from tunery import pretraining as pt
+
+    base = make_tiny_encoder(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    model = pt.use_objective(AutoModel.from_pretrained(base), "simcse", temperature=0.05)
+    feats = pt.tokenize(tok, make_rows(8)["text"].tolist(), max_length=32)
+    assert "view_input_ids" not in pt.simcse_collator(tok, deletion=0.0)(feats)
+    batch = pt.simcse_collator(tok, deletion=0.3)(feats)
+    assert batch["view_input_ids"].shape == batch["input_ids"].shape
+    kept = batch["view_attention_mask"].sum(1)
+    assert (kept < batch["attention_mask"].sum(1)).any() and (kept >= 3).all()  # CLS, SEP, 1+
+    assert (batch["view_input_ids"][:, 0] == tok.cls_token_id).all()
+    loss = model(**batch)["loss"]
+    assert torch.isfinite(loss) and loss > 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss.backward()
+    opt.step()
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("encoder.layer.0" in k for k in moved)
 
 
 def test_whole_word_masking_masks_all_pieces_of_a_word():
@@ -207,6 +263,21 @@ def test_resume_skips_a_half_written_checkpoint(data_dir, tmp_path):
     assert (tmp_path / "encoder" / "model.safetensors").is_file()
 
 
+def test_resume_with_the_deletion_view(data_dir, tmp_path):
+    base = make_tiny_encoder(tmp_path / "base")
+    cfg = tiny_cfg(init="base", base=str(base), objective="simcse", simcse={"deletion": 0.2})
+    first = run_stage(cfg, data_dir, tmp_path)
+    assert first["heldout"]["simcse_loss"] > 0
+    shutil.rmtree(tmp_path / "ckpt" / "checkpoint-6")  # killed before the last checkpoint
+    shutil.rmtree(tmp_path / "encoder")
+    m = run_stage(cfg, data_dir, tmp_path)
+    assert m["resumed_from_step"] == 3 and m["steps_this_run"] == 3 and m["steps"] == 6
+    # Other deletion settings shape training differently: not resumed.
+    other = tiny_cfg(init="base", base=str(base), objective="simcse", simcse={"deletion": 0.1})
+    shutil.rmtree(tmp_path / "encoder")
+    assert run_stage(other, data_dir, tmp_path)["resumed_from_step"] == 0
+
+
 def test_checkpoints_of_other_params_are_not_resumed(data_dir, tmp_path, caplog):
     run_stage(tiny_cfg(), data_dir, tmp_path)
     with caplog.at_level(logging.WARNING, logger="tunery.training"):
@@ -245,9 +316,20 @@ def test_a_corrupted_checkpoint_is_a_clear_error(data_dir, tmp_path):
     assert not (tmp_path / "encoder").exists()
 
 
+def test_no_wall_clock_budget_by_default(data_dir, tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["pretrain"]["train"]["max_minutes"] is None
+    assert PretrainConfig().train.max_minutes is None
+    m = run_stage(tiny_cfg(), data_dir, tmp_path)
+    assert m["max_minutes"] is None and m["stopped_by_budget"] is False
+    assert m["stopped_at_step"] is None and m["steps"] == m["max_steps"] == 6
+
+
 def test_wall_clock_budget_stops_and_keeps_a_checkpoint(data_dir, tmp_path):
     m = run_stage(tiny_cfg(train={"max_steps": 1000, "max_minutes": 0.0001}), data_dir, tmp_path)
     assert m["stopped_by_budget"] and m["steps"] < 1000
+    assert m["stopped_at_step"] == m["steps"] and m["max_steps"] == 1000
+    assert m["max_minutes"] == 0.0001
     assert (tmp_path / "ckpt" / f"checkpoint-{m['steps']}" / "tunery-complete.json").is_file()
 
 

@@ -331,6 +331,10 @@ class MlmConfig(Section):
     whole_word: bool = False  # mask all pieces of a word together (then always [MASK])
     # Compute the vocabulary projection only at masked positions (same loss, far fewer FLOPs).
     sparse_head: bool = True
+    # Steps that train only the MLM head, the encoder frozen: a base without an MLM head gets a
+    # random one, whose first gradients would otherwise wreck the encoder. 0 with such a base is
+    # refused before training.
+    head_warmup_steps: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _shares(self) -> MlmConfig:
@@ -342,13 +346,17 @@ class MlmConfig(Section):
 class SimcseConfig(Section):
     temperature: float = Field(default=0.05, gt=0.0)
     pooling: Literal["mean", "cls"] = "mean"
+    # Share of tokens deleted from the second view (0: two dropout views of the same text, which a
+    # contrastively trained base already tells apart: a loss near 0 and no gradient).
+    deletion: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 class PretrainTrainConfig(Section):
     batch_size: int = Field(default=64, gt=0)  # per process
     max_steps: int | None = Field(default=None, gt=0)  # None: `epochs` over the corpus
     epochs: float = Field(default=1.0, gt=0.0)
-    max_minutes: float | None = Field(default=None, gt=0.0)  # wall-clock budget of one run
+    # Wall-clock budget of one run; None: none (the output then depends only on the inputs).
+    max_minutes: float | None = Field(default=None, gt=0.0)
     learning_rate: float = Field(default=5.0e-4, gt=0.0)
     weight_decay: float = Field(default=0.01, ge=0.0)
     warmup: float = Field(default=0.06, ge=0.0, lt=1.0)  # share of the steps

@@ -8,7 +8,12 @@ a subclass adding the objective, `plain_class` swaps it back before the final sa
   ~15 % masked positions (BERT's own pretraining code gathered masked positions the same way);
   with a 30 k vocabulary that head is a fifth of BERT-base's FLOPs and most of its activations.
 - Unsupervised SimCSE (Gao et al., 2021): every text twice through the encoder with dropout on,
-  pooled, cosine similarities over temperature, the other texts of the batch as negatives.
+  pooled, cosine similarities over temperature, the other texts of the batch as negatives. With
+  `deletion` the second view also loses that share of its tokens (the deletion augmentation of
+  Gao et al.'s ablation, and of TSDAE's noise): a base trained contrastively already tells two
+  dropout views apart, so plain SimCSE gives it a loss near 0 and no gradient.
+- MLM head warm-up: a base without an MLM head gets a random one; `HeadWarmup` freezes the encoder
+  for the first steps so that head's first gradients do not wreck it.
 
 The probe scores what the encoder learned: frozen mean-pooled embeddings of the labelled train
 split fit a logistic regression and a k-NN, scored on the val split.
@@ -76,26 +81,73 @@ class SimCSEMixin:
     simcse_temperature: float = 0.05
     simcse_pooling: str = "mean"
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        view_input_ids=None,
+        view_attention_mask=None,
+        view_token_type_ids=None,
+        **kwargs,
+    ):
         import torch
         import torch.nn.functional as F
 
         kwargs.pop("num_items_in_batch", None)
         n = input_ids.shape[0]
 
-        def twice(t):
-            return None if t is None else torch.cat([t, t])
+        def pair(t, view):
+            if t is None:
+                return None
+            return torch.cat([t, t if view is None else view])
 
-        # One pass over the doubled batch: each copy gets its own dropout mask.
-        mask = twice(attention_mask)
+        # One pass over both views: each copy gets its own dropout mask; the second view is the
+        # collator's augmented copy where there is one (padded to the same width).
+        mask = pair(attention_mask, view_attention_mask)
         out = super().forward(
-            input_ids=twice(input_ids), attention_mask=mask, token_type_ids=twice(token_type_ids)
+            input_ids=pair(input_ids, view_input_ids),
+            attention_mask=mask,
+            token_type_ids=pair(token_type_ids, view_token_type_ids),
         )
         z = pool(out[0], mask, self.simcse_pooling).float()
         z = F.normalize(z, dim=-1)
         sim = z[:n] @ z[n:].T / self.simcse_temperature
         loss = F.cross_entropy(sim, torch.arange(n, device=sim.device))
         return {"loss": loss}
+
+
+def head_warmup(model: Any, steps: int) -> Any:
+    """A `TrainerCallback` that freezes the encoder (the MLM head trains alone) until `steps`.
+
+    The optimizer is built with every parameter; frozen ones get no gradient, so AdamW leaves
+    them (and their moments) untouched. The step is read from the trainer state, so a resumed
+    run freezes exactly when the uninterrupted one would have.
+    """
+    from transformers import TrainerCallback
+
+    encoder = getattr(model, model.base_model_prefix)
+
+    class HeadWarmup(TrainerCallback):
+        frozen: bool | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            freeze = state.global_step < steps
+            if freeze != self.frozen:
+                for p in encoder.parameters():
+                    p.requires_grad_(not freeze)
+                log.info(
+                    "step %d: encoder %s", state.global_step, "frozen" if freeze else "trained"
+                )
+                self.frozen = freeze
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for p in encoder.parameters():
+                p.requires_grad_(True)
+            return control
+
+    return HeadWarmup()
 
 
 def mlm_head_name(model: Any) -> str:
@@ -209,6 +261,43 @@ def mlm_collator(
     return with_offsets
 
 
+def simcse_collator(tok: Any, *, deletion: float, pad_to_multiple_of: int = 8) -> Any:
+    """Padded batches; with `deletion` > 0 also `view_*` tensors: each text with that share of its
+    non-special tokens deleted (at least one kept), padded to the same width as the originals.
+    The draws use torch's global generator, which `Trainer` seeds and restores on resume."""
+    pad = padding_collator(tok, pad_to_multiple_of=pad_to_multiple_of)
+    if deletion <= 0.0:
+        return pad
+
+    import torch
+
+    keep_keys = ("input_ids", "attention_mask", "token_type_ids")
+
+    def delete(feature: dict[str, Any]) -> dict[str, Any]:
+        special = feature["special_tokens_mask"]
+        inner = [i for i, s in enumerate(special) if not s]
+        if len(inner) < 2:
+            return {k: feature[k] for k in keep_keys if k in feature}
+        dropped = torch.rand(len(inner)) < deletion
+        if bool(dropped.all()):
+            dropped[int(torch.randint(len(inner), ()))] = False
+        gone = {i for i, d in zip(inner, dropped.tolist(), strict=True) if d}
+        return {
+            k: [v for i, v in enumerate(feature[k]) if i not in gone]
+            for k in keep_keys
+            if k in feature
+        }
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        n = len(features)
+        both = pad([*features, *[delete(f) for f in features]])
+        batch = {k: v[:n] for k, v in both.items()}
+        batch.update({f"view_{k}": v[n:] for k, v in both.items()})
+        return batch
+
+    return collate
+
+
 def padding_collator(tok: Any, *, pad_to_multiple_of: int = 8) -> Any:
     from transformers import DataCollatorWithPadding
 
@@ -250,12 +339,18 @@ def heldout_mlm_loss(
 
 
 def heldout_simcse_loss(
-    model: Any, tok: Any, features: list[dict], *, batch_size: int, seed: int = 1234
+    model: Any,
+    tok: Any,
+    features: list[dict],
+    *,
+    batch_size: int,
+    deletion: float = 0.0,
+    seed: int = 1234,
 ) -> float:
-    """The SimCSE loss on held-out texts (dropout views on, as in training, seeded)."""
+    """The SimCSE loss on held-out texts (dropout views on, deletions as in training, seeded)."""
     import torch
 
-    collate = padding_collator(tok)
+    collate = simcse_collator(tok, deletion=deletion)
     device = next(model.parameters()).device
     was_training = model.training
     model.train()
