@@ -6,11 +6,13 @@ import json
 
 import pytest
 
+from tests.conftest import make_rows
 from tests.test_export import make_data_dir, make_finetune_dir
 from tunery.config import BenchConfig, CompressConfig, ExportConfig, PruneConfig
 from tunery.errors import TuneryError
 
 SMALL_BENCH = BenchConfig(warmup=1, latency_runs=5, throughput_batch=16, throughput_batches=1)
+VAL_PER_CLASS = 8  # val rows per class written beside make_data_dir's train/test
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +21,13 @@ def compressed(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("compress")
     ft, data = make_finetune_dir(root), make_data_dir(root)
+    make_rows(VAL_PER_CLASS, offset=80).to_parquet(data / "val.parquet")
     export.run(ExportConfig(), finetune_dir=ft, data_dir=data, out_dir=root / "onnx")
-    cfg = CompressConfig(prune=PruneConfig(enabled=True, ffn_fraction=0.25), bench=SMALL_BENCH)
+    cfg = CompressConfig(
+        variants=["fp32", "fp16", "int8_dynamic", "int8_static"],
+        prune=PruneConfig(enabled=True, ffn_fraction=0.25),
+        bench=SMALL_BENCH,
+    )
     metrics = compress.run(
         cfg,
         finetune_dir=ft,
@@ -44,8 +51,11 @@ def test_every_variant_is_checked_and_timed(compressed):
             "macro_f1",
             "accuracy_delta",
             "macro_f1_delta",
+            "macro_f1_delta_ci95",
             "max_abs_logit_diff",
         }, name
+        lo, hi = v["parity"]["macro_f1_delta_ci95"]
+        assert lo <= hi, name
         assert v["size_mb"] > 0
         cpu = v["bench"]["cpu"]
         assert cpu["latency_p50_ms"] > 0 and cpu["latency_p95_ms"] >= cpu["latency_p50_ms"]
@@ -435,3 +445,179 @@ def test_prune_config_needs_something_to_prune():
     with pytest.raises(ValidationError, match="heads > 0 and/or ffn_fraction"):
         PruneConfig(enabled=True)
     assert PruneConfig(enabled=False).heads == 0
+
+
+def test_judged_on_val_and_test_with_a_paired_interval(compressed):
+    root, metrics, report = compressed
+    judged = report["judged"]
+    assert judged["splits"] == ["val", "test"]
+    assert judged["rows"] == {"val": 3 * VAL_PER_CLASS, "test": 30}
+    assert report["eval_rows"] == metrics["judged_rows"] == 3 * VAL_PER_CLASS + 30
+    assert judged["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95, "paired": True}
+    assert report["variants"]["fp32"]["parity"]["macro_f1_delta_ci95"] == [0.0, 0.0]
+    md = (root / "reports" / "report.md").read_text()
+    assert "Judged on 54 texts (val 24 + test 30)" in md and "paired bootstrap" in md
+
+
+def test_paired_bootstrap_interval():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from tunery.compression import _macro_f1_weighted, bootstrap_f1_delta
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 300)
+    ref = np.where(rng.random(300) < 0.8, y, rng.integers(0, 3, 300))
+    worse = np.where(rng.random(300) < 0.85, ref, rng.integers(0, 3, 300))
+    w = np.ones((1, 300))
+    want = f1_score(y, worse, average="macro", labels=[0, 1, 2], zero_division=0)
+    assert abs(_macro_f1_weighted(y, worse, w, 3)[0] - want) < 1e-12
+    delta = want - f1_score(y, ref, average="macro", labels=[0, 1, 2], zero_division=0)
+    lo, hi = bootstrap_f1_delta(y, ref, worse, 3, resamples=500, seed=0)
+    assert lo < delta < hi < 0.0  # a real drop: the interval excludes 0
+    assert bootstrap_f1_delta(y, ref, worse, 3, resamples=500, seed=0) == [lo, hi]
+    assert bootstrap_f1_delta(y, ref, ref, 3) == [0.0, 0.0]  # paired: identical models, no spread
+
+
+def test_deployed_graph_serves_calibrated_probabilities(compressed):
+    import numpy as np
+    import onnxruntime as ort
+
+    from tunery.calibration import probabilities
+    from tunery.inference import Predictor
+
+    root, metrics, report = compressed
+    manifest = json.loads((root / "deploy" / "tunery_model.json").read_text())
+    c = manifest["calibration"]
+    assert c == report["calibration"] == metrics["calibration"]
+    assert set(c) >= {"method", "temperature", "fitted_on", "rows", "val_ece_before"}
+    assert c["fitted_on"] == "val" and c["rows"] == 3 * VAL_PER_CLASS
+    assert c["fallback"] is None and c["temperature"] != 1.0
+    assert c["val_nll_after"] < c["val_nll_before"]
+    assert manifest["outputs"] == ["logits", "probabilities"]
+    s = ort.InferenceSession(
+        str(root / "deploy" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert [o.name for o in s.get_outputs()] == ["logits", "probabilities"]
+
+    texts = ["a red animal that lives in the wild", "a warm dish made from rice", "old tool"]
+    deploy = Predictor(root / "deploy", device="cpu")
+    variant = Predictor(root / "variants" / report["selected"], device="cpu")
+    assert deploy.calibrated and not variant.calibrated
+    logits = deploy.logits(texts)
+    np.testing.assert_allclose(logits, variant.logits(texts), atol=1e-5)  # logits unchanged
+    preds = deploy.predict(texts)
+    np.testing.assert_allclose(
+        preds.probabilities, probabilities(logits, c["temperature"]), atol=1e-5
+    )
+    assert preds.labels == variant.predict(texts).labels
+    assert deploy.metadata["calibration"]["temperature"] == c["temperature"]
+
+
+def test_without_a_val_split_the_temperature_falls_back(compressed, tmp_path):
+    import shutil
+
+    root, _, _ = compressed
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train", "test"):
+        shutil.copy(root / "prepared" / f"{name}.parquet", data / f"{name}.parquet")
+    make_rows(1, offset=200).to_parquet(data / "val.parquet")  # 3 rows for 3 classes: too few
+    from tasks import compress
+
+    cfg = CompressConfig(variants=["fp32"], bench=SMALL_BENCH)
+    metrics = compress.run(
+        cfg,
+        finetune_dir=root / "finetune",
+        export_dir=root / "onnx",
+        data_dir=data,
+        variants_dir=tmp_path / "v",
+        out_dir=tmp_path / "d",
+        report_dir=tmp_path / "r",
+        plot_path=tmp_path / "p.png",
+    )
+    c = metrics["calibration"]
+    assert c["temperature"] == 1.0 and "too small" in c["fallback"] and c["rows"] == 3
+    manifest = json.loads((tmp_path / "d" / "tunery_model.json").read_text())
+    assert manifest["calibration"]["fallback"] == c["fallback"]
+    assert "Fallback: val split too small" in (tmp_path / "r" / "report.md").read_text()
+
+
+def _float_weight_nodes(path) -> int:
+    """Quantizable nodes (MatMul/Gemm/Attention/EmbedLayerNorm) still on float weight initializers."""
+    import onnx
+
+    graph = onnx.load(path).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    ops = ("MatMul", "Gemm", "Attention", "EmbedLayerNormalization")
+    return sum(n.op_type in ops and any(i in floats for i in n.input) for n in graph.node)
+
+
+@pytest.mark.parametrize("cap, ok", [(8, True), (1, False)])
+def test_int8_fallback_keeps_sensitive_nodes_in_float(compressed, tmp_path, monkeypatch, cap, ok):
+    """A parity that costs 2 points unless >= 2 more nodes than plain int8 run in float."""
+    from tunery import compression as comp
+    from tunery.config import Int8Config
+
+    root, _, _ = compressed
+    plain = tmp_path / "plain.onnx"
+    comp.quantize_int8_dynamic(root / "onnx" / "model.onnx", plain)
+    base = _float_weight_nodes(plain)
+    real_runner, real_parity = comp.onnx_runner, comp.parity
+    checking: list = []
+
+    def runner(path, device, threads=0):
+        checking.append(path)
+        return real_runner(path, device, threads)
+
+    def parity(ref, logits, y):
+        p = real_parity(ref, logits, y)
+        if "int8" in checking[-1].name and _float_weight_nodes(checking[-1]) < base + 2:
+            p = {**p, "macro_f1_delta": -0.02, "macro_f1": p["macro_f1"] - 0.02}
+        return p
+
+    monkeypatch.setattr(comp, "onnx_runner", runner)
+    monkeypatch.setattr(comp, "parity", parity)
+    cfg = CompressConfig(
+        variants=["fp32", "int8_dynamic"],
+        int8=Int8Config(max_fallback_nodes=cap),
+        max_f1_drop=0.01,
+        bench=SMALL_BENCH,
+    )
+    _run_compress(root, tmp_path, cfg)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    fb = report["variants"]["int8_dynamic"]["int8_fallback"]
+    assert fb["quantized_macro_f1_delta"] == -0.02
+    assert fb["sensitivity"] and all(v >= 0 for v in fb["sensitivity"].values())
+    assert fb["within_budget"] is ok
+    md = (tmp_path / "r" / "report.md").read_text()
+    if ok:
+        assert [t["float_nodes"] for t in fb["tries"]] == [1, 2]
+        assert fb["float_nodes"] == list(fb["sensitivity"])[:2]
+        assert "int8_dynamic" in report["eligible"]  # selectable; tiny-model speed decides
+        kept = tmp_path / "v" / "int8_dynamic" / "model.onnx"
+        assert _float_weight_nodes(kept) == base + 2
+        assert "within budget with 2 node(s) in float" in md
+    else:
+        assert [t["float_nodes"] for t in fb["tries"]] == [1]
+        assert report["selected"] == "fp32" and "int8_dynamic" not in report["eligible"]
+        assert "not within budget at the cap" in md
+
+
+def test_a_failing_quantization_is_recorded_not_fatal(compressed, tmp_path, monkeypatch):
+    from tunery import compression as comp
+
+    def broken(*_a, **_k):
+        raise RuntimeError("Unsupported operator: NotAnOp")
+
+    monkeypatch.setattr(comp, "quantize_int8_static", broken)
+    root, _, _ = compressed
+    cfg = CompressConfig(variants=["fp32", "int8_static"], max_f1_drop=0.01, bench=SMALL_BENCH)
+    metrics = _run_compress(root, tmp_path, cfg)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert "NotAnOp" in report["failed"]["int8_static"] and metrics["failed"] == report["failed"]
+    assert report["selected"] == "fp32" and "int8_static" not in report["variants"]
+    assert (
+        "Failed (recorded, not selectable): int8_static"
+        in (tmp_path / "r" / "report.md").read_text()
+    )

@@ -262,3 +262,38 @@ def test_cuda_fp16_variant_matches_pytorch(model_dir, reference, tmp_path):
     p = Predictor(dest, device="auto")
     assert p.device == "cuda"
     np.testing.assert_allclose(p.logits(TEXTS), reference, atol=2e-2)
+
+
+def test_predictor_serves_the_calibrated_output_when_the_graph_has_it(model_dir, tmp_path):
+    """A folder whose graph has `probabilities` (compress): served as is; older ones: softmax."""
+    from transformers import AutoTokenizer
+
+    from tunery import onnx_export as ox
+    from tunery.calibration import add_probabilities, probabilities
+    from tunery.inference import Predictor
+
+    add_probabilities(model_dir / "model.onnx", tmp_path / "cal.onnx", 3.0)
+    dest = tmp_path / "calibrated"
+    dest.mkdir()
+    ox.write_model_dir(
+        dest,
+        onnx_file=tmp_path / "cal.onnx",
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        labels=json.loads((model_dir / "labels.json").read_text()),
+        variant="fp32",
+        provider="cpu",
+        opset=17,
+        max_length=32,
+        source={},
+        extra={"calibration": {"method": "temperature", "temperature": 3.0}},
+    )
+    plain, calibrated = Predictor(model_dir, device="cpu"), Predictor(dest, device="cpu")
+    assert not plain.calibrated and calibrated.calibrated
+    logits = plain.logits(TEXTS)
+    np.testing.assert_allclose(calibrated.logits(TEXTS), logits, atol=1e-5)
+    got, old = calibrated.predict(TEXTS), plain.predict(TEXTS)
+    np.testing.assert_allclose(got.probabilities, probabilities(logits, 3.0), atol=1e-5)
+    np.testing.assert_allclose(old.probabilities, probabilities(logits, 1.0), atol=1e-5)
+    assert got.labels == old.labels
+    assert (got.probabilities.max(-1) < old.probabilities.max(-1)).all()  # T > 1 softens
+    assert calibrated.metadata["calibration"]["temperature"] == 3.0

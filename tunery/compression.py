@@ -89,6 +89,45 @@ def parity(ref_logits: np.ndarray, logits: np.ndarray, y_true: np.ndarray) -> di
     }
 
 
+def _macro_f1_weighted(y: np.ndarray, pred: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
+    """Macro-F1 of each row of weights `w` (resamples x rows: how often each row was drawn).
+
+    Same definition as sklearn's (labels = all classes, zero_division=0): F1_c = 2tp/(2tp+fp+fn).
+    """
+    f1 = np.zeros(w.shape[0])
+    for c in range(n):
+        tp = w @ ((y == c) & (pred == c))
+        fp = w @ ((y != c) & (pred == c))
+        fn = w @ ((y == c) & (pred != c))
+        den = 2 * tp + fp + fn
+        f1 += np.divide(2 * tp, den, out=np.zeros_like(f1), where=den > 0)
+    return f1 / n
+
+
+def bootstrap_f1_delta(
+    y_true: np.ndarray,
+    ref_pred: np.ndarray,
+    pred: np.ndarray,
+    n_classes: int,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[float]:
+    """Paired bootstrap interval of macro-F1(variant) - macro-F1(reference).
+
+    Each resample draws the same rows (with replacement) for both models, so the interval is that
+    of the difference, not of two independent scores. Seeded: the same inputs give the same interval.
+    """
+    y, ref, got = (np.asarray(a) for a in (y_true, ref_pred, pred))
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(len(y), np.full(len(y), 1.0 / len(y)), size=resamples).astype(np.float64)
+    delta = _macro_f1_weighted(y, got, w, n_classes) - _macro_f1_weighted(y, ref, w, n_classes)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(delta, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
 # --------------------------------------------------------------------------- variants
 class CalibrationReader:
     """Feeds of training texts for static quantization (onnxruntime's CalibrationDataReader API)."""
@@ -113,19 +152,21 @@ def quantize_int8_dynamic(
     plain_layer_norm: bool = True,
     pack_tokens: bool = True,
     exclude: Sequence[str] = (),
+    float_nodes: Sequence[str] = (),
 ) -> None:
     """Dynamic int8 (weights int8, activations quantized at run time): CPU.
 
     `pack_tokens` runs the token-wise ops on the real (non-padding) tokens only
     (`onnx_export.pack_tokens`); `plain_layer_norm` rewrites the SkipLayerNormalization nodes for
-    the CPU provider (`plain_layer_norms`). `exclude`: node names (or substrings) left in float.
+    the CPU provider (`plain_layer_norms`). `exclude`: node names (or substrings) left in float;
+    `float_nodes`: exact node names left in float (what the accuracy-aware fallback chose).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from tunery.onnx_export import pack_tokens as pack
 
-    excluded = _matching_nodes(src, exclude) if exclude else []
+    excluded = _matching_nodes(src, exclude, float_nodes) if exclude or float_nodes else []
     source = Path(src)
     if pack_tokens:
         model = onnx.load(str(src))
@@ -159,11 +200,14 @@ def quantize_int8_dynamic(
             onnx.save(model, str(dest))
 
 
-def _matching_nodes(path: Path, patterns: Sequence[str]) -> list[str]:
+def _matching_nodes(path: Path, patterns: Sequence[str], exact: Sequence[str] = ()) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    names = [n.name for n in graph.node if any(p and p in n.name for p in patterns)]
+    wanted = set(exact)
+    names = [
+        n.name for n in graph.node if n.name in wanted or any(p and p in n.name for p in patterns)
+    ]
     # onnxruntime's quantizer first rewrites Gemm as `<name>_MatMul` + Add: exclude that name too.
     gemms = {n.name for n in graph.node if n.op_type == "Gemm"}
     return names + [f"{n}_MatMul" for n in names if n in gemms]
@@ -595,13 +639,36 @@ def markdown(report: dict[str, Any]) -> str:
     ref = report["reference"]
     base = {prov: t.get("throughput") for prov, t in report["reference_bench"].items()}
     b = report.get("bench_config") or {}
+    judged = report.get("judged") or {"rows": {"test": report["eval_rows"]}}
+    rows = " + ".join(f"{k} {v}" for k, v in judged["rows"].items())
+    boot = judged.get("bootstrap") or {}
     lines = [
         "# Compression report",
         "",
-        f"Reference: PyTorch fp32 on {report['eval_rows']} test texts — accuracy "
+        f"Judged on {report['eval_rows']} texts ({rows}). Reference: PyTorch fp32 — accuracy "
         f"{ref['accuracy']:.4f}, macro-F1 {ref['macro_f1']:.4f}. Rule: {report['rule']}.",
-        f"Selected: **{report['selected']}** for `{report['target_provider']}`.",
     ]
+    if judged.get("note"):
+        lines.append(f"Why these rows: {judged['note']}.")
+    if boot.get("resamples"):
+        lines.append(
+            f"ΔmacroF1 95 % interval: paired bootstrap, {boot['resamples']} resamples of the judged "
+            f"rows (the same rows for reference and variant), seed {boot['seed']}."
+        )
+    lines.append(f"Selected: **{report['selected']}** for `{report['target_provider']}`.")
+    c = report.get("calibration")
+    if c:
+        how = (
+            f"T = {c['temperature']:.4f} fitted on {c['fitted_on']} ({c['rows']} rows): "
+            f"ECE {c['val_ece_before']:.4f} -> {c['val_ece_after']:.4f}, NLL "
+            f"{c['val_nll_before']:.4f} -> {c['val_nll_after']:.4f}"
+            if "val_ece_before" in c
+            else f"T = {c['temperature']:.4f}"
+        )
+        lines.append(
+            f"Calibration (deployed graph: `probabilities` = Softmax(logits / T)): {how}."
+            + (f" Fallback: {c['fallback']}." if c.get("fallback") else "")
+        )
     if report.get("prune"):
         pr = report["prune"]
         lines.append(
@@ -615,9 +682,9 @@ def markdown(report: dict[str, Any]) -> str:
         "length-sorted batches of test texts, median of "
         f"{b.get('throughput_repeats', 1)} passes; × PyTorch = that over the PyTorch fp32 row.",
         "",
-        "| variant | targets | size MB | agreement | Δacc | ΔmacroF1 | max abs Δlogit "
-        "| provider | p50 ms | p95 ms | texts/s | × PyTorch | eligible |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| variant | targets | size MB | agreement | Δacc | ΔmacroF1 | 95 % interval "
+        "| max abs Δlogit | provider | p50 ms | p95 ms | texts/s | × PyTorch | eligible |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---|",
     ]
 
     def ratio(prov: str, t: dict[str, Any]) -> str:
@@ -629,12 +696,14 @@ def markdown(report: dict[str, Any]) -> str:
         if v is None:
             for prov, t in report["reference_bench"].items():
                 lines.append(
-                    f"| pytorch_fp32 | - | - | 1.000 | 0 | 0 | 0 | {prov} | "
+                    f"| pytorch_fp32 | - | - | 1.000 | 0 | 0 | - | 0 | {prov} | "
                     f"{t['latency_p50_ms']:.2f} | {t['latency_p95_ms']:.2f} | {t['throughput']:.0f} "
                     "| 1.00 | - |"
                 )
             continue
         p = v["parity"]
+        ci = p.get("macro_f1_delta_ci95")
+        interval = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"
         for prov, t in (v.get("bench") or {"-": {"error": "not timed"}}).items():
             timing = (
                 f"{t['latency_p50_ms']:.2f} | {t['latency_p95_ms']:.2f} | {t['throughput']:.0f} "
@@ -644,10 +713,39 @@ def markdown(report: dict[str, Any]) -> str:
             )
             lines.append(
                 f"| {name} | {','.join(v['targets'])} | {v['size_mb']:.1f} | {p['agreement']:.3f} | "
-                f"{p['accuracy_delta']:+.4f} | {p['macro_f1_delta']:+.4f} | "
+                f"{p['accuracy_delta']:+.4f} | {p['macro_f1_delta']:+.4f} | {interval} | "
                 f"{p['max_abs_logit_diff']:.2e} | {prov} | {timing} | "
                 f"{'yes' if name in report['eligible'] else 'no'} |"
             )
+    for name, v in report["variants"].items():
+        fb = v.get("int8_fallback")
+        if not fb:
+            continue
+        tries = ", ".join(f"{t['float_nodes']} -> {-t['macro_f1_drop']:+.4f}" for t in fb["tries"])
+        lines += [
+            "",
+            f"Accuracy-aware fallback for {name}: fully quantized ΔmacroF1 "
+            f"{fb['quantized_macro_f1_delta']:+.4f}; tries (nodes in float -> ΔmacroF1): "
+            f"{tries or 'none'}; "
+            + (
+                f"within budget with {len(fb['float_nodes'])} node(s) in float: "
+                + ", ".join(f"`{x}`" for x in fb["float_nodes"])
+                if fb["within_budget"]
+                else "not within budget at the cap"
+                + (
+                    f" (kept the best try: {len(fb['float_nodes'])} node(s) in float)"
+                    if fb["float_nodes"]
+                    else ""
+                )
+            )
+            + ". The speed in the table is that of the variant as kept.",
+        ]
+    if report.get("failed"):
+        lines += [
+            "",
+            "Failed (recorded, not selectable): "
+            + "; ".join(f"{n}: {e}" for n, e in report["failed"].items()),
+        ]
     if report.get("rejected"):
         details = report.get("rejected_variants") or {}
 
@@ -676,38 +774,76 @@ def plot_tradeoff(report: dict[str, Any], dest: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     from tunery.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {"cpu": "tab:blue", "cuda": "tab:green"}
+    points = []
     for name, v in report["variants"].items():
         for prov, t in (v.get("bench") or {}).items():
             if "error" in t:
                 continue
-            ax.scatter(
-                t["latency_p50_ms"],
-                v["parity"]["macro_f1"],
-                s=20 + 6 * v["size_mb"],
-                alpha=0.6,
-                color=colours.get(prov, "tab:gray"),
-                edgecolors="black" if name == report["selected"] else "none",
-            )
-            ax.annotate(
-                f"{name} ({prov}, {v['size_mb']:.0f} MB)",
-                (t["latency_p50_ms"], v["parity"]["macro_f1"]),
-                fontsize=7,
-            )
+            points.append((t["latency_p50_ms"], v["parity"]["macro_f1"], name, prov, v))
+    # Labels of points close together (fp32 / fp16: same accuracy, similar latency) would overlap:
+    # each label goes one line lower per earlier point near it.
+    points.sort(key=lambda p: (p[0], -p[1]))
+    xs = [p[0] for p in points] + [t["latency_p50_ms"] for t in report["reference_bench"].values()]
+    ys = [p[1] for p in points] + [report["reference"]["macro_f1"]]
+    # A label is ~30 % of the axis wide: points that close in x share its line.
+    dx, dy = 0.3 * (max(xs) - min(xs) or 1.0), 0.08 * (max(ys) - min(ys) or 1.0)
+    for k, (x, y, name, prov, v) in enumerate(points):
+        selected = name == report["selected"]
+        near = sum(abs(x - q[0]) < dx and abs(y - q[1]) < dy for q in points[:k])
+        ax.scatter(
+            x,
+            y,
+            s=20 + 6 * v["size_mb"],
+            alpha=0.6,
+            color=colours.get(prov, "tab:gray"),
+            edgecolors="black" if selected else "none",
+            linewidths=2 if selected else 0,
+        )
+        ax.annotate(
+            f"{name} ({prov}, {v['size_mb']:.0f} MB)",
+            (x, y),
+            xytext=(8, -4 - 12 * near),
+            textcoords="offset points",
+            fontsize=7,
+            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if near else None,
+        )
     for prov, t in report["reference_bench"].items():
         ax.scatter(t["latency_p50_ms"], report["reference"]["macro_f1"], marker="x", color="black")
         ax.annotate(
             f"pytorch fp32 ({prov})",
             (t["latency_p50_ms"], report["reference"]["macro_f1"]),
+            xytext=(6, -12),
+            textcoords="offset points",
             fontsize=7,
         )
+    handles = [
+        Line2D([], [], marker="o", ls="", color=c, alpha=0.6, label=f"variant on {p}")
+        for p, c in colours.items()
+        if any(pt[3] == p for pt in points)
+    ] + [
+        Line2D(
+            [],
+            [],
+            marker="o",
+            ls="",
+            mfc="none",
+            mec="black",
+            mew=2,
+            label=f"selected: {report['selected']}",
+        ),
+        Line2D([], [], marker="x", ls="", color="black", label="PyTorch fp32 reference"),
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.margins(x=0.12, y=0.15)
     ax.set(
         xlabel="batch-1 latency p50 (ms)",
-        ylabel="test macro-F1",
+        ylabel="macro-F1 (judged rows)",
         title="Variants: accuracy vs latency (marker area ~ size)",
     )
     fig.tight_layout()

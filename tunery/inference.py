@@ -30,6 +30,10 @@ from tunery.onnx_export import LABELS_FILE, MODEL_FILE, verify_model_dir
 
 log = logging.getLogger("tunery.inference")
 
+PROBABILITIES = (
+    "probabilities"  # the calibrated output the compress stage adds (tunery.calibration)
+)
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
@@ -210,13 +214,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class OnnxRunner:
-    """One session plus the way to feed it: plain `run` on CPU, IO binding on CUDA."""
+    """One session plus the way to feed it: plain `run` on CPU, IO binding on CUDA.
 
-    def __init__(self, session: Any, device: str) -> None:
+    Returns one output: the first (the logits) unless `output` names another.
+    """
+
+    def __init__(self, session: Any, device: str, output: str | None = None) -> None:
         self.session = session
         self.device = device
         self.input_names = [i.name for i in session.get_inputs()]
-        self.output_name = session.get_outputs()[0].name
+        self.output_name = output or session.get_outputs()[0].name
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         feed = {k: v for k, v in feed.items() if k in self.input_names}
@@ -283,6 +290,11 @@ class Predictor:
         )
         self.provider = CUDA if self.device == "cuda" else CPU
         self._run = OnnxRunner(session, self.device)
+        # Graphs from the compress stage carry the calibrated Softmax(logits / T) as a second
+        # output; older folders (and export's) have logits only: plain softmax then.
+        outputs = [o.name for o in session.get_outputs()]
+        self.calibrated = PROBABILITIES in outputs
+        self._probs = OnnxRunner(session, self.device, PROBABILITIES) if self.calibrated else None
         n_out = session.get_outputs()[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.classes):
             raise TuneryError(
@@ -304,17 +316,29 @@ class Predictor:
             "max_length": self.max_length,
             "labels": self.classes,
             "opset": self.manifest.get("opset"),
+            "calibration": self.manifest.get("calibration"),
         }
 
     def logits(self, texts: Sequence[str], *, progress: Callable[[int], None] | None = None):
         """(n, classes) float32 logits, in input order; batches sorted by length."""
+        return self._scores(self._run, texts, progress)
+
+    def probabilities(
+        self, texts: Sequence[str], *, progress: Callable[[int], None] | None = None
+    ) -> np.ndarray:
+        """(n, classes) class probabilities: the graph's calibrated output, else softmax(logits)."""
+        if self._probs is None:
+            return softmax(self.logits(texts, progress=progress))
+        return self._scores(self._probs, texts, progress)
+
+    def _scores(
+        self, run: OnnxRunner, texts: Sequence[str], progress: Callable[[int], None] | None
+    ) -> np.ndarray:
         encoded = encode(self.tokenizer, texts, self.max_length)
         out = np.zeros((len(texts), len(self.classes)), dtype=np.float32)
         pad = self.tokenizer.pad_token_id or 0
-        for idx, feed in length_batches(
-            encoded, self.batch_size, self._run.input_names, pad_id=pad
-        ):
-            out[idx] = self._run(feed)
+        for idx, feed in length_batches(encoded, self.batch_size, run.input_names, pad_id=pad):
+            out[idx] = run(feed)
             if progress is not None:
                 progress(len(idx))
         return out
@@ -325,7 +349,7 @@ class Predictor:
         if isinstance(texts, str):
             texts = [texts]
         probs = (
-            softmax(self.logits(texts, progress=progress))
+            self.probabilities(texts, progress=progress)
             if len(texts)
             else np.zeros((0, len(self.classes)), dtype=np.float32)
         )
