@@ -112,7 +112,7 @@ class LoraMethod(Section):
     # peft's default for the architecture (BERT: query, value). Or module names (suffixes).
     target_modules: list[str] | Literal["all-linear"] | None = "all-linear"
     use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
-    learning_rate: float = Field(default=1.0e-3, gt=0.0)
+    learning_rate: float = Field(default=2.0e-3, gt=0.0)
 
 
 class IA3Method(Section):
