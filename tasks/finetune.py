@@ -1,15 +1,24 @@
 """finetune: adapt the pretrained encoder to the labelled task with peft (or fully, as the baseline).
 
-Inputs:  `<prepare.out_dir>/{train,val}.parquet` and `labels.json`; the encoder dir
-         (`finetune.encoder`, default `<pretrain.out_dir>`); optionally a previous finetune output
-         to warm-start from (`finetune.warm_start`, the champion's); with ablations on, also
-         `<prepare.out_dir>/test.parquet` to score the variants.
+Inputs:  `<prepare.out_dir>/{train,val,test,holdout}.parquet` and `labels.json` (test and holdout
+         are only scored, never used to choose); the encoder dir (`finetune.encoder`, default
+         `<pretrain.out_dir>`); with ablations on, the pretrain stage's input too (`pretrain.base`,
+         or random weights of the encoder's architecture for `pretrain.init: scratch`);
+         optionally a previous finetune output to warm-start from (`finetune.warm_start`).
+Arms (ablations on; one schedule and seed): `pipeline` (the method on the pretrain output),
+         `base` (the method on the pretrain input), `full` and `probe` (on the chosen encoder).
+         The pretrain gate saves the better of pipeline and base by validation macro-F1 (ties:
+         pipeline). Ablations off: the pipeline arm only, no gate.
 Outputs: `<out_dir>/` written atomically: `adapter/` (peft adapter + head in safetensors, and the
          tokenizer; the full model for method `full`), `merged/` (a plain
          AutoModelForSequenceClassification + tokenizer; LoRA, IA3, AdaLoRA and full only, parity
-         checked against the adapter model), `labels.json`, `finetune.json`;
-         `metrics/finetune.json` (with the ablation table), `plots/finetune/{train_loss,val}.csv`.
-         Checkpoints live in `<checkpoint_dir>/<fingerprint>/` (outside DVC) until success.
+         checked against the adapter model), `labels.json`, `finetune.json` (its `encoder` is
+         the chosen one), `arms.json` (the arms table and the gate, see tunery.finetuning's
+         `read_arms`), `encoder/` only when the chosen arm is a random-weights base;
+         `metrics/finetune.json` (headline numbers, `arms.<name>.*` flat),
+         `plots/finetune/{train_loss,val}.csv`.
+         Checkpoints (main arm only) live in `<checkpoint_dir>/<fingerprint>/` (outside DVC) until
+         success.
 """
 
 from __future__ import annotations
@@ -25,8 +34,18 @@ from typing import Any
 
 from tunery.config import FinetuneConfig, Params
 from tunery.errors import ConfigError
+from tunery.finetune_arms import (
+    BaseArm,
+    arm_record,
+    arms_table_text,
+    flat_summary,
+    pretrain_gate,
+    probe_arm,
+    score_model,
+)
 from tunery.finetuning import (
     ADAPTER_DIR,
+    ARMS_FILE,
     INFO_FILE,
     LABELS_FILE,
     MERGEABLE,
@@ -40,18 +59,18 @@ from tunery.finetuning import (
     load_split,
     logits_on,
     model_files,
-    predict_proba,
     read_labels,
-    resolve_device,
     resolve_model_ref,
     train,
     trainable_parameters,
+    write_arms,
 )
 from tunery.io import atomic_dir, atomic_path
 
 log = logging.getLogger("tunery.finetune")
 
 PARITY_BATCH = 64  # validation texts used for the merge / reload parity checks
+ENCODER_DIR = "encoder"  # the random base encoder, when that arm is chosen (scratch pretraining)
 
 
 def _total_steps(cfg: FinetuneConfig, n_train: int, epochs: float) -> int:
@@ -215,27 +234,6 @@ def _write_curves(history: list[dict[str, float]], plot_dir: Path) -> None:
             writer.writerows(data)
 
 
-def _score(
-    model: Any, tokenizer: Any, split: Split, cfg: FinetuneConfig, max_length: int
-) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    device = resolve_device(cfg)
-    probs = predict_proba(
-        getattr(model, "_orig_mod", model),
-        tokenizer,
-        split.texts,
-        max_length=max_length,
-        batch_size=cfg.eval_batch_size,
-        device=device,
-    )
-    pred = probs.argmax(-1)
-    return {
-        f"{split.name}_macro_f1": round(float(f1_score(split.labels, pred, average="macro")), 4),
-        f"{split.name}_accuracy": round(float(accuracy_score(split.labels, pred)), 4),
-    }
-
-
 def trained_origins(data_dir: Path, warm_start: Path | None) -> list[str]:
     """The `origin`s (source file, incoming file) of the rows fine-tuned on, with those of the
     warm-start model it continues from."""
@@ -251,6 +249,10 @@ def trained_origins(data_dir: Path, warm_start: Path | None) -> list[str]:
     return sorted(origins)
 
 
+def _scored_splits(data_dir: Path, labels: list[str]) -> list[Split]:
+    return [load_split(data_dir / f"{name}.parquet", labels) for name in ("test", "holdout")]
+
+
 def run(
     cfg: FinetuneConfig,
     *,
@@ -260,15 +262,21 @@ def run(
     checkpoint_root: Path,
     plot_dir: Path,
     root: Path,
+    base: BaseArm | None = None,
     tracker: Any = None,
     callbacks: tuple = (),
 ) -> dict[str, Any]:
+    """Fine-tune the pipeline encoder; with ablations on, also the arms and the pretrain gate.
+
+    `base` is the pretrain stage's input (the `base` arm); None or `base.skipped`: no base arm.
+    """
     from transformers import AutoTokenizer
 
     encoder = Path(encoder).resolve()
     labels = read_labels(data_dir / "labels.json")
     train_split = load_split(data_dir / "train.parquet", labels)
     val_split = load_split(data_dir / "val.parquet", labels)
+    scored = _scored_splits(data_dir, labels)
     warm = resolve_model_ref(cfg.warm_start, root)
     if not (encoder / "config.json").is_file():
         raise FinetuneError(f"{encoder}: encoder not found (no config.json); run pretrain")
@@ -293,37 +301,88 @@ def run(
         if tracker is not None:
             tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step)
 
+    common = dict(labels=labels, train_split=train_split, val_split=val_split)
+    # pipeline arm: the main model, the only one with a resume point
     result, stats = _train_variant(
         cfg,
         method=cfg.method,
         init="pretrained",
         encoder=encoder,
         tokenizer=tokenizer,
-        labels=labels,
-        train_split=train_split,
-        val_split=val_split,
         warm_start=warm,
         checkpoint_dir=checkpoint_dir,
         on_log=on_log,
         callbacks=callbacks,
+        **common,
     )
+    # Scored now: writing the outputs merges the adapter in place.
+    candidates = {"pipeline": (result, stats, encoder, "pretrained", tokenizer)}
+    arms = {"pipeline": _arm_row(result, stats, encoder, "pretrained", tokenizer, scored, cfg)}
+
+    skipped = _base_skipped(cfg, base, warm)
+    if skipped is None:
+        log.info(
+            "arm base: %s on the pretrain stage's input (%s, %s)",
+            cfg.method,
+            base.encoder,
+            base.init,
+        )
+        base_tok = AutoTokenizer.from_pretrained(base.encoder)
+        b_result, b_stats = _train_variant(
+            cfg,
+            method=cfg.method,
+            init=base.init,
+            encoder=Path(base.encoder),
+            tokenizer=base_tok,
+            **common,
+        )
+        candidates["base"] = (b_result, b_stats, Path(base.encoder), base.init, base_tok)
+        arms["base"] = _arm_row(
+            b_result, b_stats, Path(base.encoder), base.init, base_tok, scored, cfg
+        )
+    gate = pretrain_gate(
+        arms["pipeline"]["best_val_macro_f1"],
+        arms["base"]["best_val_macro_f1"] if "base" in arms else None,
+        skipped,
+    )
+    chosen = gate.pop("chosen")
+    (log.warning if chosen == "base" else log.info)("%s", gate["decision"])
+    result, stats, chosen_encoder, chosen_init, tokenizer = candidates[chosen]
+    for name in [n for n in candidates if n != chosen]:
+        del candidates[name]  # frees the other arm's model
     _write_curves(result.history, plot_dir)
 
-    test_split = None
-    main_test: dict[str, float] = {}
-    if cfg.ablations.enabled:  # scored now: writing the outputs merges the adapter in place
-        test_split = load_split(data_dir / "test.parquet", labels)
-        main_test = _score(result.model, tokenizer, test_split, cfg, stats["max_length"])
+    if cfg.ablations.enabled:
+        arms.update(
+            _reference_arms(
+                cfg,
+                encoder=chosen_encoder,
+                init=chosen_init,
+                tokenizer=tokenizer,
+                scored=scored,
+                chosen_row=arms[chosen],
+                **common,
+            )
+        )
+    else:
+        arms = {chosen: arms[chosen]}
+    report = {"chosen": chosen, "pretrain_gate": gate, "arms": arms}
+    log.info("arms (test and holdout splits; chosen: %s):\n%s", chosen, arms_table_text(arms))
 
     parity_texts = val_split.texts[:PARITY_BATCH]
     with atomic_dir(out_dir) as tmp:
+        saved_encoder, final_encoder = chosen_encoder, chosen_encoder
+        if chosen_init == "random":
+            # The adapter sits on random weights that exist nowhere else: saved beside it.
+            saved_encoder, final_encoder = tmp / ENCODER_DIR, Path(out_dir).resolve() / ENCODER_DIR
+            _save_random_encoder(cfg, chosen_encoder, labels, tokenizer, saved_encoder)
         checks = _save_outputs(
             tmp,
             result.model,
             tokenizer,
             cfg=cfg,
             method=cfg.method,
-            encoder=encoder,
+            encoder=saved_encoder,
             labels=labels,
             parity_texts=parity_texts,
             max_length=stats["max_length"],
@@ -332,8 +391,11 @@ def run(
         info = {
             "method": cfg.method,
             "mergeable": (tmp / MERGED_DIR).is_dir(),
-            "encoder": str(encoder),
-            "encoder_fingerprint": encoder_fp,
+            # what `load_base` loads for the adapter: the pipeline's encoder or its base
+            "encoder": str(final_encoder),
+            "encoder_fingerprint": fingerprint({}, model_files(saved_encoder)),
+            "arm": chosen,
+            "pretrain_gate": gate["decision"],
             "max_length": stats["max_length"],
             "merge_max_abs_logit_diff": checks["merge"],
             "adapter_reload_max_abs_logit_diff": checks["adapter_reload"],
@@ -349,10 +411,12 @@ def run(
             "data_origins": trained_origins(data_dir, warm),
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_arms(tmp, report)
     log.info(
-        "wrote %s (%s; merge diff %s, adapter reload diff %s)",
+        "wrote %s (%s, %s arm; merge diff %s, adapter reload diff %s)",
         out_dir,
         cfg.method,
+        chosen,
         checks["merge"],
         checks["adapter_reload"],
     )
@@ -364,68 +428,99 @@ def run(
         "adapter_reload_max_abs_logit_diff": checks["adapter_reload"],
         "train_rows": len(train_split),
         "val_rows": len(val_split),
+        **flat_summary(report),
     }
-    if cfg.ablations.enabled:
-        metrics["ablations"] = run_ablations(
-            cfg,
-            main_stats={**stats, **main_test},
-            encoder=encoder,
-            tokenizer=tokenizer,
-            labels=labels,
-            train_split=train_split,
-            val_split=val_split,
-            test_split=test_split,
-        )
     # Finished and written: the resume point has served its purpose.
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
 
 
-def run_ablations(
+def _base_skipped(cfg: FinetuneConfig, base: BaseArm | None, warm: Path | None) -> str | None:
+    """Why there is no base arm (None: there is one)."""
+    if not cfg.ablations.enabled:
+        return "finetune.ablations.enabled is false (main arm only)"
+    if base is None:
+        return "no pretrain stage input given"
+    if base.skipped:
+        return base.skipped
+    if warm is not None:
+        return "finetune.warm_start continues a previous adapter (no fresh comparison)"
+    return None
+
+
+def _arm_row(
+    result: Any,
+    stats: dict[str, Any],
+    encoder: Path,
+    init: str,
+    tokenizer: Any,
+    scored: list[Split],
+    cfg: FinetuneConfig,
+) -> dict[str, Any]:
+    return arm_record(
+        method=stats["method"],
+        encoder=encoder,
+        init=init,
+        scores=score_model(result.model, tokenizer, scored, cfg, stats["max_length"]),
+        best_val_macro_f1=stats["best_val_macro_f1"],
+        train_seconds=stats["train_seconds"],
+        trainable_params=stats["trainable_params"],
+        total_params=stats["total_params"],
+        epochs=stats["epochs"],
+    )
+
+
+def _reference_arms(
     cfg: FinetuneConfig,
     *,
-    main_stats: dict[str, Any],
     encoder: Path,
+    init: str,
     tokenizer: Any,
     labels: list[str],
     train_split: Split,
     val_split: Split,
-    test_split: Split,
+    scored: list[Split],
+    chosen_row: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """One table: the main model, the same method on a random-weights encoder, LoRA vs full.
-
-    Variants train without checkpoints, capped at `ablations.epochs`, and are all scored on the
-    test split (the holdout stays for `evaluate`).
-    """
-    table: dict[str, dict[str, Any]] = {}
-    main_key = f"{cfg.method}/pretrained"
-    table[main_key] = {k: v for k, v in main_stats.items() if k != "resumed_from"}
-    variants = [(cfg.method, "random")]
-    variants += [(m, "pretrained") for m in ("lora", "full") if m != cfg.method]
-    for method, init in variants:
-        log.info("ablation: %s on a %s encoder", method, init)
-        result, stats = _train_variant(
+    """probe and full on the chosen encoder (full: the chosen arm itself when method is full)."""
+    log.info("arm probe: frozen %s encoder + logistic regression", init)
+    arms = {
+        "probe": probe_arm(
             cfg,
-            method=method,
-            init=init,
             encoder=encoder,
+            init=init,
             tokenizer=tokenizer,
             labels=labels,
             train_split=train_split,
             val_split=val_split,
-            epochs=cfg.ablations.epochs,
+            scored=scored,
         )
-        stats.pop("resumed_from", None)
-        table[f"{method}/{init}"] = {
-            **stats,
-            **_score(result.model, tokenizer, test_split, cfg, stats["max_length"]),
-        }
-    cols = ("test_macro_f1", "trainable_share", "train_seconds", "peak_memory_mb", "epochs")
-    log.info(
-        "ablations (test split):\n%s",
-        "\n".join(f"  {k:<22}" + "  ".join(f"{c}={v[c]}" for c in cols) for k, v in table.items()),
+    }
+    if cfg.method == "full":
+        arms["full"] = chosen_row
+        return arms
+    log.info("arm full: full fine-tuning of the chosen encoder (%s epochs)", cfg.epochs)
+    result, stats = _train_variant(
+        cfg,
+        method="full",
+        init=init,
+        encoder=encoder,
+        tokenizer=tokenizer,
+        labels=labels,
+        train_split=train_split,
+        val_split=val_split,
     )
-    return table
+    arms["full"] = _arm_row(result, stats, encoder, init, tokenizer, scored, cfg)
+    return arms
+
+
+def _save_random_encoder(
+    cfg: FinetuneConfig, encoder: Path, labels: list[str], tokenizer: Any, dest: Path
+) -> None:
+    """The random weights the base arm started from (same seed: the same weights), as a model dir."""
+    model, _ = load_base(encoder, labels, init="random", seed=cfg.seed)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
 
 
 def encoder_path(params: Params, root: Path) -> Path:
@@ -440,6 +535,26 @@ def encoder_path(params: Params, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def pretrain_input(params: Params, root: Path) -> BaseArm:
+    """What the pretrain stage started from: `pretrain.base` (init base) or random weights of the
+    pipeline encoder's architecture (init scratch); none when `finetune.encoder` is set."""
+    if params.finetune.encoder is not None:
+        return BaseArm(
+            encoder=None,
+            skipped="finetune.encoder is set (not the pretrain output): no pipeline pretraining to judge",
+        )
+    pretrain = getattr(params, "pretrain", None)
+    if pretrain is None:
+        return BaseArm(encoder=None, skipped="params.yaml has no pretrain section")
+    if pretrain.init == "base":
+        from tunery.models import resolve_model_ref as resolve_base
+
+        ref = pretrain.base
+        local = root / ref
+        return BaseArm(encoder=Path(resolve_base(str(local) if local.is_dir() else ref)).resolve())
+    return BaseArm(encoder=encoder_path(params, root), init="random")
+
+
 def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     cfg = params.finetune
     if cfg.warm_start == "champion":
@@ -451,6 +566,7 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     metrics = run(
         cfg,
         encoder=encoder_path(params, root),
+        base=pretrain_input(params, root),
         data_dir=root / params.prepare.out_dir,
         out_dir=root / cfg.out_dir,
         checkpoint_root=root / cfg.checkpoint_dir,
@@ -462,8 +578,7 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     tracking_run.log_artifact(root / cfg.out_dir / INFO_FILE, "finetune")
     if plot_dir.is_dir():
         tracking_run.log_artifact(plot_dir, "finetune/curves")
-    if "ablations" in metrics:
-        tracking_run.log_dict(metrics["ablations"], "finetune/ablations.json")
+    tracking_run.log_artifact(root / cfg.out_dir / ARMS_FILE, "finetune")
     return metrics
 
 

@@ -1,5 +1,6 @@
 """finetune on a tiny BERT (CPU, seconds): every method's outputs and merge parity, determinism,
-resume after a kill, warm start, ablations, and bad input failing before anything is written."""
+resume after a kill, warm start, and bad input failing before anything is written. The arms and
+the pretrain gate: tests/test_finetune_arms.py."""
 
 from __future__ import annotations
 
@@ -292,17 +293,6 @@ def test_merge_parity_failure_writes_nothing(encoder, data, tmp_path, monkeypatc
     with pytest.raises(FinetuneError, match="differs from the trained model"):
         run(small_cfg(epochs=1.0), encoder, data, tmp_path)
     assert not (tmp_path / "out").exists()
-
-
-def test_ablations_table(encoder, data, tmp_path):
-    cfg = small_cfg(epochs=1.0, ablations={"enabled": True, "epochs": 1.0})
-    table = run(cfg, encoder, data, tmp_path)["ablations"]
-    assert set(table) == {"lora/pretrained", "lora/random", "full/pretrained"}
-    for row in table.values():
-        for key in ("test_macro_f1", "trainable_share", "train_seconds", "peak_memory_mb"):
-            assert key in row
-    assert table["full/pretrained"]["trainable_share"] == 1.0
-    assert table["lora/random"]["trainable_share"] < 0.5
 
 
 def test_class_weights_by_hand():

@@ -110,9 +110,12 @@ class LoraMethod(Section):
     r: int = Field(default=8, gt=0)
     alpha: int = Field(default=16, gt=0)
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    # None: peft's default for the architecture (BERT: query, value).
-    target_modules: list[str] | None = None
-    learning_rate: float = Field(default=1.0e-3, gt=0.0)
+    # "all-linear": every linear layer of the encoder (attention and feed-forward, BERT's pooler),
+    # never the classification head or a newly initialised module (those train fully). None:
+    # peft's default for the architecture (BERT: query, value). Or module names (suffixes).
+    target_modules: list[str] | Literal["all-linear"] | None = "all-linear"
+    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    learning_rate: float = Field(default=2.0e-3, gt=0.0)
 
 
 class IA3Method(Section):
@@ -155,10 +158,13 @@ class FullMethod(Section):
 
 
 class AblationConfig(Section):
-    """Extra variants trained by `finetune`: random-weights encoder, and LoRA vs full."""
+    """The finetune stage's arms (base, full, probe) and the pretrain gate; off: the main arm only.
+
+    Every arm trains with the main method's schedule (`finetune.epochs`, seed), so there is no
+    separate epoch cap.
+    """
 
     enabled: bool = False
-    epochs: float = Field(default=4.0, gt=0.0)  # cap per variant, to keep the demo short
 
 
 class FinetuneConfig(Section):

@@ -51,9 +51,13 @@ ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 LABELS_FILE = "labels.json"
 INFO_FILE = "finetune.json"
-ARMS_FILE = "arms.json"  # the fine-tune arms (pipeline / base / full / probe) and the pretrain gate
+# The arms table (probe, base, pipeline, full: what each stage bought) and the pretrain gate's
+# decision; written by the finetune stage, read with `read_arms`.
+ARMS_FILE = "arms.json"
+ARM_ORDER = ("probe", "base", "pipeline", "full")
 SPLIT_FILES = ("train", "val", "test", "holdout")
 RANK_PATTERN_FILE = "adalora_rank_pattern.json"
+ALL_LINEAR = "all-linear"  # a target_modules shorthand (see `linear_targets`)
 
 
 class FinetuneError(TuneryError):
@@ -114,6 +118,36 @@ def load_split(path: Path, labels: Sequence[str], *, allow_empty: bool = False) 
         texts=df["text"].astype(str).tolist(),
         labels=[index[str(x)] for x in df["label"]],
     )
+
+
+def write_arms(finetune_dir: Path, report: Mapping[str, Any]) -> Path:
+    """Write `arms.json`: `chosen`, `pretrain_gate` and `arms` (in `ARM_ORDER`)."""
+    arms = report["arms"]
+    unknown = set(arms) - set(ARM_ORDER)
+    if unknown or report["chosen"] not in arms:
+        raise FinetuneError(f"arms table: unknown arms {sorted(unknown)} or chosen not among them")
+    ordered = {
+        "chosen": report["chosen"],
+        "pretrain_gate": dict(report["pretrain_gate"]),
+        "arms": {name: arms[name] for name in ARM_ORDER if name in arms},
+    }
+    path = Path(finetune_dir) / ARMS_FILE
+    path.write_text(json.dumps(ordered, indent=2) + "\n")
+    return path
+
+
+def read_arms(finetune_dir: Path) -> dict[str, Any]:
+    """The arms table of a finetune output (see `write_arms`)."""
+    path = Path(finetune_dir) / ARMS_FILE
+    if not path.is_file():
+        raise FinetuneError(f"{finetune_dir}: no {ARMS_FILE}; run finetune")
+    report = json.loads(path.read_text())
+    if (
+        not {"chosen", "pretrain_gate", "arms"} <= set(report)
+        or report["chosen"] not in report["arms"]
+    ):
+        raise FinetuneError(f"{path}: not an arms table (chosen, pretrain_gate, arms)")
+    return report
 
 
 # --------------------------------------------------------------------------- devices and memory
@@ -224,6 +258,13 @@ def check_supported(cfg: FinetuneConfig, method: str, model: Any) -> None:
             )
         return
     sub = getattr(cfg, method)
+    if sub.target_modules == ALL_LINEAR:
+        if not linear_targets(model, []):
+            raise FinetuneError(
+                f"finetune.{method}.target_modules all-linear: {type(model).__name__} "
+                f"({model_type}) has no linear layer outside its head"
+            )
+        return
     targets = sub.target_modules or _peft_defaults(method, model_type)[0]
     if not targets:
         raise FinetuneError(
@@ -238,19 +279,51 @@ def check_supported(cfg: FinetuneConfig, method: str, model: Any) -> None:
         )
 
 
+def linear_targets(model: Any, new_modules: Sequence[str]) -> list[str]:
+    """`all-linear`, resolved: the encoder's linear layers, without the classification head and
+    the newly initialised modules (those are `modules_to_save`: trained fully, not adapted).
+
+    Resolved here rather than by peft's own "all-linear", which knows the head only by a few
+    conventional names and would put an adapter inside a `modules_to_save` pooler.
+    """
+    import torch
+
+    skip = (*new_modules, "classifier", "score")
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        names.append(name)
+    return names
+
+
 def peft_config(
-    cfg: FinetuneConfig, method: str, *, model_type: str, total_steps: int, new_modules: list[str]
+    cfg: FinetuneConfig,
+    method: str,
+    *,
+    model_type: str,
+    total_steps: int,
+    new_modules: list[str],
+    model: Any = None,
 ) -> Any:
     from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, TaskType
 
     common = {"task_type": TaskType.SEQ_CLS, "modules_to_save": list(new_modules) or None}
     if method == "lora":
         m = cfg.lora
+        targets = m.target_modules
+        if targets == ALL_LINEAR:
+            if model is None:
+                raise FinetuneError("lora target_modules all-linear needs the model to resolve")
+            targets = linear_targets(model, new_modules)
         return LoraConfig(
             r=m.r,
             lora_alpha=m.alpha,
             lora_dropout=m.dropout,
-            target_modules=m.target_modules,
+            target_modules=targets,
+            use_rslora=getattr(m, "use_rslora", False),
             **common,
         )
     if method == "ia3":
@@ -361,6 +434,7 @@ def build_model(
         model_type=model.config.model_type,
         total_steps=total_steps,
         new_modules=new_modules,
+        model=model,
     )
     try:
         return get_peft_model(model, pcfg)
@@ -917,14 +991,6 @@ class LoadedClassifier:
             max_length=int(self.info.get("max_length", 128)),
             batch_size=batch_size,
         )
-
-
-def read_arms(finetune_dir: Path) -> dict[str, Any] | None:
-    """The finetune stage's `arms.json`, or None when it wrote none (ablations off, older runs)."""
-    try:
-        return json.loads((Path(finetune_dir) / ARMS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def resolve_model_ref(ref: str | None, root: Path) -> Path | None:
