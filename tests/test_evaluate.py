@@ -3,6 +3,7 @@ and bad input (unknown labels, a model dir that is not one) failing with nothing
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -288,16 +289,18 @@ def test_no_newest_data_is_said_not_scored(trained, tmp_path):
 
 # --------------------------------------------------------------------------- the stage-value table
 def test_stage_value_table_from_the_stage(trained, tmp_path):
-    """Without arms (a fine-tune without ablations): baseline and the served model, with verdicts."""
+    """Baseline, the fine-tune's arms (arms.json) and the served model, each against the row
+    above, with the verdicts."""
     metrics = _run(trained, tmp_path)
     table = json.loads((tmp_path / "reports" / "stage_value.json").read_text())
-    rows = {r["row"]: r for r in table["rows"]}
-    assert next(iter(rows)) == "tfidf" and list(rows)[-1] == "deployed"
-    assert rows["deployed"]["macro_f1"] == round(metrics["holdout"]["macro_f1"], 4)
-    assert rows["deployed"]["delta"] == round(
-        rows["deployed"]["macro_f1"] - rows["tfidf"]["macro_f1"], 4
-    )
-    assert "fp32" in rows["deployed"]["what"]
+    order = [r["row"] for r in table["rows"]]
+    assert order[0] == "tfidf" and order[-1] == "deployed"
+    assert set(order) <= set(("tfidf", "probe", "base", "pipeline", "full", "deployed"))
+    rows = table["rows"]
+    assert rows[-1]["macro_f1"] == round(metrics["holdout"]["macro_f1"], 4)
+    for above, row in itertools.pairwise(rows):
+        assert row["delta"] == round(row["macro_f1"] - above["macro_f1"], 4)
+    assert "fp32" in rows[-1]["what"]
     assert "calibration" in table["verdicts"] and "compress" in table["verdicts"]
     md = (tmp_path / "reports" / "stage_value.md").read_text()
     assert "TF-IDF" in md and "deployed" in md
