@@ -341,6 +341,12 @@ def run(
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         check_output(tmp, model, tok, texts=probe_val[0][:8], max_length=cfg.max_length)
+        if cfg.init == "base":
+            from tunery.models import carry_base_tensors
+
+            carried = carry_base_tensors(tmp, cfg.base, f"{model.base_model_prefix}.")
+            if carried:
+                log.info("kept the base's %s (the %s head has none)", carried, cfg.objective)
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     write_json(plots_dir / "loss.json", history)

@@ -184,6 +184,11 @@ def test_mlm_from_a_base_without_head_warms_a_fresh_head_up_first(data_dir, tmp_
     at6 = encoder_tensors(tmp_path / "ckpt" / "checkpoint-6")
     assert all(torch.equal(at3[k], v) for k, v in before.items() if k in at3)
     assert any(not torch.equal(at6[k], v) for k, v in before.items() if k in at6)
+    # The MLM model has no pooler: the saved encoder keeps the base's, so a fine-tune from it
+    # starts where one from the base does (the pretrain gate compares like with like).
+    out = encoder_tensors(tmp_path / "encoder")
+    pooler = [k for k in before if k.startswith("pooler.")]
+    assert pooler and all(torch.equal(out[k], before[k]) for k in pooler)
 
 
 def test_mlm_on_a_base_without_head_and_no_warmup_is_refused(data_dir, tmp_path):

@@ -265,3 +265,33 @@ def load_encoder(
             ", ..." if len(new) > 3 else "",
         )
     return model, tok, {"source": ref, "folder": folder, "new_weights": new}
+
+
+def carry_base_tensors(folder: Path, base_ref: str, prefix: str) -> list[str]:
+    """Copy into `folder`'s safetensors the base's tensors its own save lacks; return their names.
+
+    An MLM model (`BertForMaskedLM`) has no pooler, so an encoder continued with MLM from a base
+    that had one would be saved without it, and every fine-tune from it would start from a random
+    pooler while the same fine-tune from the base starts from the trained one: the comparison
+    between the two would not be fair. The base's tensors are written under the saved model's
+    prefix (`bert.` + `pooler.dense.weight`); nothing the training changed is overwritten.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base = resolve_model_ref(base_ref)
+    [base_file] = sorted(Path(base).glob("model.safetensors")) or [None]
+    [own_file] = sorted(Path(folder).glob("model.safetensors")) or [None]
+    if base_file is None or own_file is None:  # sharded or non-safetensors: leave it as it is
+        return []
+    own = load_file(own_file)
+    with safe_open(base_file, framework="pt") as f:
+        names = {k.removeprefix(prefix): k for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
+        missing = {
+            prefix + short: f.get_tensor(full)
+            for short, full in names.items()
+            if short.startswith("pooler.") and prefix + short not in own
+        }
+    if missing:
+        save_file({**own, **missing}, own_file, metadata={"format": "pt"})
+    return sorted(missing)
