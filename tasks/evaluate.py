@@ -114,7 +114,8 @@ def _champion(
             "reason": f"champion labels {list(model.labels)} differ from {list(labels)}",
         }
     holdout = load_split(data_dir / "holdout.parquet", labels)
-    return {"path": where, "comparable": True, "report": _score(model, holdout, cfg)}
+    report = ev.restrict_to_present(_score(model, holdout, cfg))
+    return {"path": where, "comparable": True, "report": report}
 
 
 def _origins_of(model: Any) -> list[str] | None:
@@ -251,6 +252,9 @@ def run(
         )
     splits = {name: load_split(data_dir / f"{name}.parquet", clf.labels) for name in SPLITS}
     reports = {name: _score(clf, split, cfg) for name, split in splits.items()}
+    # A class with no holdout rows (added after the holdout froze) says nothing about the model:
+    # macro-F1 over the classes present, not an F1 of 0 averaged in.
+    ev.restrict_to_present(reports["holdout"])
     uncalibrated = ev.evaluate_predictions(
         splits["holdout"].texts,
         splits["holdout"].labels,
@@ -301,7 +305,9 @@ def run(
             "macro_f1": round(holdout["macro_f1"], 4),
             "accuracy": round(holdout["accuracy"], 4),
             "ece": round(holdout["ece"], 4),
-            "per_class_f1": {k: round(v["f1"], 4) for k, v in holdout["per_class"].items()},
+            "per_class_f1": {
+                k: round(v["f1"], 4) for k, v in holdout["per_class"].items() if v["support"]
+            },
         },
         "champion": None,
         "deltas": None,
@@ -317,7 +323,11 @@ def run(
                 macro_f1=round(champ_report["macro_f1"], 4),
                 accuracy=round(champ_report["accuracy"], 4),
                 ece=round(champ_report["ece"], 4),
-                per_class_f1={k: round(v["f1"], 4) for k, v in champ_report["per_class"].items()},
+                per_class_f1={
+                    k: round(v["f1"], 4)
+                    for k, v in champ_report["per_class"].items()
+                    if v["support"]
+                },
             )
             gate["deltas"] = ev.deltas(holdout, champ_report)
             metrics["champion"] = {"holdout": ev.summary(champ_report)}

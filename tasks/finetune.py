@@ -183,6 +183,7 @@ def _save_outputs(
         from peft import PeftModel
 
         model.save_pretrained(adapter)
+        sort_adapter_config(adapter / "adapter_config.json")
         tokenizer.save_pretrained(adapter)
         base, _ = load_base(encoder, labels)
         reloaded = PeftModel.from_pretrained(base, str(adapter))
@@ -206,6 +207,16 @@ def _save_outputs(
                 f"(> finetune.merge_tolerance {cfg.merge_tolerance}); nothing written"
             )
     return checks
+
+
+def sort_adapter_config(path: Path) -> None:
+    """peft writes `target_modules` (a set) in hash order: sorted, identical runs give identical
+    files, so the DVC hash of the output depends on the weights only."""
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(dict.fromkeys(config[key]))
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _write_curves(history: list[dict[str, float]], plot_dir: Path) -> None:

@@ -237,3 +237,24 @@ def test_default_lora_adapts_attention_and_feed_forward_not_the_head(encoder, da
     assert info["method_params"]["target_modules"] == "all-linear"
     assert 0.0 <= info["merge_max_abs_logit_diff"] <= 1e-3
     assert info["adapter_reload_max_abs_logit_diff"] <= 1e-3
+
+
+def test_lora_trains_the_pooler_fully_and_adapts_the_rest(tmp_path):
+    """`finetune.lora.train_fully: [pooler]`: the pooler is a trained copy (like the classifier),
+    not adapted; every other linear layer of the encoder gets an adapter."""
+    from tests.tiny import make_tiny_encoder
+    from tunery.config import FinetuneConfig
+    from tunery.finetuning import build_model
+
+    encoder = make_tiny_encoder(tmp_path / "enc")
+    model = build_model(
+        FinetuneConfig(), method="lora", encoder=encoder, labels=["a", "b"], total_steps=4
+    )
+    config = model.peft_config["default"]
+    assert any(m.endswith("pooler") for m in config.modules_to_save)
+    assert not any("pooler" in t for t in config.target_modules)
+    layer0 = [t for t in config.target_modules if "layer.0." in t]
+    for name in ("query", "key", "value", "attention.output.dense", "intermediate.dense"):
+        assert any(t.endswith(name) for t in layer0), name
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("pooler" in n and "modules_to_save" in n for n in trained)

@@ -72,3 +72,13 @@ def test_missing_metrics_fail_closed(challenger, champion):
     d = decide(challenger, champion, has_champion=True, parity_passed=True, cfg=CFG)
     assert not d.promote
     assert "missing" in d.reason
+
+
+def test_a_champion_that_cannot_be_compared_says_why():
+    champion = {
+        "comparable": False,
+        "reason": "champion labels ['a', 'b'] differ from ['a', 'b', 'c']",
+    }
+    d = decide(m(0.9), champion, has_champion=True, parity_passed=True, cfg=CFG)
+    assert not d.promote
+    assert "not comparable" in d.reason and "differ" in d.reason and "--force" in d.reason

@@ -88,8 +88,11 @@ def test_source_kind_switches_schema(tmp_path):
 
 def test_check_command(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
+    # the demo source need not be installed for this test: any existing folder stands in for it
     with pytest.raises(SystemExit) as done:
-        cli_main(["check", "--set", "prepare.split_salt=abc"])
+        cli_main(
+            ["check", "--set", "prepare.split_salt=abc", "--set", f"ingest.source.path={tmp_path}"]
+        )
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "split_salt: abc" in out and "OK:" in out
@@ -101,3 +104,19 @@ def test_check_command(tmp_path, capsys, monkeypatch):
         cli_main(["check", "-p", str(bad)])
     assert done.value.code == 2
     assert "ingest.duplicates" in capsys.readouterr().err
+
+
+def test_check_reads_the_source_headers(tmp_path, capsys, monkeypatch):
+    """`tunery check` catches a missing source and a column the data lacks before any run."""
+    tree = base_tree()
+    tree["ingest"]["source"] = {"kind": "files", "path": "data/source", "text_column": "body"}
+    params = write(tmp_path, tree)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        cli_main(["check", "-p", str(params)])
+    assert done.value.code == 2 and "ingest.source.path does not exist" in capsys.readouterr().err
+    (tmp_path / "data" / "source").mkdir(parents=True)
+    (tmp_path / "data" / "source" / "a.csv").write_text("text,label\nhello,a\n")
+    with pytest.raises(SystemExit) as done:
+        cli_main(["check", "-p", str(params)])
+    assert done.value.code == 2 and "missing column(s) ['body']" in capsys.readouterr().err

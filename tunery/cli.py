@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,32 @@ def _load(args: argparse.Namespace, root: Path):
     return load_params(path if path.is_absolute() or path.exists() else root / path, args.set)
 
 
+def _check_source(params: Any, root: Path) -> str:
+    """The configured source can be read and has the configured columns (cheap: headers only)."""
+    from tunery.config import FilesSource
+    from tunery.data import files
+    from tunery.errors import DataValidationError
+
+    src = params.ingest.source
+    path = Path(src.path) if Path(src.path).is_absolute() else root / src.path
+    if not path.exists():
+        raise DataValidationError(
+            path, "missing_file", "ingest.source.path does not exist (see README: Your own data)"
+        )
+    if not isinstance(src, FilesSource):
+        return f"source: {src.kind} at {path}"
+    found = files.list_files(path, files.LABELLED_SUFFIXES)
+    if not found:
+        raise DataValidationError(path, "missing_file", "no .csv, .jsonl or .parquet file")
+    for file in found:
+        files.read_labelled(file, src.text_column, src.label_column, origin="check")
+    return f"source: {len(found)} file(s) in {path} with columns {src.text_column!r}, {src.label_column!r}"
+
+
 def cmd_check(args: argparse.Namespace, root: Path) -> int:
     params = _load(args, root)
     print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip())
+    print(_check_source(params, root))
     print(
         f"\nOK: {args.params} is valid"
         + (f" (with {len(args.set)} override(s))" if args.set else "")
@@ -501,6 +525,10 @@ def main(argv: list[str] | None = None) -> None:
     except TuneryError as exc:
         print(f"tunery: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except BrokenPipeError:  # `tunery models | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

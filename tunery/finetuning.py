@@ -279,6 +279,15 @@ def check_supported(cfg: FinetuneConfig, method: str, model: Any) -> None:
         )
 
 
+def fully_trained(model: Any, suffixes: Sequence[str]) -> list[str]:
+    """The modules named by `finetune.lora.train_fully` (suffixes) that this model has."""
+    return sorted(
+        n
+        for n, _ in model.named_modules()
+        if n and any(n == s or n.endswith("." + s) for s in suffixes)
+    )
+
+
 def linear_targets(model: Any, new_modules: Sequence[str]) -> list[str]:
     """`all-linear`, resolved: the encoder's linear layers, without the classification head and
     the newly initialised modules (those are `modules_to_save`: trained fully, not adapted).
@@ -314,10 +323,16 @@ def peft_config(
     if method == "lora":
         m = cfg.lora
         targets = m.target_modules
+        fully = fully_trained(model, m.train_fully) if model is not None else []
+        if fully:  # peft matches modules_to_save by the last name ("pooler"), as "classifier"
+            # (a new module inside a fully trained one is trained with it: not wrapped twice)
+            inner = {n for n in new_modules if any(n.startswith(f + ".") for f in fully)}
+            names = {*(set(new_modules) - inner), *(f.rsplit(".", 1)[-1] for f in fully)}
+            common["modules_to_save"] = sorted(names)
         if targets == ALL_LINEAR:
             if model is None:
                 raise FinetuneError("lora target_modules all-linear needs the model to resolve")
-            targets = linear_targets(model, new_modules)
+            targets = linear_targets(model, [*new_modules, *fully])
         return LoraConfig(
             r=m.r,
             lora_alpha=m.alpha,

@@ -60,8 +60,19 @@ def decide(
 
     best = _number(champion, "macro_f1")
     if best is None:
+        if (champion or {}).get("comparable") is False:
+            # Say why, and what would fix it: a missing number hides the real reason.
+            return Decision(
+                False,
+                f"champion not comparable: {champion.get('reason', 'unknown reason')} "
+                "(fail closed; `tunery promote VERSION --force` if the change is intended)",
+                checks,
+            )
         return Decision(
-            False, "champion's holdout macro_f1 is missing: cannot compare (fail closed)", checks
+            False,
+            "champion's holdout macro_f1 is missing: cannot compare (fail closed; re-run "
+            "`tunery run evaluate --force`, then `tunery run`)",
+            checks,
         )
     checks["min_delta"] = score >= best + cfg.min_delta
     if not checks["min_delta"]:

@@ -111,3 +111,20 @@ def test_sigkill_of_the_caller_ends_the_dvc_worker_and_its_stage(tmp_path):
             break
         time.sleep(0.2)
     assert not left.strip(), f"left running after the caller's SIGKILL: {left.split()}"
+
+
+def test_adapter_config_is_written_in_a_stable_order(tmp_path):
+    """peft writes target_modules in set (hash) order; the stage sorts it, so two identical
+    fine-tunes give byte-identical folders and the same DVC hash."""
+    import json
+
+    from tasks.finetune import sort_adapter_config
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    cfg = {"r": 8, "target_modules": ["value", "query", "dense", "key"], "modules_to_save": None}
+    one.write_text(json.dumps(cfg))
+    two.write_text(json.dumps({**cfg, "target_modules": ["key", "dense", "value", "query"]}))
+    sort_adapter_config(one)
+    sort_adapter_config(two)
+    assert one.read_bytes() == two.read_bytes()
+    assert json.loads(one.read_text())["target_modules"] == ["dense", "key", "query", "value"]
