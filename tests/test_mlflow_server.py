@@ -399,7 +399,7 @@ def test_registry_gate_promotion_and_lineage_through_the_server(use_server, tmp_
     assert tracking.alias_version(root, "m", promotion.CHAMPION) == v4
 
     # manual promotion and rollback, recorded in the promotion log on the server
-    promotion.promote(root, params, v2, "hotfix for class b")
+    promotion.promote(root, params, v2, "hotfix for class b", force=True)  # the gate rejected v2
     assert tracking.alias_version(root, "m", promotion.CHAMPION) == v2
     back = promotion.rollback(root, params, "v2 misbehaves")
     assert (back["from"], back["to"]) == (v2, v4)
