@@ -13,12 +13,22 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_failed_stage_keeps_the_last_good_outputs(project):
+def _repro_may_fail(project):
     import subprocess
     import sys
 
     from tests.conftest import tool_env
 
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "prepare"],
+        cwd=project,
+        env=tool_env(project),
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_failed_stage_keeps_the_last_good_outputs(project):
     init_repo(project)
     dvc(project, "repro", "prepare")
     kept = [
@@ -35,13 +45,7 @@ def test_failed_stage_keeps_the_last_good_outputs(project):
     bad = pd.read_csv(project / "data" / "source" / "train.csv")
     bad.loc[3, "label"] = None
     bad.to_csv(project / "data" / "source" / "train.csv", index=False)
-    failed = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "prepare"],
-        cwd=project,
-        env=tool_env(project),
-        capture_output=True,
-        text=True,
-    )
+    failed = _repro_may_fail(project)
     assert failed.returncode != 0 and "null_label" in failed.stdout + failed.stderr
     assert {p: _digest(p) for p in kept if p.exists()} == before, "an output was changed"
     assert all(p.exists() for p in kept), [str(p) for p in kept if not p.exists()]
@@ -55,13 +59,7 @@ def test_failed_stage_keeps_the_last_good_outputs(project):
     good = {p: _digest(p) for p in kept}
     params["prepare"]["fractions"]["val"] = "a tenth"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    failed = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "prepare"],
-        cwd=project,
-        env=tool_env(project),
-        capture_output=True,
-        text=True,
-    )
+    failed = _repro_may_fail(project)
     assert failed.returncode != 0
     assert {p: _digest(p) for p in kept} == good
 

@@ -11,8 +11,6 @@ from tunery.data import dataset, files
 from tunery.errors import DataValidationError, TuneryError
 from tunery.io import atomic_path, file_md5
 
-columns = dataset.columns  # kept for callers that read the configured column names
-
 
 def check_new(paths: list[Path], cfg: IngestConfig, *, root: Path) -> dict[Path, object]:
     """Every candidate row-checked, then the dataset as ingest will build it with all of them:
