@@ -13,10 +13,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from flows.pipeline import pipeline_flow
 from tunery import env, retrain
 from tunery.config import load_params
+from tunery.errors import TuneryError
 
 
 @task(name="take-in-new-data", cache_policy=NO_CACHE)
@@ -33,14 +35,23 @@ def stale(root: str) -> list[str]:
 
 
 @task(name="measure-drift", cache_policy=NO_CACHE)
-def measure_drift(root: str) -> dict[str, Any] | None:
-    """Validate what landed and measure its drift; logged as an MLflow run named `drift`."""
+def measure_drift(root: str) -> dict[str, Any] | TuneryError | None:
+    """Validate what landed and measure its drift; logged as an MLflow run named `drift`.
+
+    A refused file is returned, not raised: the flow then fails with its one-line message. (A
+    raised error is logged with its traceback twice, by the task and by the flow: ~80 lines for
+    what is a named file breaking a named rule.)
+    """
     root_path = Path(root)
     params = load_params(root_path / "params.yaml")
     new = retrain.landing_files(root_path, params)
     if not new:
         return None
-    result = retrain.measure_drift(root_path, params, retrain.check_landed(root_path, params, new))
+    try:
+        texts = retrain.check_landed(root_path, params, new)
+    except TuneryError as exc:
+        return exc
+    result = retrain.measure_drift(root_path, params, texts)
     if result is not None:
         from tunery import tracking
 
@@ -63,6 +74,8 @@ def retrain_flow(project: str | None = None, ignore_drift: bool = False) -> dict
     try:
         with retrain.exclusive(root):
             drift = measure_drift(str(root))
+            if isinstance(drift, TuneryError):  # the caller gets the error itself, raised
+                return Failed(message=str(drift), data=drift)
             if drift is not None and not drift["triggered"] and not ignore_drift:
                 reason = (
                     f"drift AUC {drift['auc']:.3f} is below retrain.drift.min_auc "

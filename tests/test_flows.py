@@ -144,7 +144,7 @@ def test_retrain_nothing_to_do_then_new_data(project, harness, monkeypatch):
     assert ran["corpus"]
 
 
-def test_bad_landing_file_stops_before_anything_moves(project, harness, monkeypatch):
+def test_bad_landing_file_stops_before_anything_moves(project, harness, monkeypatch, capfd):
     from flows.retrain import retrain_flow
 
     init_repo(project)
@@ -159,6 +159,8 @@ def test_bad_landing_file_stops_before_anything_moves(project, harness, monkeypa
 
     with pytest.raises(DataValidationError, match=r"b.csv: row 2: \[null_label\]"):
         retrain_flow(project=str(project))
+    out = capfd.readouterr()
+    assert "Traceback" not in out.out + out.err, "a refused file is one line, not a traceback"
     assert sorted(p.name for p in landing.iterdir()) == ["a.csv", "b.csv"]
     assert list((project / "data" / "incoming").iterdir()) == []
 
