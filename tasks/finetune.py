@@ -66,6 +66,7 @@ from tunery.finetuning import (
     write_arms,
 )
 from tunery.io import atomic_dir, atomic_path
+from tunery.training import drop_resume_points
 
 log = logging.getLogger("tunery.finetune")
 
@@ -441,8 +442,11 @@ def run(
         "val_rows": len(val_split),
         **flat_summary(report),
     }
-    # Finished and written: the resume point has served its purpose.
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    # Finished and written: this resume point has served its purpose, and the others (of params
+    # since abandoned) would only pile up.
+    dropped = drop_resume_points(checkpoint_dir.parent)
+    if len(dropped) > 1:
+        log.info("removed %d resume points of earlier params", len(dropped) - 1)
     return metrics
 
 

@@ -311,3 +311,15 @@ def test_last_complete_checkpoint(tmp_path):
             write_marker(tmp_path / f"checkpoint-{step}")
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-10"
     assert not (tmp_path / "checkpoint-15").exists()
+
+
+def test_finished_stage_drops_every_resume_point_and_nothing_else(tmp_path):
+    from tunery.training import drop_resume_points
+
+    assert drop_resume_points(tmp_path / "none") == []
+    for key in ("0123456789abcdef", "fedcba9876543210"):  # this run's and an abandoned one's
+        (tmp_path / key / "checkpoint-5").mkdir(parents=True)
+    (tmp_path / "notes").mkdir()  # a user's folder beside them
+    (tmp_path / "README").write_text("mine")
+    assert drop_resume_points(tmp_path) == ["0123456789abcdef", "fedcba9876543210"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README", "notes"]

@@ -35,6 +35,7 @@ log = logging.getLogger("tunery.training")
 
 MARKER = "tunery-complete.json"
 FINGERPRINT = "fingerprint.json"
+_RESUME_KEY_RE = re.compile(r"[0-9a-f]{16}")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -192,6 +193,22 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
         if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
     ]
     return sorted(found, reverse=True)
+
+
+def drop_resume_points(root: Path) -> list[str]:
+    """Remove every resume point under `root` (`<16-hex fingerprint>/checkpoint-<step>` folders).
+
+    Called when a stage has finished and written its outputs: what is left could only resume a
+    run of params or data since abandoned, and would otherwise stay on disk for good. Anything
+    else in `root` is left alone. Returns the removed folder names.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = sorted(p for p in root.iterdir() if p.is_dir() and _RESUME_KEY_RE.fullmatch(p.name))
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in found]
 
 
 def write_marker(checkpoint: Path) -> None:
