@@ -109,7 +109,12 @@ class RegistryConfig(Section):
 class LoraMethod(Section):
     r: int = Field(default=7, gt=0)  # 7: adapters + pooler + head stay under 2 % of MiniLM-L6
     alpha: int = Field(default=16, gt=0)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # 0: peft then skips the dropout of each adapter's input (a copy of every adapted layer's
+    # input per step). At 0.1 the demo's LoRA arm trained slower than full fine-tuning (71 vs
+    # 61 s, 2 cores); a step of 32 short texts: 342 ms at 0.1, 226 ms at 0, full 392 ms. The
+    # encoder's own dropout still regularises.
+    # Same run, holdout macro-F1 at 0 vs 0.1: demo 0.9030 vs 0.8971, fortunes 0.8134 vs 0.8107.
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # "all-linear": every linear layer of the encoder (attention and feed-forward, BERT's pooler),
     # never the classification head or a newly initialised module (those train fully). None:
     # peft's default for the architecture (BERT: query, value). Or module names (suffixes).
