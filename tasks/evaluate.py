@@ -217,6 +217,7 @@ def _deployed_summary(
         "method": (clf.info or {}).get("method"),
         "macro_f1": round(holdout["macro_f1"], 4),
         "accuracy": round(holdout["accuracy"], 4),
+        "rows": holdout.get("rows"),
         "ece": round(holdout["ece"], 4),
         "ece_uncalibrated": round(uncalibrated["ece"], 4),
         "temperature": calib.get("temperature"),

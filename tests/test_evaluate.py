@@ -289,8 +289,8 @@ def test_no_newest_data_is_said_not_scored(trained, tmp_path):
 
 # --------------------------------------------------------------------------- the stage-value table
 def test_stage_value_table_from_the_stage(trained, tmp_path):
-    """Baseline, the fine-tune's arms (arms.json) and the served model, each against the row
-    above, with the verdicts."""
+    """Baseline and the fine-tune's arms (arms.json), each against the row above; the served
+    model against the arm it was made from; the verdicts and the holdout's size."""
     metrics = _run(trained, tmp_path)
     table = json.loads((tmp_path / "reports" / "stage_value.json").read_text())
     order = [r["row"] for r in table["rows"]]
@@ -298,8 +298,11 @@ def test_stage_value_table_from_the_stage(trained, tmp_path):
     assert set(order) <= set(("tfidf", "probe", "base", "pipeline", "full", "deployed"))
     rows = table["rows"]
     assert rows[-1]["macro_f1"] == round(metrics["holdout"]["macro_f1"], 4)
-    for above, row in itertools.pairwise(rows):
+    for above, row in itertools.pairwise(rows[:-1]):
         assert row["delta"] == round(row["macro_f1"] - above["macro_f1"], 4)
+    made_from = next((r for r in rows if r["row"] == table["shipped_arm"]), rows[-2])
+    assert rows[-1]["delta"] == round(rows[-1]["macro_f1"] - made_from["macro_f1"], 4)
+    assert table["holdout_rows"] == metrics["holdout"]["rows"]
     assert "fp32" in rows[-1]["what"]
     assert "calibration" in table["verdicts"] and "compress" in table["verdicts"]
     md = (tmp_path / "reports" / "stage_value.md").read_text()
@@ -330,6 +333,7 @@ def test_stage_value_rows_deltas_and_verdicts():
         "speedup": 3.5,
         "drop_macro_f1": 0.003,
         "size_mb": 22.0,
+        "rows": 400,
     }
     table = sv.build(
         arms=arms, baseline={"holdout": {"macro_f1": 0.7, "accuracy": 0.7}}, deployed=deployed
@@ -342,7 +346,7 @@ def test_stage_value_rows_deltas_and_verdicts():
         "base": 0.25,
         "pipeline": -0.02,
         "full": 0.03,
-        "deployed": -0.015,
+        "deployed": -0.005,  # against base, the shipped arm it was made from, not the row above
     }
     assert {r["row"] for r in table["rows"] if r["shipped"]} == {"base", "deployed"}
     v = table["verdicts"]
@@ -351,3 +355,4 @@ def test_stage_value_rows_deltas_and_verdicts():
     assert "0.2500 uncalibrated -> 0.0200" in v["calibration"]
     assert "3.50x" in v["compress"]
     assert sv.terminal(table).count("\n") >= 6
+    assert "one holdout text is 0.25 pt" in sv.terminal(table) and "400 texts" in sv.markdown(table)

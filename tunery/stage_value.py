@@ -95,25 +95,36 @@ def build(
             "speedup": speed,
         }
     )
-    previous = None
-    for r in rows:
-        r["delta"] = (
-            round(r["macro_f1"] - previous, 4)
-            if previous is not None and r["macro_f1"] is not None
-            else None
-        )
-        if r["macro_f1"] is not None:
-            previous = r["macro_f1"]
     shipped = arms.get("chosen") or deployed.get("shipped_arm") or "pipeline"
+    _deltas(rows, shipped)
     for r in rows:
         r["shipped"] = r["row"] in (shipped, "deployed")
     return {
         "split": "holdout",
         "metric": "macro_f1",
+        "holdout_rows": deployed.get("rows"),
         "rows": rows,
         "shipped_arm": shipped,
         "verdicts": verdicts(rows, arms, deployed),
     }
+
+
+def _deltas(rows: list[dict[str, Any]], shipped: str) -> None:
+    """Each row's Δ against the row above it; the deployed row's against the fine-tune it was made
+    from (what compression and calibration cost), which need not be the row above."""
+    previous = None
+    for r in rows:
+        before = _f1(rows, shipped) if r["row"] == "deployed" else previous
+        if before is None:
+            before = previous
+        r["delta"] = (
+            round(r["macro_f1"] - before, 4)
+            if before is not None and r["macro_f1"] is not None
+            else None
+        )
+        r["delta_vs"] = shipped if r["row"] == "deployed" and _f1(rows, shipped) else None
+        if r["macro_f1"] is not None:
+            previous = r["macro_f1"]
 
 
 def _f1(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -164,7 +175,7 @@ def markdown(table: Mapping[str, Any]) -> str:
         return f"{v:+{fmt}}" if signed else f"{v:{fmt}}"
 
     lines = [
-        "# What each stage bought (frozen holdout, macro-F1)",
+        f"# What each stage bought (frozen holdout{_texts(table)}, macro-F1)",
         "",
         "| | row | macro-F1 | Δ vs above | cost (s) | size | note |",
         "|---|---|---:|---:|---:|---|---|",
@@ -184,11 +195,26 @@ def markdown(table: Mapping[str, Any]) -> str:
         )
     lines += [
         "",
-        "**>** marks what is shipped (the fine-tune the deployed model was made from).",
+        "**>** marks what is shipped (the fine-tune the deployed model was made from). The "
+        "deployed row's Δ is against that fine-tune: what compression and calibration cost.",
         "",
     ]
     lines += [f"- **{k}**: {v}" for k, v in table["verdicts"].items()]
+    lines += [f"- {line}" for line in _scale(table)]
     return "\n".join(lines) + "\n"
+
+
+def _texts(table: Mapping[str, Any]) -> str:
+    n = table.get("holdout_rows")
+    return f", {n} texts" if n else ""
+
+
+def _scale(table: Mapping[str, Any]) -> list[str]:
+    """A reader's scale for the deltas: what one holdout text weighs."""
+    n = table.get("holdout_rows")
+    if not n:
+        return []
+    return [f"scale: one holdout text is {100 / n:.2f} pt of accuracy; smaller deltas are noise"]
 
 
 def write(report_dir: Path, table: Mapping[str, Any]) -> None:
@@ -208,11 +234,13 @@ def read(report_dir: Path) -> dict[str, Any] | None:
 
 def terminal(table: Mapping[str, Any]) -> str:
     """A plain-text rendering for the end of `tunery run` / `tunery retrain`."""
-    lines = [f"{'':2}{'stage-value (holdout macro-F1)':<58} {'F1':>7} {'Δ':>8}"]
+    title = f"stage-value (holdout macro-F1{_texts(table)})"
+    lines = [f"{'':2}{title:<58} {'F1':>7} {'Δ':>8}"]
     for r in table["rows"]:
         mark = "> " if r.get("shipped") else "  "
         delta = f"{r['delta']:+.4f}" if r.get("delta") is not None else ""
         f1 = f"{r['macro_f1']:.4f}" if r.get("macro_f1") is not None else "-"
         lines.append(f"{mark}{r['what'][:58]:<58} {f1:>7} {delta:>8}")
     lines += [f"  {k}: {v}" for k, v in table["verdicts"].items()]
+    lines += [f"  {line}" for line in _scale(table)]
     return "\n".join(lines)
