@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tunery import env, pipeline, stage_value
+from tunery import env, pipeline, screen, stage_value
 from tunery.config import load_params
 
 
@@ -37,7 +37,7 @@ def run_stage(stage: str, root: str, experiment: str, force: bool = False) -> di
         stage,
         experiment=experiment,
         force=force,
-        on_line=lambda line: logger.info(line.rstrip()),
+        on_line=lambda line: logger.info(line.rstrip()) if screen.shown(line) else None,
     )
     logger.info("stage %s %s", stage, "ran" if timing.ran else "was up to date (skipped by DVC)")
     return dataclasses.asdict(timing)
@@ -121,6 +121,7 @@ def pipeline_flow(
     wall_start = time.time() if started_at is None else started_at
     logger = get_run_logger()
     root = env.configure(Path(project) if project else None)
+    screen.mark_flow()  # before the DVC worker starts: its stages inherit it
     params = load_params(root / "params.yaml")
     names = stages or pipeline.stage_names(root)
     stage_task = run_stage.with_options(

@@ -25,17 +25,33 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from tunery.config import CompressConfig, Params
 from tunery.errors import TuneryError
 from tunery.io import atomic_dir, write_json
 
 log = logging.getLogger("tunery.compress")
+
+
+def _one_line(info: dict[str, Any]) -> str:
+    """A variant's result as one readable line (the full record is in the report)."""
+    p = info["parity"]
+    speeds = ", ".join(
+        f"{prov} {b['throughput']:.0f} texts/s"
+        for prov, b in info["bench"].items()
+        if "throughput" in b
+    )
+    return (
+        f"{info['size_mb']:.1f} MB, agreement {p['agreement']:.3f}, "
+        f"macro-F1 {p['macro_f1_delta']:+.4f} vs PyTorch" + (f", {speeds}" if speeds else "")
+    )
 
 
 def _build(
@@ -216,8 +232,15 @@ def run(
     ) as scratch:
         work = Path(scratch)
         files: dict[str, Path] = {}
-        for name in wanted:
-            log.info("variant %s: building", name)
+        started = time.monotonic()
+        for i, name in enumerate(wanted):
+            log.info(
+                "variant %d/%d %s: building (elapsed %s)",
+                i + 1,
+                len(wanted),
+                name,
+                tqdm.format_interval(time.monotonic() - started),
+            )
             targets = comp.VARIANT_TARGETS[name]
             check_on = cfg.target_provider if cfg.target_provider in targets else "cpu"
             check_on = check_on if check_on in providers else "cpu"
@@ -277,7 +300,7 @@ def run(
                     )
                 except TuneryError as exc:
                     info["bench"][prov] = {"error": str(exc)}
-            log.info("variant %s: %s", name, {k: info[k] for k in ("size_mb", "parity", "bench")})
+            log.info("variant %s: %s", name, _one_line(info))
             if name.startswith("pruned_") and -info["parity"]["macro_f1_delta"] > cfg.max_f1_drop:
                 log.info("variant %s: outside the accuracy budget, not kept", name)
                 rejected.append(name)

@@ -73,7 +73,14 @@ class ServedModel:
         )
 
     def predict_proba(self, texts: list[str], *, batch_size: int = 128) -> Any:
-        return self.predictor.predict(texts).probabilities
+        from tunery.progress import Progress
+
+        bar = Progress(
+            f"evaluate: scoring with {self.predictor.model_dir.name}", len(texts), unit="text"
+        )
+        return self.predictor.predict(
+            texts, progress=lambda n: bar.update(bar.done + n)
+        ).probabilities
 
     def uncalibrated_proba(self, texts: list[str]) -> Any:
         """softmax(logits): what the model would serve without its fitted temperature."""

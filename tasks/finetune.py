@@ -66,6 +66,7 @@ from tunery.finetuning import (
     write_arms,
 )
 from tunery.io import atomic_dir, atomic_path
+from tunery.progress import trainer_callback
 from tunery.training import drop_resume_points
 
 log = logging.getLogger("tunery.finetune")
@@ -93,6 +94,7 @@ def _train_variant(
     epochs: float | None = None,
     on_log: Any = None,
     callbacks: tuple = (),
+    arm: str = "pipeline",
 ) -> tuple[Any, dict[str, Any]]:
     epochs = cfg.epochs if epochs is None else epochs
     model = build_model(
@@ -125,7 +127,7 @@ def _train_variant(
         max_length=max_length,
         epochs=epochs,
         on_log=on_log,
-        callbacks=callbacks,
+        callbacks=(*callbacks, trainer_callback(f"finetune {arm} arm ({method})")),
     )
     stats = {
         "method": method,
@@ -346,6 +348,7 @@ def run(
             init=base.init,
             encoder=Path(base.encoder),
             tokenizer=base_tok,
+            arm="base",
             **common,
         )
         candidates["base"] = (b_result, b_stats, Path(base.encoder), base.init, base_tok)
@@ -524,6 +527,7 @@ def _reference_arms(
         labels=labels,
         train_split=train_split,
         val_split=val_split,
+        arm="full",
     )
     arms["full"] = _arm_row(result, stats, encoder, init, tokenizer, scored, cfg)
     return arms

@@ -31,6 +31,7 @@ from typing import Any
 from tunery.config import Params, PretrainConfig
 from tunery.errors import DataValidationError
 from tunery.io import atomic_dir, file_md5, write_json
+from tunery.progress import trainer_callback
 
 log = logging.getLogger("tunery.pretrain")
 
@@ -195,7 +196,7 @@ def run(
     checkpoint_dir: Path,
     plots_dir: Path,
 ) -> dict[str, Any]:
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer
 
     from tunery import pretraining as pt
     from tunery import training
@@ -276,7 +277,10 @@ def run(
         collate = pt.mlm_collator(tok, cfg.mlm)
     else:
         collate = pt.simcse_collator(tok, deletion=cfg.simcse.deletion)
-    callbacks = training.trainer_callbacks(max_minutes=t.max_minutes)
+    callbacks = [
+        *training.trainer_callbacks(max_minutes=t.max_minutes),
+        trainer_callback(f"pretrain {cfg.objective}"),
+    ]
     if cfg.objective == "mlm" and cfg.mlm.head_warmup_steps:
         callbacks.append(pt.head_warmup(model, cfg.mlm.head_warmup_steps))
     trainer = Trainer(
@@ -287,6 +291,8 @@ def run(
         processing_class=tok,
         callbacks=callbacks,
     )
+    # the loss goes to the journal (loss_history) and the plot; our callback prints progress
+    trainer.remove_callback(PrinterCallback)
     train_start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.perf_counter() - train_start

@@ -27,12 +27,19 @@ StageBody = Callable[[Params, Path, Any], Mapping[str, Any]]
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Log lines to stderr; the quiet default or `-v` (tunery/screen.py), inherited by stages."""
+    from tunery import screen
+
+    loud = screen.configure(verbose)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if screen.under_flow():  # Prefect's logger adds its own time and level to each line
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(screen.StageLineFormatter())
+    screen.log_levels(loud)
     for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
