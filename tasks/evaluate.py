@@ -350,6 +350,9 @@ def run(
     with atomic_dir(report_dir) as tmp:
         (tmp / GATE_FILE).write_text(json.dumps(gate, indent=2) + "\n")
         stage_value.write(tmp, table)
+        (tmp / ev.SUMMARY_FILE).write_text(
+            ev.summary_markdown(holdout, gate, stage_value.markdown(table))
+        )
         for name, report in reports.items():
             (tmp / f"{name}.json").write_text(
                 json.dumps({"labels": clf.labels, **report}, indent=2) + "\n"

@@ -307,6 +307,11 @@ def test_stage_value_table_from_the_stage(trained, tmp_path):
     assert "calibration" in table["verdicts"] and "compress" in table["verdicts"]
     md = (tmp_path / "reports" / "stage_value.md").read_text()
     assert "TF-IDF" in md and "deployed" in md
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    holdout = json.loads((tmp_path / "reports" / "holdout.json").read_text())
+    for label in holdout["per_class"]:  # a row per class, the stage-value table below
+        assert f"| {label} | " in summary
+    assert "## What each stage bought" in summary and "No champion" in summary
 
 
 def test_stage_value_rows_deltas_and_verdicts():

@@ -262,3 +262,51 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+SUMMARY_FILE = "summary.md"
+
+
+def summary_markdown(
+    holdout: Mapping[str, Any], gate: Mapping[str, Any], stage_value_md: str
+) -> str:
+    """`reports/evaluate/summary.md`: the served model on the holdout (per class, with the
+    champion's F1 beside it when comparable) and the stage-value table, for a person to read."""
+    challenger, champion = gate["challenger"], gate.get("champion") or {}
+    champ_f1 = champion.get("per_class_f1") or {}
+    rows = [
+        {
+            "class": label,
+            "precision": round(m["precision"], 4),
+            "recall": round(m["recall"], 4),
+            "F1": round(m["f1"], 4),
+            "support": m["support"],
+            "champion F1": champ_f1.get(label, "-"),
+            "Δ F1": round(m["f1"] - champ_f1[label], 4) if label in champ_f1 else "-",
+        }
+        for label, m in sorted(holdout["per_class"].items())
+    ]
+    if champion.get("macro_f1") is not None:
+        versus = (
+            f"Champion (`{champion.get('path', 'registry')}`) on the same rows: macro-F1 "
+            f"{champion['macro_f1']:.4f}, accuracy {champion['accuracy']:.4f} "
+            f"(Δ macro-F1 {challenger['macro_f1'] - champion['macro_f1']:+.4f})."
+        )
+    elif champion:
+        versus = f"Champion not comparable: {champion.get('reason', 'unknown reason')}."
+    else:
+        versus = "No champion in the registry yet: the gate judges this model against its floor."
+    head = [
+        "# Evaluation summary (frozen holdout)",
+        "",
+        f"Served model: `{challenger['variant']}` ({challenger['method']}), as `tunery predict` "
+        f"runs it. Holdout: {gate['rows']} texts; macro-F1 {challenger['macro_f1']:.4f}, "
+        f"accuracy {challenger['accuracy']:.4f}, ECE {challenger['ece']:.4f}.",
+        "",
+        versus,
+        "",
+        "## Per class",
+        "",
+        markdown_table(rows, list(rows[0]) if rows else ["class"]),
+    ]
+    return "\n".join(head) + "\n" + stage_value_md.replace("# ", "## ", 1)
