@@ -121,7 +121,6 @@ def pipeline_flow(
     wall_start = time.time() if started_at is None else started_at
     logger = get_run_logger()
     root = env.configure(Path(project) if project else None)
-    screen.mark_flow()  # before the DVC worker starts: its stages inherit it
     params = load_params(root / "params.yaml")
     names = stages or pipeline.stage_names(root)
     stage_task = run_stage.with_options(

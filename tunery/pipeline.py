@@ -183,6 +183,9 @@ def start_dvc_worker(root: Path) -> DvcWorker:
     root = root.resolve()
     worker = _WORKERS.get(root)
     if worker is None or worker.proc.poll() is not None:
+        from tunery import screen
+
+        screen.mark_flow()  # its stages' output is forwarded line by line to a logger
         worker = _WORKERS[root] = DvcWorker(root)
     return worker
 

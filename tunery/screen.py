@@ -71,7 +71,7 @@ def log_levels(loud: bool) -> None:
 
 
 def mark_flow() -> None:
-    """Called by the pipeline flow: the stages it runs forward their output to Prefect's logger."""
+    """Called as the DVC worker starts: the stages it runs have their output forwarded to a logger."""
     os.environ[FLOW_ENV] = "1"
 
 
