@@ -116,12 +116,18 @@ def run(cfg: PrepareConfig, *, raw_dir: Path, out_dir: Path, plot_path: Path) ->
     card = {
         "rows": {name: len(df) for name, df in parts.items()} | {"corpus": len(corpus)},
         "classes": len(labels),
+        # The class balance and text lengths of what is trained on and pretrained on; the other
+        # splits follow the same stratified draw (their lengths are in the plot).
         "per_class": {
-            name: {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()}
-            for name, df in parts.items()
+            "train": {
+                str(k): int(v)
+                for k, v in parts["train"]["label"].value_counts().sort_index().items()
+            }
         },
-        "lengths": {name: _length_stats(df["text"]) for name, df in parts.items()}
-        | {"corpus": _length_stats(corpus["text"])},
+        "lengths": {
+            "train": _length_stats(parts["train"]["text"]),
+            "corpus": _length_stats(corpus["text"]),
+        },
         "corpus_words": int(corpus["text"].str.split().str.len().sum()),
     }
     log.info(

@@ -179,8 +179,8 @@ def test_stage_writes_metrics_reports_and_plots(trained, tmp_path):
     metrics = _run(trained, tmp_path)
     for split in ("test", "holdout"):
         m = metrics[split]
-        assert {"rows", "accuracy", "macro_f1", "ece", "per_class"} <= set(m)
-        assert set(m["per_class"]) == {"animal", "food", "tool"}
+        assert {"rows", "accuracy", "macro_f1", "ece", "per_class_f1"} <= set(m)
+        assert set(m["per_class_f1"]) == {"animal", "food", "tool"}
         report = json.loads((tmp_path / "reports" / f"{split}.json").read_text())
         assert np.asarray(report["confusion"]).sum() == m["rows"]
         assert len(report["reliability"]) == 10

@@ -129,16 +129,15 @@ def restrict_to_present(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The numbers worth keeping in the metrics file (no matrices, tables or bins)."""
+    """The numbers worth keeping in the metrics file: the headline and one F1 per class
+    (`dvc metrics show` stays readable; precision, recall, support, the confusion matrix and the
+    bins are in the split's report)."""
     return {
         "rows": report["rows"],
         "accuracy": round(report["accuracy"], 4),
         "macro_f1": round(report["macro_f1"], 4),
         "ece": round(report["ece"], 4),
-        "per_class": {
-            label: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
-            for label, m in report["per_class"].items()
-        },
+        "per_class_f1": {label: round(m["f1"], 4) for label, m in report["per_class"].items()},
     }
 
 
