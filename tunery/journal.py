@@ -60,6 +60,25 @@ class JournalRun:
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         self._record("log_dict", data=json.loads(json.dumps(dict(data), default=str)), name=name)
 
+    def log_model_folder(
+        self, kind: str, path: str | Path, *, metrics: Mapping[str, float] | None = None
+    ) -> None:
+        self._record("log_model_folder", kind=kind, path=str(Path(path).resolve()), metrics=metrics)
+
+    def log_deployable(
+        self,
+        path: str | Path,
+        *,
+        finetune_dir: str | Path | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
+        self._record(
+            "log_deployable",
+            path=str(Path(path).resolve()),
+            finetune_dir=str(Path(finetune_dir).resolve()) if finetune_dir else None,
+            metrics=metrics,
+        )
+
     def log_dataset(
         self, *, name: str, digest: str, source: str, context: str, profile: Mapping[str, Any]
     ) -> None:

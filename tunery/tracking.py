@@ -244,6 +244,37 @@ class Run:
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         mlflow.log_dict(dict(data), name)
 
+    def log_model_folder(
+        self, kind: str, path: str | Path, *, metrics: Mapping[str, float] | None = None
+    ) -> str:
+        """A stage's model folder as a LoggedModel of this run (see `tunery.mlflow_model`)."""
+        from tunery import mlflow_model  # the model side of MLflow; imports this module
+
+        model_id = mlflow_model.log_output(
+            kind, Path(path), run_id=self.run_id, experiment_id=self._run.info.experiment_id
+        )
+        mlflow_model.link_metrics(self.run_id, model_id, metrics or {})
+        return model_id
+
+    def log_deployable(
+        self,
+        path: str | Path,
+        *,
+        finetune_dir: str | Path | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> str:
+        """The deployable folder as this run's text-in pyfunc LoggedModel; its model id."""
+        from tunery import mlflow_model
+
+        model_id = mlflow_model.log_deployable(
+            Path(path),
+            run_id=self.run_id,
+            experiment_id=self._run.info.experiment_id,
+            finetune_dir=Path(finetune_dir) if finetune_dir else None,
+        )
+        mlflow_model.link_metrics(self.run_id, model_id, metrics or {})
+        return model_id
+
     def log_dataset(
         self, *, name: str, digest: str, source: str, context: str, profile: Mapping[str, Any]
     ) -> None:
@@ -341,7 +372,6 @@ def child_runs(root: Path, experiment: str, parent_run_id: str) -> list[dict[str
 
 
 # --------------------------------------------------------------------------- model registry
-DEPLOY_ARTIFACT = "deploy"
 PROMOTIONS_SUFFIX = "-promotions"
 
 
@@ -356,63 +386,6 @@ def _missing(exc: Exception) -> bool:
         "RESOURCE_DOES_NOT_EXIST",
         "INVALID_PARAMETER_VALUE",
     )
-
-
-def _pip_requirements() -> list[str]:
-    from importlib import metadata
-
-    reqs = []
-    for dist in ("onnxruntime-gpu", "onnxruntime", "tokenizers", "numpy"):
-        try:
-            reqs.append(f"{dist}=={metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return reqs
-
-
-def register_onnx(
-    run: Run,
-    deploy_dir: Path,
-    name: str,
-    *,
-    tags: Mapping[str, Any] | None = None,
-    extras: Mapping[str, Path] | None = None,
-) -> str:
-    """Log a deployable ONNX folder with the `mlflow.onnx` flavor and register it as a new version.
-
-    The tokenizer, label map and metadata files beside `model.onnx` travel inside the MLflow model
-    folder, so `models:/NAME@alias` alone is enough to predict; `extras` folders travel as
-    subfolders. Explicit pip requirements: no
-    environment inference, no pickle. Returns the new version number.
-    """
-    import shutil
-    import tempfile
-
-    import mlflow.onnx
-    import onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / DEPLOY_ARTIFACT
-        mlflow.onnx.save_model(
-            onnx.load(str(deploy_dir / "model.onnx")),
-            str(model_dir),
-            pip_requirements=_pip_requirements(),
-        )
-        # Keep the exact bytes the pipeline checked: its manifest pins their sha256.
-        shutil.copyfile(deploy_dir / "model.onnx", model_dir / "model.onnx")
-        for item in deploy_dir.iterdir():
-            if item.name != "model.onnx" and not (model_dir / item.name).exists():
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, model_dir / item.name)
-        for sub, folder in (extras or {}).items():  # e.g. the adapter, for warm starts
-            shutil.copytree(folder, model_dir / sub)
-        retry_locked(mlflow.log_artifacts, str(model_dir), artifact_path=DEPLOY_ARTIFACT)
-    version = retry_locked(
-        mlflow.register_model,
-        f"runs:/{run.run_id}/{DEPLOY_ARTIFACT}",
-        name,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-    )
-    return str(version.version)
 
 
 def alias_version(root: Path, name: str, alias: str) -> str | None:
