@@ -181,8 +181,11 @@ def _run_journaled(
     section: Mapping[str, Any],
     journal_file: Path,
 ) -> None:
-    """Run the stage recording its tracking calls; the pipeline flow replays them (journal.py)."""
-    run = journal.JournalRun(stage, section)  # the section becomes the child run's params
+    """Run the stage streaming its tracking calls; the pipeline flow applies them live (journal.py)."""
+    # The section becomes the child run's params; the run starts when this process did.
+    run = journal.JournalRun(
+        stage, section, journal.stream_path(journal_file), start=process_start()
+    )
     start = time.perf_counter()
     status, error = "FAILED", ""
     try:

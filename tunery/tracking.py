@@ -222,14 +222,19 @@ class Run:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             retry_locked(mlflow.log_params, dict(items[i : i + 100]))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        """`timestamp` (epoch ms): when the value was measured, if not now (streamed stages)."""
         numeric = {
             k: float(v)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         if numeric:
-            retry_locked(mlflow.log_metrics, numeric, step=step)
+            retry_locked(
+                mlflow.log_metrics, numeric, step=step, timestamp=timestamp, run_id=self.run_id
+            )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         retry_locked(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
@@ -334,6 +339,37 @@ def stage_run(root: Path, experiment: str, stage: str, params: Mapping[str, Any]
         run = Run(active)
         run.log_params(flatten_params(stage, params))
         yield run
+
+
+def open_stage_run(
+    root: Path, experiment: str, stage: str, params: Mapping[str, Any], *, start: float
+) -> Run:
+    """A stage's child run started at `start` (epoch s), active in this thread until `close_run`.
+
+    For stages whose calls stream in from another process (tunery/journal.py): the run keeps the
+    stage's own start time, not the moment the flow saw its first line.
+    """
+    exp_id = setup(root, experiment)
+    tags = {"tunery.stage": stage, "mlflow.runName": stage}
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    client = _RetryingClient(MlflowClient())
+    created = client.create_run(exp_id, start_time=int(start * 1000), tags=tags, run_name=stage)
+    active = retry_locked(mlflow.start_run, run_id=created.info.run_id)
+    run = Run(active)
+    run.log_params(flatten_params(stage, params))
+    return run
+
+
+def close_run(run: Run, status: str, *, end: float) -> None:
+    """End a run opened by `open_stage_run` at the stage's own end time (epoch s)."""
+    current = mlflow.active_run()
+    if current is not None and current.info.run_id == run.run_id:
+        with contextlib.suppress(Exception):  # popped even if its write fails; the next one counts
+            mlflow.end_run(status)
+    # After end_run, which stamps "now": the run ends when the stage did.
+    retry_locked(MlflowClient().set_terminated, run.run_id, status, end_time=int(end * 1000))
 
 
 @contextlib.contextmanager
