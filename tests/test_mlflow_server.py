@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from tests.test_registry import stage_deployable
-from tunery import pipeline, promotion, registration, tracking
+from tunery import mlflow_model, pipeline, promotion, registration, tracking
 from tunery.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -472,7 +472,7 @@ def test_registry_only_predictor_through_the_server(use_server, exported, tmp_pa
 
     root = make_project(tmp_path, "srv-predict", "clf")
     with tracking.stage_run(root, "srv-predict", "register", {}) as run:
-        version = tracking.register_onnx(run, exported, "clf")
+        version = mlflow_model.register_deployable(run, exported, "clf")
         artifact_uri = run.artifact_uri
     tracking.set_alias(root, "clf", promotion.CHAMPION, version)
     assert artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server in both setups

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tunery import promotion, registration, tracking
+from tunery import mlflow_model, promotion, registration, tracking
 from tunery.config import load_params
 from tunery.errors import TuneryError
 
@@ -43,7 +43,7 @@ def params():
 
 def register(root, params, tag):
     with tracking.stage_run(root, params.tracking.experiment, "register", {}) as run:
-        version = tracking.register_onnx(
+        version = mlflow_model.register_deployable(
             run, deploy_dir(root, tag), params.registry.model_name, tags={"t": tag}
         )
     tracking.set_alias(root, params.registry.model_name, promotion.CHALLENGER, version)
@@ -141,17 +141,20 @@ def test_manual_promote_and_rollback_are_recorded(tmp_path, params):
         promotion.promote(tmp_path, params, v2, " ")
 
 
-def test_registered_model_carries_its_sidecar_files(tmp_path, params):
+def test_registered_model_is_a_pyfunc_carrying_its_sidecar_files(tmp_path, params):
     v1 = register(tmp_path, params, "one")
     tracking.set_alias(tmp_path, "m", promotion.CHAMPION, v1)
     got = tracking.download_model(tmp_path, "models:/m@champion", tmp_path / "dl")
-    assert {"model.onnx", "labels.json", "tunery_model.json", "MLmodel", "requirements.txt"} <= {
-        p.name for p in got.iterdir()
-    }
-    assert json.loads((got / "tunery_model.json").read_text()) == {"variant": "one"}
+    assert {"MLmodel", "requirements.txt", "input_example.json"} <= {p.name for p in got.iterdir()}
+    deploy = got / "artifacts" / "deploy"
+    assert {"model.onnx", "labels.json", "tunery_model.json"} == {p.name for p in deploy.iterdir()}
+    assert json.loads((deploy / "tunery_model.json").read_text()) == {"variant": "one"}
     reqs = (got / "requirements.txt").read_text()
     assert "onnxruntime" in reqs and "cloudpickle" not in reqs
-    assert "flavors:\n  onnx:" in (got / "MLmodel").read_text()
+    mlmodel = (got / "MLmodel").read_text()
+    assert "python_function:" in mlmodel and "onnx:" not in mlmodel
+    assert "model_code_path" in mlmodel  # models from code: nothing pickled
+    assert "signature:" in mlmodel
 
 
 def test_registry_only_predictor_matches_the_local_folder(tmp_path, params, monkeypatch):
@@ -165,7 +168,7 @@ def test_registry_only_predictor_matches_the_local_folder(tmp_path, params, monk
     ft, data = make_finetune_dir(tmp_path), make_data_dir(tmp_path)
     export.run(ExportConfig(), finetune_dir=ft, data_dir=data, out_dir=tmp_path / "deploy")
     with tracking.stage_run(tmp_path, params.tracking.experiment, "register", {}) as run:
-        version = tracking.register_onnx(run, tmp_path / "deploy", "m")
+        version = mlflow_model.register_deployable(run, tmp_path / "deploy", "m")
     tracking.set_alias(tmp_path, "m", promotion.CHAMPION, version)
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())

@@ -89,7 +89,7 @@ def test_concurrent_writers_to_the_embedded_store_lose_nothing(tmp_path):
         import sys
         from pathlib import Path
         from tests.test_registry import deploy_dir
-        from tunery import tracking
+        from tunery import mlflow_model, tracking
         root, who = Path({str(tmp_path)!r}), sys.argv[1]
         with tracking.pipeline_run(root, "exp", name=who) as parent:
             for i in range(2):
@@ -97,7 +97,8 @@ def test_concurrent_writers_to_the_embedded_store_lose_nothing(tmp_path):
                     for step in range(15):
                         run.log_metrics({{"loss": 1.0 / (step + 1)}}, step=step)
                     (root / f"{{who}}{{i}}").mkdir()
-                    v = tracking.register_onnx(run, deploy_dir(root / f"{{who}}{{i}}", "g"), "m")
+                    d = deploy_dir(root / f"{{who}}{{i}}", "g")
+                    v = mlflow_model.register_deployable(run, d, "m")
                     tracking.set_alias(root, "m", f"{{who}}{{i}}", v)
                     tracking.log_decision(root, "exp", {{"action": "gate", "model": "m", "to": v}})
         """

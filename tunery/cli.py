@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -303,8 +302,7 @@ def cmd_ui(args: argparse.Namespace, root: Path) -> int:
         # A tracking server already has its UI; starting a local one on its URI would be wrong.
         print(f"MLFLOW_TRACKING_URI points at a tracking server: open {uri} in a browser")
         return 0
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
+    args_ = [
         "ui",
         "--backend-store-uri",
         uri,
@@ -315,10 +313,17 @@ def cmd_ui(args: argparse.Namespace, root: Path) -> int:
         "--port",
         str(args.port),
     ]
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    url = f"http://{args.host}:{args.port}"
+    print(
+        f"MLflow UI on {url} (Ctrl-C to stop). MLflow 3 may open on its GenAI view: switch to "
+        "'Model training', open the experiment: Runs (the pipeline, its stages nested), Models "
+        "(their LoggedModels); the registry is under Models (README: 'MLflow')."
+    )
+    from tunery.orphans import run_in_group
     from tunery.pipeline import tool_env
 
-    return subprocess.call(cmd, cwd=root, env=tool_env())
+    # Its own process group, signals forwarded: a SIGTERM leaves no server or worker behind.
+    return run_in_group("mlflow", args_, cwd=str(root), env=tool_env())
 
 
 CHAMPION_MODEL = "champion"

@@ -23,11 +23,25 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------- tracking
+StageOutput = Literal["encoder", "adapter", "onnx", "variants", "deploy"]
+DEFAULT_LOGGED: tuple[StageOutput, ...] = ("encoder", "adapter", "deploy")
+
+
 class TrackingConfig(Section):
     experiment: str = "tunery"
-    # Log each stage's model outputs (encoder, adapter + merged model, ONNX files) as artifacts of
-    # its MLflow run: full lineage, at the price of ~0.5 GB per demo pipeline run in the store.
-    log_models: bool = True
+    # Stage outputs logged as MLflow LoggedModels of their stage runs (each content logged once:
+    # an unchanged encoder or adapter links to its earlier copy). encoder (pretrain), adapter
+    # (finetune: adapter + labels, not the merged copy), onnx (export's fp32 graphs), variants
+    # (every compression candidate), deploy (the deployable model, a text-in pyfunc). The
+    # registered version is always the deployable LoggedModel. true: the default; false: none.
+    log_models: list[StageOutput] = Field(default_factory=lambda: list(DEFAULT_LOGGED))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_log_models(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("log_models"), bool):
+            data = {**data, "log_models": list(DEFAULT_LOGGED) if data["log_models"] else []}
+        return data
 
 
 # --------------------------------------------------------------------------- ingest

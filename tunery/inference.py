@@ -357,6 +357,44 @@ class Predictor:
         return Predictions(labels=labels, probabilities=probs, classes=self.classes)
 
 
+# --------------------------------------------------------------------------- table inputs
+TEXT_COLUMN = "text"  # the column a table of texts (the MLflow pyfunc's input) must have
+
+
+class BadInput(TuneryError):
+    """A request or table the predictor cannot score; the message says which rows and why."""
+
+
+def texts_from(table: Any, column: str = TEXT_COLUMN, *, where: str = "input") -> list[str]:
+    """The non-empty texts of `table[column]`: a DataFrame, a list of dicts or one dict.
+
+    The one check of table inputs (files for `tunery predict`, the MLflow pyfunc): a missing
+    column, a non-string or an empty text is a `BadInput` naming the rows (1-based).
+    """
+    import pandas as pd
+
+    if isinstance(table, dict):
+        table = [table]
+    if isinstance(table, list) and all(isinstance(r, dict) for r in table):
+        table = pd.DataFrame(table)
+    if not isinstance(table, pd.DataFrame):
+        raise BadInput(
+            f"{where}: expected a table with a {column!r} column (a DataFrame or a list of "
+            f"records), got {type(table).__name__}"
+        )
+    if column not in table.columns:
+        have = ", ".join(map(str, table.columns)) or "none"
+        raise BadInput(f"{where}: no column {column!r} (columns: {have})")
+    texts = table[column].tolist()
+    bad = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise BadInput(f"{where}: rows {bad[:5]}: [{column}] must be text (a string)")
+    empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise BadInput(f"{where}: rows {empty[:5]}: [{column}] is empty")
+    return texts
+
+
 # --------------------------------------------------------------------------- files
 def read_table(path: Path) -> Any:
     import pandas as pd
@@ -401,21 +439,14 @@ def predict_file(
 ) -> int:
     """Score `src` (CSV/JSONL/Parquet) into `dest`: its columns plus prediction, score, prob_<label>."""
     df = read_table(src)
-    if text_column not in df.columns:
-        raise TuneryError(
-            f"{src}: no column {text_column!r} (columns: {', '.join(map(str, df.columns))})"
-        )
-    texts = df[text_column]
-    bad = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TuneryError(f"{src}: rows {bad[:5]}: [{text_column}] must be non-empty text")
+    texts = texts_from(df, text_column, where=str(src))
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(df), unit="text", desc="predict", file=sys.stderr)
     try:
-        preds = predictor.predict(texts.tolist(), progress=bar.update if bar else None)
+        preds = predictor.predict(texts, progress=bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()

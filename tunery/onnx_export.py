@@ -569,6 +569,17 @@ def verify_model_dir(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def deployable_files(folder: Path) -> list[str]:
+    """The top-level names a deployable folder needs: everything but other ONNX graphs (export
+    keeps `raw.onnx` beside `model.onnx` for compress; serving never reads it)."""
+    needed = set(check_external_data(Path(folder) / MODEL_FILE))
+    return sorted(
+        p.name
+        for p in Path(folder).iterdir()
+        if p.name == MODEL_FILE or p.suffix != ".onnx" or p.name in needed
+    )
+
+
 def file_size(model_path: Path) -> int:
     """Bytes of the model plus its external data files."""
     return model_path.stat().st_size + sum(

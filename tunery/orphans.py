@@ -10,9 +10,11 @@ are. No preexec_fn (not safe with threads): each helper asks for the signal itse
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import signal
+import subprocess
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -45,6 +47,49 @@ def kill_group_on(sig: int = signal.SIGTERM) -> None:
 def child_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a guarded helper: the current pid as the parent to watch."""
     return {**(os.environ if environ is None else environ), PARENT_ENV: str(os.getpid())}
+
+
+STOP_TIMEOUT_S = 10.0
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL what is left after `timeout` (a server's
+    workers share its group and may outlive it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_in_group(module: str, args: list[str], *, cwd: str, env: dict[str, str]) -> int:
+    """`python -m MODULE ARGS` in its own process group until it exits; SIGINT or SIGTERM to us
+    stops the whole group (the server and its workers) before we return, and a SIGKILL of us
+    still ends it (PR_SET_PDEATHSIG). Returns its exit code; 0 when we stopped it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunery.orphans", module, *args],
+        cwd=cwd,
+        env=child_env(env),
+        start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop the group in order
+    )
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        raise KeyboardInterrupt  # leaves proc.wait() below
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_group(proc)
+    return 0 if stopped else code
 
 
 def main() -> None:

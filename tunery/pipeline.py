@@ -239,7 +239,7 @@ class StageTiming:
     seconds: float = 0.0  # the stage body (metrics/<stage>.json "seconds")
     process: float = 0.0  # the stage process, interpreter start-up and imports included
     dvc: float = 0.0  # `dvc repro` wall time minus the stage process
-    tracking: float = 0.0  # replaying the stage's journal into its MLflow child run
+    tracking: float = 0.0  # applying the rest of the stage's journal after it ended
 
 
 def run_stage(
@@ -250,13 +250,17 @@ def run_stage(
     force: bool = False,
     on_line: Callable[[str], None] | None = None,
 ) -> StageTiming:
-    """`repro_stage` with deferred tracking: the stage writes a journal (tunery/journal.py) that is
-    replayed here into a child of the active pipeline run, saving each stage process the import of
-    mlflow and the opening of the store."""
+    """`repro_stage` with streamed tracking: the stage writes its tracking calls to a journal
+    (tunery/journal.py) that a thread here applies, while the stage runs, to a child of the active
+    pipeline run; each stage process is spared the import of mlflow and the opening of the store."""
     from tunery import journal
 
     path = root / JOURNAL_DIR / f"{stage}.json"
+    stream = journal.stream_path(path)
     path.unlink(missing_ok=True)
+    stream.unlink(missing_ok=True)
+    live = LiveStageRun(root, experiment, stream)
+    live.start()
     start = time.perf_counter()
     failure: StageFailed | None = None
     try:
@@ -269,39 +273,88 @@ def run_stage(
         )
     except StageFailed as exc:
         ran, failure = True, exc
-    wall = time.perf_counter() - start
-    timing = StageTiming(stage, ran)
+    finally:
+        wall = time.perf_counter() - start
+        t0 = time.perf_counter()
+        live.finish()  # the calls the stage made last (its outputs, its final metrics)
+        drained = time.perf_counter() - t0
+    timing = StageTiming(stage, ran, dvc=wall, tracking=drained)
     if path.is_file():
         data = journal.read(path)
         timing.seconds = float(data["timing"].get("seconds", 0.0))
         timing.process = float(data["timing"].get("process", 0.0))
         timing.dvc = max(wall - timing.process, 0.0)
-        t0 = time.perf_counter()
-        replay_journal(root, experiment, data)
-        timing.tracking = time.perf_counter() - t0
         path.unlink()
-    else:
-        timing.dvc = wall
+    stream.unlink(missing_ok=True)
     if failure is not None:
         raise failure
+    if live.error is not None:
+        raise live.error
     return timing
 
 
-class _ReplayedFailure(Exception):
-    """Raised inside a replayed run so that MLflow records it as FAILED."""
+class LiveStageRun(threading.Thread):
+    """Follows a stage's journal stream and applies it to the stage's MLflow child run as it
+    grows: the run opens at the stage's start time on its first line, metrics arrive with their
+    own times (live curves in the UI), and it closes at the stage's end time with its status.
 
+    MLflow's active run is per thread, so this thread's child run never touches the flow's
+    pipeline run. A stage that DVC skipped writes nothing: no run. One that died without its
+    last line is closed FAILED.
+    """
 
-def replay_journal(root: Path, experiment: str, data: dict[str, Any]) -> None:
-    from tunery import journal, tracking
+    POLL_S = 1.0
 
-    try:
-        with tracking.stage_run(root, experiment, data["stage"], data["params"]) as run:
-            journal.replay(data, run)
-            if data["status"] != "FINISHED":
-                run.set_tags({"tunery.error": data.get("error", "")[:5000]})
-                raise _ReplayedFailure(data.get("error", ""))
-    except _ReplayedFailure:
-        pass
+    def __init__(self, root: Path, experiment: str, stream: Path) -> None:
+        super().__init__(name=f"tunery-tracking-{stream.stem}", daemon=True)
+        self.root, self.experiment, self.stream = root, experiment, stream
+        self._done = threading.Event()
+        self._run: Any = None
+        self._ended = False
+        self.error: BaseException | None = None
+
+    def finish(self, timeout: float = 600.0) -> None:
+        self._done.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        from tunery.journal import read_stream
+
+        offset = 0
+        try:
+            while True:
+                last = self._done.is_set()  # read once more after the stage ended
+                records, offset = read_stream(self.stream, offset)
+                for record in records:
+                    self._apply(record)
+                if last:
+                    break
+                self._done.wait(self.POLL_S)
+            if self._run is not None and not self._ended:
+                self._close("FAILED", time.time(), "the stage ended without closing its journal")
+        except BaseException as exc:  # raised by run_stage in the flow's thread
+            self.error = exc
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        from tunery import journal, tracking
+
+        method = record["method"]
+        if method == journal.START:
+            self._run = tracking.open_stage_run(
+                self.root, self.experiment, record["stage"], record["params"], start=record["t"]
+            )
+        elif method == journal.END:
+            self._close(record["status"], record["t"], record.get("error", ""))
+        elif self._run is not None:
+            journal.apply(record, self._run)
+
+    def _close(self, status: str, end: float, error: str) -> None:
+        from tunery import tracking
+
+        if status != "FINISHED":
+            self._run.set_tags({"tunery.error": error[:5000]})
+        tracking.close_run(self._run, status, end=end)
+        self._ended = True
 
 
 def git_state(root: Path) -> dict[str, str]:

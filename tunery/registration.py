@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tunery import promotion, tracking
+from tunery import mlflow_model, promotion, tracking
 from tunery.config import Params
 from tunery.errors import TuneryError
 
@@ -61,10 +61,11 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     }
     if challenger and challenger.get("macro_f1") is not None:
         tags["holdout_macro_f1"] = challenger["macro_f1"]
-    with tempfile.TemporaryDirectory() as tmp:
-        version = tracking.register_onnx(
-            run, deploy, name, tags=tags, extras=_finetune_extra(root, params, Path(tmp))
-        )
+    # The deployable LoggedModel the compress stage logged (found by content), else logged now
+    # under the pipeline run: the version points at it, no second copy of the weights.
+    version = mlflow_model.register_deployable(
+        run, deploy, name, tags=tags, finetune_dir=root / params.finetune.out_dir
+    )
     tracking.set_alias(root, name, promotion.CHALLENGER, version)
     decision = promotion.gate_challenger(
         root,
@@ -160,35 +161,20 @@ def _unchanged(
     return {**out, "summary": summary}
 
 
-FINETUNE_SUBDIR = "finetune"  # inside a registered model: what a warm start needs
-
-
-def _finetune_extra(root: Path, params: Params, tmp: Path) -> dict[str, Path]:
-    """The fine-tune's adapter, label map and info (not the merged copy) for later warm starts."""
-    src = root / params.finetune.out_dir
-    if not (src / "finetune.json").is_file():
-        return {}
-    dest = tmp / FINETUNE_SUBDIR
-    dest.mkdir()
-    for name in ("adapter", "labels.json", "finetune.json"):
-        if (src / name).is_dir():
-            shutil.copytree(src / name, dest / name)
-        elif (src / name).is_file():
-            shutil.copy2(src / name, dest / name)
-    return {FINETUNE_SUBDIR: dest}
-
-
 def champion_finetune_dir(root: Path, params: Params) -> Path | None:
     """The registry champion's fine-tune (adapter + labels + info) as a local folder, or None."""
     name = params.registry.model_name
-    if tracking.alias_version(root, name, promotion.CHAMPION) is None:
+    version = tracking.alias_version(root, name, promotion.CHAMPION)
+    if version is None:
         log.info(
             "warm start: no champion in the registry yet (%s); starting fresh from the encoder",
             name,
         )
         return None
-    folder = resolve_registry_uri(f"models:/{name}@{promotion.CHAMPION}") / FINETUNE_SUBDIR
-    if not (folder / "finetune.json").is_file():
+    key = f"{name}-v{version}-{tracking.store_id(root)}-adapter"
+    cache = root / ".cache" / "tunery" / "registry" / key
+    folder = _cached(cache, lambda tmp: mlflow_model.version_adapter(root, name, version, tmp))
+    if folder is None:
         log.warning(
             "warm start: the champion carries no fine-tune adapter; starting fresh from the encoder"
         )
@@ -227,13 +213,31 @@ def resolve_registry_uri(uri: str) -> Path:
     if not (cache / REGISTRY_FILE).is_file():
         with atomic_dir(cache) as tmp:
             got = tracking.download_model(root, f"models:/{name}/{version}", tmp / "dl")
-            for item in got.iterdir():
+            folder = mlflow_model.deploy_folder(got, uri)  # refuses a model that is not Tunery's
+            for item in folder.iterdir():
                 item.rename(tmp / item.name)
-            got.rmdir()
+            shutil.rmtree(got)
             (tmp / REGISTRY_FILE).write_text(
                 json.dumps({"name": name, "version": str(version), "uri": uri})
             )
     log.info("%s -> version %s (%s)", uri, version, cache)
+    return cache
+
+
+def _cached(cache: Path, fetch) -> Path | None:
+    """`fetch(tmp)` -> a folder, moved into `cache` once; None (nothing cached) when it has none."""
+    from tunery.io import atomic_dir
+
+    if cache.is_dir():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.parent, prefix=".fetch-") as tmp:
+        got = fetch(Path(tmp) / "dl")
+        if got is None:
+            return None
+        with atomic_dir(cache) as dest:
+            for item in got.iterdir():
+                item.rename(dest / item.name)
     return cache
 
 

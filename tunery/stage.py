@@ -56,14 +56,35 @@ def numeric_items(prefix: str, value: Any) -> dict[str, float]:
 
 
 def model_outputs(params: Params, stage: str) -> dict[str, str]:
-    """The model folders a stage writes, by artifact name (logged when tracking.log_models)."""
+    """The model folders a stage writes, by output name (`tracking.log_models` picks which are
+    logged as LoggedModels)."""
     outputs = {
         "pretrain": {"encoder": params.pretrain.out_dir},
-        "finetune": {"finetune": params.finetune.out_dir},
+        "finetune": {"adapter": params.finetune.out_dir},
         "export": {"onnx": params.export.out_dir},
         "compress": {"variants": params.compress.variants_dir, "deploy": params.compress.out_dir},
     }
     return outputs.get(stage, {})
+
+
+def log_outputs(
+    params: Params, root: Path, stage: str, run: Any, metrics: dict[str, float]
+) -> bool:
+    """Log the stage's chosen model outputs; the first carries the stage's metrics (linked to it).
+    Whether any was logged."""
+    linked = False
+    for kind, folder in model_outputs(params, stage).items():
+        if kind not in params.tracking.log_models or not (root / folder).is_dir():
+            continue
+        own = None if linked else metrics
+        if kind == "deploy":
+            run.log_deployable(
+                root / folder, finetune_dir=root / params.finetune.out_dir, metrics=own
+            )
+        else:
+            run.log_model_folder(kind, root / folder, metrics=own)
+        linked = True
+    return linked
 
 
 def stage_main(stage: str, body: StageBody, argv: list[str] | None = None) -> None:
@@ -130,11 +151,9 @@ def _finish(
     """Time, log and write the stage's metrics; log its model folders when asked to."""
     metrics = dict(result)
     metrics["seconds"] = round(time.perf_counter() - start, 3)
-    run.log_metrics(numeric_items("", metrics))
-    if params.tracking.log_models:
-        for name, folder in model_outputs(params, stage).items():
-            if (root / folder).is_dir():
-                run.log_artifact(root / folder, name)
+    numeric = numeric_items("", metrics)
+    if not log_outputs(params, root, stage, run, numeric):
+        run.log_metrics(numeric)
     write_json(root / "metrics" / f"{stage}.json", metrics)
     return metrics
 
@@ -169,8 +188,11 @@ def _run_journaled(
     section: Mapping[str, Any],
     journal_file: Path,
 ) -> None:
-    """Run the stage recording its tracking calls; the pipeline flow replays them (journal.py)."""
-    run = journal.JournalRun(stage, section)  # the section becomes the child run's params
+    """Run the stage streaming its tracking calls; the pipeline flow applies them live (journal.py)."""
+    # The section becomes the child run's params; the run starts when this process did.
+    run = journal.JournalRun(
+        stage, section, journal.stream_path(journal_file), start=process_start()
+    )
     start = time.perf_counter()
     status, error = "FAILED", ""
     try:

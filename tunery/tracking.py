@@ -222,14 +222,19 @@ class Run:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             retry_locked(mlflow.log_params, dict(items[i : i + 100]))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        """`timestamp` (epoch ms): when the value was measured, if not now (streamed stages)."""
         numeric = {
             k: float(v)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         if numeric:
-            retry_locked(mlflow.log_metrics, numeric, step=step)
+            retry_locked(
+                mlflow.log_metrics, numeric, step=step, timestamp=timestamp, run_id=self.run_id
+            )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         retry_locked(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
@@ -243,6 +248,37 @@ class Run:
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         mlflow.log_dict(dict(data), name)
+
+    def log_model_folder(
+        self, kind: str, path: str | Path, *, metrics: Mapping[str, float] | None = None
+    ) -> str:
+        """A stage's model folder as a LoggedModel of this run (see `tunery.mlflow_model`)."""
+        from tunery import mlflow_model  # the model side of MLflow; imports this module
+
+        model_id = mlflow_model.log_output(
+            kind, Path(path), run_id=self.run_id, experiment_id=self._run.info.experiment_id
+        )
+        mlflow_model.link_metrics(self.run_id, model_id, metrics or {})
+        return model_id
+
+    def log_deployable(
+        self,
+        path: str | Path,
+        *,
+        finetune_dir: str | Path | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> str:
+        """The deployable folder as this run's text-in pyfunc LoggedModel; its model id."""
+        from tunery import mlflow_model
+
+        model_id = mlflow_model.log_deployable(
+            Path(path),
+            run_id=self.run_id,
+            experiment_id=self._run.info.experiment_id,
+            finetune_dir=Path(finetune_dir) if finetune_dir else None,
+        )
+        mlflow_model.link_metrics(self.run_id, model_id, metrics or {})
+        return model_id
 
     def log_dataset(
         self, *, name: str, digest: str, source: str, context: str, profile: Mapping[str, Any]
@@ -305,6 +341,37 @@ def stage_run(root: Path, experiment: str, stage: str, params: Mapping[str, Any]
         yield run
 
 
+def open_stage_run(
+    root: Path, experiment: str, stage: str, params: Mapping[str, Any], *, start: float
+) -> Run:
+    """A stage's child run started at `start` (epoch s), active in this thread until `close_run`.
+
+    For stages whose calls stream in from another process (tunery/journal.py): the run keeps the
+    stage's own start time, not the moment the flow saw its first line.
+    """
+    exp_id = setup(root, experiment)
+    tags = {"tunery.stage": stage, "mlflow.runName": stage}
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    client = _RetryingClient(MlflowClient())
+    created = client.create_run(exp_id, start_time=int(start * 1000), tags=tags, run_name=stage)
+    active = retry_locked(mlflow.start_run, run_id=created.info.run_id)
+    run = Run(active)
+    run.log_params(flatten_params(stage, params))
+    return run
+
+
+def close_run(run: Run, status: str, *, end: float) -> None:
+    """End a run opened by `open_stage_run` at the stage's own end time (epoch s)."""
+    current = mlflow.active_run()
+    if current is not None and current.info.run_id == run.run_id:
+        with contextlib.suppress(Exception):  # popped even if its write fails; the next one counts
+            mlflow.end_run(status)
+    # After end_run, which stamps "now": the run ends when the stage did.
+    retry_locked(MlflowClient().set_terminated, run.run_id, status, end_time=int(end * 1000))
+
+
 @contextlib.contextmanager
 def pipeline_run(
     root: Path, experiment: str, name: str = "pipeline", tags: Mapping[str, Any] | None = None
@@ -341,7 +408,6 @@ def child_runs(root: Path, experiment: str, parent_run_id: str) -> list[dict[str
 
 
 # --------------------------------------------------------------------------- model registry
-DEPLOY_ARTIFACT = "deploy"
 PROMOTIONS_SUFFIX = "-promotions"
 
 
@@ -356,63 +422,6 @@ def _missing(exc: Exception) -> bool:
         "RESOURCE_DOES_NOT_EXIST",
         "INVALID_PARAMETER_VALUE",
     )
-
-
-def _pip_requirements() -> list[str]:
-    from importlib import metadata
-
-    reqs = []
-    for dist in ("onnxruntime-gpu", "onnxruntime", "tokenizers", "numpy"):
-        try:
-            reqs.append(f"{dist}=={metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return reqs
-
-
-def register_onnx(
-    run: Run,
-    deploy_dir: Path,
-    name: str,
-    *,
-    tags: Mapping[str, Any] | None = None,
-    extras: Mapping[str, Path] | None = None,
-) -> str:
-    """Log a deployable ONNX folder with the `mlflow.onnx` flavor and register it as a new version.
-
-    The tokenizer, label map and metadata files beside `model.onnx` travel inside the MLflow model
-    folder, so `models:/NAME@alias` alone is enough to predict; `extras` folders travel as
-    subfolders. Explicit pip requirements: no
-    environment inference, no pickle. Returns the new version number.
-    """
-    import shutil
-    import tempfile
-
-    import mlflow.onnx
-    import onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / DEPLOY_ARTIFACT
-        mlflow.onnx.save_model(
-            onnx.load(str(deploy_dir / "model.onnx")),
-            str(model_dir),
-            pip_requirements=_pip_requirements(),
-        )
-        # Keep the exact bytes the pipeline checked: its manifest pins their sha256.
-        shutil.copyfile(deploy_dir / "model.onnx", model_dir / "model.onnx")
-        for item in deploy_dir.iterdir():
-            if item.name != "model.onnx" and not (model_dir / item.name).exists():
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, model_dir / item.name)
-        for sub, folder in (extras or {}).items():  # e.g. the adapter, for warm starts
-            shutil.copytree(folder, model_dir / sub)
-        retry_locked(mlflow.log_artifacts, str(model_dir), artifact_path=DEPLOY_ARTIFACT)
-    version = retry_locked(
-        mlflow.register_model,
-        f"runs:/{run.run_id}/{DEPLOY_ARTIFACT}",
-        name,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-    )
-    return str(version.version)
 
 
 def alias_version(root: Path, name: str, alias: str) -> str | None:
