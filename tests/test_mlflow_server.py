@@ -435,19 +435,22 @@ def test_registry_gate_promotion_and_lineage_through_the_server(use_server, tmp_
 
     # the registered model comes back whole from the server's artifact store
     dl = tracking.download_model(root, "models:/m@champion", tmp_path / "dl")
-    assert {"model.onnx", "labels.json", "tunery_model.json", "MLmodel"} <= {
-        p.name for p in dl.iterdir()
-    }
-    assert json.loads((dl / "tunery_model.json").read_text())["variant"] == "four"
+    assert "MLmodel" in {p.name for p in dl.iterdir()}  # a pyfunc, the ONNX folder inside it
+    deploy = mlflow_model.deploy_folder(dl, "models:/m@champion")
+    assert {"model.onnx", "labels.json", "tunery_model.json"} <= {p.name for p in deploy.iterdir()}
+    assert json.loads((deploy / "tunery_model.json").read_text())["variant"] == "four"
 
     # the artifacts are in the server's store, and nothing landed in the project
     expected_scheme = "s3://" if direct_s3 else "mlflow-artifacts:"
-    assert run.info.artifact_uri.startswith(expected_scheme) and info["source"].startswith(
+    # the version's source is the deployable LoggedModel; its files are in the server's store
+    assert info["source"].startswith("models:/m-")
+    location = client.get_logged_model(info["source"].removeprefix("models:/")).artifact_location
+    assert run.info.artifact_uri.startswith(expected_scheme) and location.startswith(
         expected_scheme
     )
     assert not (root / tracking.DB_FILE).exists() and not (root / tracking.ARTIFACT_DIR).exists()
     if direct_s3:
-        keys = s3_keys(use_server["s3"], f"direct/{run.info.run_id}/")
+        keys = s3_keys(use_server["s3"], "direct/")
         assert any(k.endswith("/deploy/model.onnx") for k in keys), keys
 
 
