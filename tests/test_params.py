@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from tunery.cli import main as cli_main
 from tunery.config import Params, WordnetSource, load_params
-from tunery.errors import ConfigError
+from tunery.errors import EXIT_INPUT, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_check_command(tmp_path, capsys, monkeypatch):
     bad = write(tmp_path, tree)
     with pytest.raises(SystemExit) as done:
         cli_main(["check", "-p", str(bad)])
-    assert done.value.code == 2
+    assert done.value.code == EXIT_INPUT
     assert "ingest.duplicates" in capsys.readouterr().err
 
 
@@ -114,9 +114,12 @@ def test_check_reads_the_source_headers(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as done:
         cli_main(["check", "-p", str(params)])
-    assert done.value.code == 2 and "ingest.source.path does not exist" in capsys.readouterr().err
+    assert (
+        done.value.code == EXIT_INPUT
+        and "ingest.source.path does not exist" in capsys.readouterr().err
+    )
     (tmp_path / "data" / "source").mkdir(parents=True)
     (tmp_path / "data" / "source" / "a.csv").write_text("text,label\nhello,a\n")
     with pytest.raises(SystemExit) as done:
         cli_main(["check", "-p", str(params)])
-    assert done.value.code == 2 and "missing column(s) ['body']" in capsys.readouterr().err
+    assert done.value.code == EXIT_INPUT and "missing column(s) ['body']" in capsys.readouterr().err
