@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,27 @@ def test_check_reads_the_source_headers(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as done:
         cli_main(["check", "-p", str(params)])
     assert done.value.code == EXIT_INPUT and "missing column(s) ['body']" in capsys.readouterr().err
+
+
+def test_write_params_keeps_comments_validates_first_and_keeps_the_mode(tmp_path):
+    from tunery.config import write_params
+
+    dest = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", dest)
+    dest.chmod(0o664)
+    before = dest.read_text()
+    with pytest.raises(ConfigError, match=r"finetune\.epochs"):
+        write_params(dest, ["finetune.epochs=many"])
+    assert dest.read_text() == before  # nothing written when the result is invalid
+    assert write_params(dest, ["finetune.epochs=2.0"]) == []  # no change: the file is untouched
+    assert write_params(dest, ["finetune.lora.r=8"]) == ["finetune.lora.r: 7 -> 8"]
+    after = dest.read_text()
+    assert load_params(dest).finetune.lora.r == 8
+    assert (dest.stat().st_mode & 0o777) == 0o664
+    changed = [line for line in after.splitlines() if line not in before.splitlines()]
+    assert len(changed) <= 2 and "r: 8" in changed[0]  # the lora line (and a joined flow map)
+    assert "# cap per class keeps the CPU demo fast" in after
+
+    other = tmp_path / "other.yaml"
+    other.write_text(before)
+    assert write_params(dest, source=other) == ["finetune.lora.r: 8 -> 7"]  # -p FILE
