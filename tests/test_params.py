@@ -92,7 +92,14 @@ def test_check_command(tmp_path, capsys, monkeypatch):
     # the demo source need not be installed for this test: any existing folder stands in for it
     with pytest.raises(SystemExit) as done:
         cli_main(
-            ["check", "--set", "prepare.split_salt=abc", "--set", f"ingest.source.path={tmp_path}"]
+            [
+                "check",
+                "--show",
+                "--set",
+                "prepare.split_salt=abc",
+                "--set",
+                f"ingest.source.path={tmp_path}",
+            ]
         )
     assert done.value.code == 0
     out = capsys.readouterr().out
