@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import make_rows
 from tunery.config import FinetuneConfig
-from tunery.errors import DataValidationError
+from tunery.errors import EXIT_INPUT, DataValidationError
 from tunery.finetuning import (
     FinetuneError,
     build_model,
@@ -281,7 +281,7 @@ def test_unknown_method_is_a_config_error_with_exit_2(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as done:
         finetune.main(["--set", "finetune.method=lorax"])
-    assert done.value.code == 2
+    assert done.value.code == EXIT_INPUT
     assert "finetune.method" in capsys.readouterr().err
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 

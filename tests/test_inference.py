@@ -13,7 +13,7 @@ import pytest
 
 from tests.test_export import make_data_dir, make_finetune_dir
 from tunery.config import ExportConfig
-from tunery.errors import TuneryError
+from tunery.errors import EXIT_INPUT, TuneryError
 
 TEXTS = [
     "a red animal that lives in the wild and eats small item3",
@@ -212,7 +212,7 @@ def test_cli_predict_bad_input_is_a_clear_error(model_dir, tmp_path, capsys):
                 "--no-progress",
             ]
         )
-    assert done.value.code == 2
+    assert done.value.code == EXIT_INPUT
     assert "no column 'text'" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
 

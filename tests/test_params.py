@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ from pydantic import ValidationError
 
 from tunery.cli import main as cli_main
 from tunery.config import Params, WordnetSource, load_params
-from tunery.errors import ConfigError
+from tunery.errors import EXIT_INPUT, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,14 @@ def test_check_command(tmp_path, capsys, monkeypatch):
     # the demo source need not be installed for this test: any existing folder stands in for it
     with pytest.raises(SystemExit) as done:
         cli_main(
-            ["check", "--set", "prepare.split_salt=abc", "--set", f"ingest.source.path={tmp_path}"]
+            [
+                "check",
+                "--show",
+                "--set",
+                "prepare.split_salt=abc",
+                "--set",
+                f"ingest.source.path={tmp_path}",
+            ]
         )
     assert done.value.code == 0
     out = capsys.readouterr().out
@@ -102,7 +110,7 @@ def test_check_command(tmp_path, capsys, monkeypatch):
     bad = write(tmp_path, tree)
     with pytest.raises(SystemExit) as done:
         cli_main(["check", "-p", str(bad)])
-    assert done.value.code == 2
+    assert done.value.code == EXIT_INPUT
     assert "ingest.duplicates" in capsys.readouterr().err
 
 
@@ -114,9 +122,36 @@ def test_check_reads_the_source_headers(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as done:
         cli_main(["check", "-p", str(params)])
-    assert done.value.code == 2 and "ingest.source.path does not exist" in capsys.readouterr().err
+    assert (
+        done.value.code == EXIT_INPUT
+        and "ingest.source.path does not exist" in capsys.readouterr().err
+    )
     (tmp_path / "data" / "source").mkdir(parents=True)
     (tmp_path / "data" / "source" / "a.csv").write_text("text,label\nhello,a\n")
     with pytest.raises(SystemExit) as done:
         cli_main(["check", "-p", str(params)])
-    assert done.value.code == 2 and "missing column(s) ['body']" in capsys.readouterr().err
+    assert done.value.code == EXIT_INPUT and "missing column(s) ['body']" in capsys.readouterr().err
+
+
+def test_write_params_keeps_comments_validates_first_and_keeps_the_mode(tmp_path):
+    from tunery.config import write_params
+
+    dest = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", dest)
+    dest.chmod(0o664)
+    before = dest.read_text()
+    with pytest.raises(ConfigError, match=r"finetune\.epochs"):
+        write_params(dest, ["finetune.epochs=many"])
+    assert dest.read_text() == before  # nothing written when the result is invalid
+    assert write_params(dest, ["finetune.epochs=2.0"]) == []  # no change: the file is untouched
+    assert write_params(dest, ["finetune.lora.r=8"]) == ["finetune.lora.r: 7 -> 8"]
+    after = dest.read_text()
+    assert load_params(dest).finetune.lora.r == 8
+    assert (dest.stat().st_mode & 0o777) == 0o664
+    changed = [line for line in after.splitlines() if line not in before.splitlines()]
+    assert len(changed) <= 2 and "r: 8" in changed[0]  # the lora line (and a joined flow map)
+    assert "# cap per class keeps the CPU demo fast" in after
+
+    other = tmp_path / "other.yaml"
+    other.write_text(before)
+    assert write_params(dest, source=other) == ["finetune.lora.r: 8 -> 7"]  # -p FILE

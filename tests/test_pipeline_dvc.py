@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import init_repo, make_rows, tool_env
 from tunery import tracking
+from tunery.errors import EXIT_INPUT
 
 
 def dvc(root, *args):
@@ -111,7 +112,7 @@ def test_data_add_rejects_bad_file_and_adds_nothing(project):
     bad.loc[2, "label"] = None
     bad.to_csv(project / "bad.csv", index=False)
     result = tunery(project, "data", "add", "bad.csv", check=False)
-    assert result.returncode == 2
+    assert result.returncode == EXIT_INPUT
     assert "bad.csv: row 3: [null_label]" in result.stderr
     assert list((project / "data" / "incoming").iterdir()) == []
 

@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import REPO, make_rows
 from tests.tiny import make_tiny_encoder
 from tunery.config import PretrainConfig, load_params
-from tunery.errors import ConfigError, DataValidationError
+from tunery.errors import EXIT_INPUT, ConfigError, DataValidationError
 
 torch = pytest.importorskip("torch")
 
@@ -420,7 +420,7 @@ def test_stage_exit_code_and_nothing_written_on_bad_input(data_dir, tmp_path, mo
     monkeypatch.chdir(root)
     with pytest.raises(SystemExit) as exit_info:
         pretrain.main([])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == EXIT_INPUT
     assert not (root / "metrics" / "pretrain.json").exists()
     assert not (root / params["pretrain"]["out_dir"]).exists()
 

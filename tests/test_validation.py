@@ -10,7 +10,7 @@ import yaml
 from tasks import ingest
 from tests.conftest import make_rows
 from tunery.config import IngestConfig, load_params
-from tunery.errors import DataValidationError
+from tunery.errors import EXIT_INPUT, DataValidationError
 
 
 def cfg(tmp_path: Path, **over) -> IngestConfig:
@@ -171,14 +171,14 @@ def test_bad_incoming_file_is_named(tmp_path):
 
 
 def test_stage_exit_code_and_message(project, capsys, monkeypatch):
-    """Through the stage entry point: one clear line, exit 2, no metrics, no output."""
+    """Through the stage entry point: one clear line, exit 3 (bad data), no metrics, no output."""
     bad = make_rows(10)
     bad.loc[0, "label"] = None
     bad.to_csv(project / "data" / "source" / "train.csv", index=False)
     monkeypatch.chdir(project)
     with pytest.raises(SystemExit) as done:
         ingest.main([])
-    assert done.value.code == 2
+    assert done.value.code == EXIT_INPUT
     err = capsys.readouterr().err
     assert "train.csv: row 1: [null_label]" in err
     assert not (project / "metrics" / "ingest.json").exists()

@@ -1,45 +1,130 @@
-"""The `tunery` command."""
+"""The `tunery` command.
+
+One convention for every command (see README: The command line):
+- `-p FILE` / `--set SECTION.KEY=VALUE` wherever params are read. Commands that run DVC stages
+  (`run`, `retrain`, `schedule`, `init`) write them into params.yaml before anything starts,
+  because the stages read that file and dvc.lock records it; the others apply them in memory.
+- `--json` wherever a script would read the output: one JSON document on stdout, everything else
+  (logs, stage output, progress) on stderr.
+- Exit codes by class (tunery/errors.py): 0 ok, 1 failed at run time, 2 usage, 3 bad config or
+  data, 4 refused by the registry. Every mistake is one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tunery import __version__, env
-from tunery.errors import TuneryError
+from tunery.errors import EXIT_CODES, InputError, TuneryError
 
 log = logging.getLogger("tunery")
 
+PARAMS_FILE = "params.yaml"
+TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")  # what `predict` reads and writes
 
-def _params_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-p",
-        "--params",
-        default="params.yaml",
-        help="params file (default: params.yaml in the project)",
-    )
+
+# --------------------------------------------------------------------------- shared arguments
+def _params_args(p: argparse.ArgumentParser, *, writes: bool = False) -> None:
+    """`-p` and `--set`. `writes`: the command runs DVC stages, so both end up in params.yaml."""
+    if writes:
+        file_help = (
+            "params file to run with: validated, then written over params.yaml, which the stages "
+            "read and dvc.lock records (default: params.yaml)"
+        )
+        set_help = (
+            "override one param (YAML value syntax, repeatable); written into params.yaml before "
+            "anything runs, so DVC records it (`git diff params.yaml` shows it)"
+        )
+    else:
+        file_help = "params file (default: params.yaml in the project)"
+        set_help = "override one param for this command only; YAML value syntax (repeatable)"
+    p.add_argument("-p", "--params", default=PARAMS_FILE, help=file_help)
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one param; YAML value syntax (repeatable)",
+        help=set_help,
     )
 
 
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (logs and stage output go to stderr)",
+    )
+
+
+def _params_path(args: argparse.Namespace, root: Path) -> Path:
+    path = Path(args.params)
+    return path if path.is_absolute() or path.exists() else root / path
+
+
 def _load(args: argparse.Namespace, root: Path):
+    """Params for a command that runs no stage: `-p` and `--set` apply in memory only."""
     from tunery.config import load_params
 
-    path = Path(args.params)
-    return load_params(path if path.is_absolute() or path.exists() else root / path, args.set)
+    return load_params(_params_path(args, root), args.set)
 
 
+def _load_for_stages(args: argparse.Namespace, root: Path):
+    """Params for a command that runs DVC stages: `-p`/`--set` are validated, then written into
+    params.yaml (atomically, comments kept) before anything starts, and the change is said on
+    stderr. DVC then records exactly what ran in dvc.lock; see config.write_params for why."""
+    from tunery.config import load_params, write_params
+
+    dest = root / PARAMS_FILE
+    changes = write_params(dest, args.set, source=_params_path(args, root))
+    args.params_changed = changes
+    if changes:
+        print(
+            f"params.yaml changed ({len(changes)} setting(s); the stages read it and dvc.lock "
+            "records it; `git diff params.yaml` shows it, `git checkout params.yaml` undoes it):\n"
+            + "\n".join(f"  {c}" for c in changes),
+            file=sys.stderr,
+        )
+    return load_params(dest)
+
+
+def _emit(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    """Keep the command's JSON document; main() prints it on the real stdout at the end."""
+    args.json_doc = doc
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (ours, DVC's and the stages' subprocesses') to stderr,
+    so that with --json stdout carries the JSON document and nothing else."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+# --------------------------------------------------------------------------- check
 def _check_source(params: Any, root: Path) -> str:
     """The configured source can be read and has the configured columns (cheap: headers only)."""
     from tunery.config import FilesSource
@@ -53,22 +138,73 @@ def _check_source(params: Any, root: Path) -> str:
             path, "missing_file", "ingest.source.path does not exist (see README: Your own data)"
         )
     if not isinstance(src, FilesSource):
-        return f"source: {src.kind} at {path}"
+        return f"{src.kind} at {path}"
     found = files.list_files(path, files.LABELLED_SUFFIXES)
     if not found:
         raise DataValidationError(path, "missing_file", "no .csv, .jsonl or .parquet file")
     for file in found:
         files.read_labelled(file, src.text_column, src.label_column, origin="check")
-    return f"source: {len(found)} file(s) in {path} with columns {src.text_column!r}, {src.label_column!r}"
+    return f"{len(found)} file(s) in {path} with columns {src.text_column!r}, {src.label_column!r}"
+
+
+def _dvc_remote(root: Path) -> str:
+    """The default DVC remote as .dvc/config (and config.local) name it; no DVC import."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])
+    name = config.get("core", "remote", fallback=None)
+    if not name:
+        return "none configured (`dvc remote add -d NAME URL`)"
+    url = config.get(f"'remote \"{name}\"'", "url", fallback="?")
+    return f"{name!r} at {url}"
+
+
+def _stores(root: Path, params: Any) -> dict[str, str]:
+    from tunery import tracking
+
+    prefect = os.environ.get("PREFECT_API_URL") or (
+        f"a temporary server per run, database in {os.environ.get('PREFECT_HOME', '~/.prefect')}"
+    )
+    return {
+        "mlflow": f"{tracking.tracking_uri(root)} (experiment {params.tracking.experiment!r}, "
+        f"model {params.registry.model_name!r})",
+        "dvc_remote": _dvc_remote(root),
+        "prefect": prefect,
+    }
 
 
 def cmd_check(args: argparse.Namespace, root: Path) -> int:
+    from tunery.pipeline import stage_names
+
     params = _load(args, root)
-    print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip())
-    print(_check_source(params, root))
+    source = _check_source(params, root)
+    stages = stage_names(root)
+    stores = _stores(root, params)
+    overrides = f" (with {len(args.set)} override(s))" if args.set else ""
+    if args.json:
+        doc: dict[str, Any] = {
+            "ok": True,
+            "params_file": str(args.params),
+            "overrides": list(args.set),
+            "source": source,
+            "stages": stages,
+            "stores": stores,
+        }
+        if args.show:
+            doc["params"] = params.model_dump(mode="json")
+        _emit(args, doc)
+        return 0
+    if args.show:
+        print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip() + "\n")
+    print(f"source:  {source}")
+    print(f"stages:  {' -> '.join(stages)}")
+    print(f"MLflow:  {stores['mlflow']}")
+    print(f"DVC:     remote {stores['dvc_remote']}")
+    print(f"Prefect: {stores['prefect']}")
     print(
-        f"\nOK: {args.params} is valid"
-        + (f" (with {len(args.set)} override(s))" if args.set else "")
+        f"OK: {args.params} is valid{overrides}"
+        + ("" if args.show else " (`tunery check --show` prints the full config)")
     )
     return 0
 
@@ -79,9 +215,8 @@ def cmd_init(args: argparse.Namespace, root: Path) -> int:
     ~10 s of database migrations to the first run. Safe to repeat (it upgrades, never resets)."""
     from flows.server import init_server_database
     from tunery import tracking
-    from tunery.config import load_params
 
-    params = load_params(root / "params.yaml")
+    params = _load_for_stages(args, root)
     tracking.setup(root, params.tracking.experiment)
     print(
         f"MLflow store ready: {tracking.tracking_uri(root)} (experiment {params.tracking.experiment!r})"
@@ -95,6 +230,7 @@ def cmd_init(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- run, retrain
 def _start_flow_services(root: Path, params) -> Any:
     """Start what a flow needs side by side: Prefect's temporary server (its own process), the
     DVC worker (its own process) and the MLflow store (here). The caller imports its flow module,
@@ -110,11 +246,132 @@ def _start_flow_services(root: Path, params) -> Any:
     return server
 
 
+def _check_stage_names(root: Path, stages: list[str]) -> None:
+    from tunery.pipeline import stage_names
+
+    known = stage_names(root)
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise InputError(f"unknown stage(s) {', '.join(unknown)}: dvc.yaml has {', '.join(known)}")
+
+
+def _declared(root: Path, kind: str) -> list[str]:
+    """The `plots` or `metrics` paths dvc.yaml declares (the DAG is where they are named), with
+    `${section.key}` filled in from params.yaml; only those that exist, in dvc.yaml order."""
+    from tunery.config import load_raw
+
+    dag = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    entries: list[Any] = []
+    for stage in (dag.get("stages") or {}).values():
+        entries += stage.get(kind) or []
+    if kind == "plots":
+        entries += dag.get("plots") or []
+    raw = load_raw(root / PARAMS_FILE)
+
+    def lookup(match: re.Match) -> str:
+        node: Any = raw
+        for part in match.group(1).strip().split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return str(node) if node is not None else match.group(0)
+
+    out: list[str] = []
+    for entry in entries:
+        for name in entry if isinstance(entry, dict) else [entry]:
+            path = re.sub(r"\$\{([^}]+)\}", lookup, str(name))
+            if (root / path).exists() and path not in out:
+                out.append(path)
+    return out
+
+
+def _gate(registry: dict[str, Any] | None, params: Any, partial: bool) -> dict[str, Any]:
+    """The gate's decision in a fixed shape, from the registry step's result."""
+    if not registry:
+        reason = (
+            "only some stages were asked for: the registry step runs after a full run"
+            if partial
+            else "the registry step is off (pipeline.register_model: false)"
+        )
+        return {"decision": "not gated", "reason": reason, "version": None}
+    if "promoted" in registry:
+        decision = "promoted to champion" if registry["promoted"] else "champion kept"
+        reason = registry.get("reason") or registry.get("summary", "")
+    else:
+        decision, reason = "unchanged", registry.get("summary", "")
+    return {"decision": decision, "reason": reason, "version": registry.get("version")}
+
+
+def _next_commands(params: Any, gate: dict[str, Any]) -> list[dict[str, str]]:
+    deploy = params.compress.out_dir
+    out = [
+        {"command": "tunery ui", "what": "runs, metrics and the registry in the MLflow UI"},
+        {"command": "tunery predict FILE -o scored.csv", "what": "score a file with the champion"},
+        {"command": "tunery serve-model", "what": "the champion over HTTP (127.0.0.1:8000)"},
+    ]
+    if gate["decision"] == "champion kept":
+        out.append(
+            {
+                "command": f"tunery predict FILE -o scored.csv --model {deploy}",
+                "what": "try the candidate the gate did not promote",
+            }
+        )
+    out.append({"command": "tunery models --log", "what": "every version and promotion"})
+    return out
+
+
+def _summary(root: Path, params: Any, result: dict[str, Any], partial: bool) -> dict[str, Any]:
+    """The end of a run as data: gate decision, where the results are, what to do next. Every
+    path comes from params.yaml or dvc.yaml."""
+    from tunery import stage_value
+
+    report_dir = params.evaluate.report_dir
+    gate = _gate(result.get("registry"), params, partial)
+    paths = {
+        "deployable_model": params.compress.out_dir,
+        "stage_value": f"{report_dir}/{stage_value.MARKDOWN_FILE}",
+        "reports": [d for d in (report_dir, params.compress.report_dir) if (root / d).is_dir()],
+        "plots": _declared(root, "plots"),
+        "metrics": _declared(root, "metrics"),
+    }
+    return {
+        "gate": gate,
+        "stage_value": stage_value.read(root / report_dir),
+        "paths": paths,
+        "next": _next_commands(params, gate),
+    }
+
+
+def _print_stage_value(root: Path, params: Any) -> None:
+    """The evaluate stage's table of what each stage bought (reports/evaluate/stage_value.md)."""
+    from tunery import stage_value
+
+    report_dir = root / params.evaluate.report_dir
+    table = stage_value.read(report_dir)
+    if table is not None:
+        print(
+            f"\n{stage_value.terminal(table)}\n  (table: {report_dir / stage_value.MARKDOWN_FILE})"
+        )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    gate, paths = summary["gate"], summary["paths"]
+    version = f" (version {gate['version']})" if gate.get("version") else ""
+    print(f"\ngate: {gate['decision']}{version}: {gate['reason']}")
+    print(f"deployable model: {paths['deployable_model']}")
+    if paths["reports"]:
+        print(f"reports: {', '.join(paths['reports'])}")
+    if paths["plots"]:
+        print(f"plots: {', '.join(paths['plots'])}  (`dvc plots show` renders them)")
+    print("next:")
+    width = max(len(n["command"]) for n in summary["next"])
+    for n in summary["next"]:
+        print(f"  {n['command']:<{width}}  {n['what']}")
+
+
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
-    from tunery.config import load_params
     from tunery.stage import process_start
 
-    params = load_params(root / "params.yaml")  # bad params: a clear error before anything starts
+    params = _load_for_stages(args, root)  # bad params: a clear error before anything starts
+    _check_stage_names(root, args.stages)
     server = _start_flow_services(root, params)
     from flows.pipeline import pipeline_flow
 
@@ -127,22 +384,124 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
         force=args.force,
         started_at=process_start(),
     )
-    ran = (
-        ", ".join(r["stage"] for r in result["stages"] if r["ran"])
-        or "none (everything up to date)"
+    summary = _summary(root, params, result, partial=bool(args.stages))
+    ran = [r["stage"] for r in result["stages"] if r["ran"]]
+    if args.json:
+        _emit(
+            args,
+            {
+                "ok": True,
+                "command": "run",
+                "run_id": result["run_id"],
+                "stages_ran": ran,
+                "stages": result["stages"],
+                "params_changed": args.params_changed,
+                "registry": result.get("registry"),
+                "timing": result["timing"],
+                **summary,
+            },
+        )
+        return 0
+    print(
+        f"\npipeline run {result['run_id']}: stages run: "
+        + (", ".join(ran) or "none (everything up to date)")
     )
-    print(f"\npipeline run {result['run_id']}: stages run: {ran}")
-    _print_stage_value(root)
-    if result.get("registry"):
-        print(f"registry: {result['registry']['summary']}")
+    _print_stage_value(root, params)
     t = result["timing"]
     print(
         f"wall {t['wall_seconds']:.0f} s; orchestration + tracking overhead "
         f"{t['overhead_seconds']:.1f} s ({100 * t['overhead_share']:.1f} %)"
     )
+    _print_summary(summary)
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
+    params = _load_for_stages(args, root)
+    server = _start_flow_services(root, params)
+    from flows.retrain import retrain_flow
+
+    if server is not None:
+        server.wait()
+
+    result = retrain_flow(project=str(root), ignore_drift=args.ignore_drift)
+    retrained = result["status"] == "retrained"
+    summary = _summary(root, params, result, partial=False) if retrained else {}
+    if args.json:
+        _emit(
+            args,
+            {
+                "ok": True,
+                "command": "retrain",
+                "params_changed": args.params_changed,
+                **result,
+                **(
+                    {"stages_ran": [r["stage"] for r in result["stages"] if r["ran"]]}
+                    if retrained
+                    else {}
+                ),
+                **summary,
+            },
+        )
+        return 0
+    if result.get("drift"):
+        d = result["drift"]
+        print(
+            f"drift of the new data vs training: AUC {d['auc']:.3f} "
+            f"(0.5 = none), centroid distance {d['centroid_distance']:.4f}"
+        )
+    if not retrained:
+        print(
+            f"retrain: {result['status']}"
+            + (f" ({result['reason']})" if result.get("reason") else "")
+        )
+        return 0
+    ran = ", ".join(r["stage"] for r in result["stages"] if r["ran"]) or "none"
+    print(f"\nretrain: took in {len(result['added'])} file(s); stages run: {ran}")
+    newest = result.get("newest") or {}
+    if newest.get("rows"):
+        print(
+            f"newest data ({newest['origins']}, {newest['rows']} test rows): macro-F1 "
+            f"{newest['macro_f1']}"
+            + (
+                f" vs champion {newest['champion_macro_f1']}"
+                if "champion_macro_f1" in newest
+                else ""
+            )
+        )
+    _print_stage_value(root, params)
+    _print_summary(summary)
+    return 0
+
+
+def _validate_schedule(root: Path, cron: str | None, interval: float | None) -> None:
+    """Build the deployment Prefect will serve, so a bad cron is one line before anything
+    starts (Prefect's own schedule validation, not a second parser of cron syntax)."""
+    from flows.retrain import deployment
+
+    try:
+        deployment(str(root), cron=cron, interval=interval)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        errors = getattr(exc, "errors", None)
+        detail = errors()[0]["msg"] if callable(errors) else str(exc).splitlines()[0]
+        raise InputError(
+            f"--cron {cron!r}: {detail.removeprefix('Value error, ')} (five fields: minute "
+            'hour day-of-month month day-of-week, e.g. "0 3 * * 1" for Mondays 03:00)'
+        ) from None
+
+
+def cmd_schedule(args: argparse.Namespace, root: Path) -> int:
+    from flows.retrain import serve
+
+    _validate_schedule(root, args.cron, args.interval)
+    _load_for_stages(args, root)
+    when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
+    print(f"serving the retrain flow ({when}) with the embedded Prefect server; Ctrl-C stops it.")
+    serve(str(root), cron=args.cron, interval=args.interval)
+    return 0
+
+
+# --------------------------------------------------------------------------- data and registry
 def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
     from tunery.data.intake import add_file
 
@@ -185,21 +544,40 @@ def cmd_models(args: argparse.Namespace, root: Path) -> int:
 
     params = _load(args, root)
     name = params.registry.model_name
-    versions = tracking.list_versions(root, name)
-    if not versions:
+    rows = []
+    for v in tracking.list_versions(root, name):
+        f1 = v["metrics"].get("holdout_macro_f1", v["tags"].get("holdout_macro_f1"))
+        rows.append(
+            {
+                "version": v["version"],
+                "aliases": v["aliases"],
+                "holdout_macro_f1": float(f1) if f1 not in (None, "") else None,
+                "gate_decision": v["tags"].get("gate.decision"),
+                "gate_reason": v["tags"].get("gate.reason", ""),
+                "run_id": v["run_id"],
+                "created": v["created"],
+            }
+        )
+    history = tracking.decisions(root, params.tracking.experiment, name) if args.log else None
+    if args.json:
+        _emit(
+            args,
+            {"model": name, "versions": rows, **({"log": history} if args.log else {})},
+        )
+        return 0
+    if not rows:
         print(f"model {name!r} has no registered versions yet (run the pipeline: tunery run)")
         return 0
     print(f"{'version':>7}  {'aliases':<22} {'holdout macro-F1':>16}  {'gate':<9} reason")
-    for v in versions:
-        f1 = v["metrics"].get("holdout_macro_f1", v["tags"].get("holdout_macro_f1"))
-        f1_text = f"{float(f1):.4f}" if f1 not in (None, "") else "-"
+    for r in rows:
+        f1_text = f"{r['holdout_macro_f1']:.4f}" if r["holdout_macro_f1"] is not None else "-"
         print(
-            f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {f1_text:>16}  "
-            f"{v['tags'].get('gate.decision', '-'):<9} {v['tags'].get('gate.reason', '')}"
+            f"{r['version']:>7}  {','.join(r['aliases']) or '-':<22} {f1_text:>16}  "
+            f"{r['gate_decision'] or '-':<9} {r['gate_reason']}"
         )
-    if args.log:
+    if history is not None:
         print("\npromotion log (oldest first):")
-        for e in tracking.decisions(root, params.tracking.experiment, name):
+        for e in history:
             print(
                 f"  {e.get('utc', '?')}  {e.get('action'):<15} {e.get('from') or '-':>4} -> {e.get('to') or '-':<4} {e.get('reason', '')}"
             )
@@ -220,69 +598,6 @@ def cmd_rollback(args: argparse.Namespace, root: Path) -> int:
 
     record = promotion.rollback(root, _load(args, root), args.reason)
     print(f"champion rolled back: version {record['from']} -> {record['to']} ({record['reason']})")
-    return 0
-
-
-def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
-    from tunery.config import load_params
-
-    server = _start_flow_services(root, load_params(root / "params.yaml"))
-    from flows.retrain import retrain_flow
-
-    if server is not None:
-        server.wait()
-
-    result = retrain_flow(project=str(root), ignore_drift=args.ignore_drift)
-    if result.get("drift"):
-        d = result["drift"]
-        print(
-            f"drift of the new data vs training: AUC {d['auc']:.3f} "
-            f"(0.5 = none), centroid distance {d['centroid_distance']:.4f}"
-        )
-    if result["status"] != "retrained":
-        print(
-            f"retrain: {result['status']}"
-            + (f" ({result['reason']})" if result.get("reason") else "")
-        )
-        return 0
-    ran = ", ".join(r["stage"] for r in result["stages"] if r["ran"]) or "none"
-    print(f"\nretrain: took in {len(result['added'])} file(s); stages run: {ran}")
-    newest = result.get("newest") or {}
-    if newest.get("rows"):
-        print(
-            f"newest data ({newest['origins']}, {newest['rows']} test rows): macro-F1 "
-            f"{newest['macro_f1']}"
-            + (
-                f" vs champion {newest['champion_macro_f1']}"
-                if "champion_macro_f1" in newest
-                else ""
-            )
-        )
-    _print_stage_value(root)
-    if result.get("registry"):
-        print(f"decision: {result['registry']['summary']}")
-    return 0
-
-
-def _print_stage_value(root: Path) -> None:
-    """The evaluate stage's table of what each stage bought (reports/evaluate/stage_value.md)."""
-    from tunery import stage_value
-    from tunery.config import load_params
-
-    report_dir = root / load_params(root / "params.yaml").evaluate.report_dir
-    table = stage_value.read(report_dir)
-    if table is not None:
-        print(
-            f"\n{stage_value.terminal(table)}\n  (table: {report_dir / stage_value.MARKDOWN_FILE})"
-        )
-
-
-def cmd_schedule(args: argparse.Namespace, root: Path) -> int:
-    from flows.retrain import serve
-
-    when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
-    print(f"serving the retrain flow ({when}) with the embedded Prefect server; Ctrl-C stops it.")
-    serve(str(root), cron=args.cron, interval=args.interval)
     return 0
 
 
@@ -334,14 +649,16 @@ MODEL_HELP = (
 )
 
 
-def _model_source(model: str, root: Path) -> str:
+def _model_source(model: str, root: Path, params: Any = None) -> str:
     """A model URI (`models:/name@alias`) as given; a relative folder against the project root;
     `champion`: the registry champion of this project's `registry.model_name`."""
     if model == CHAMPION_MODEL:
         from tunery import promotion, tracking
         from tunery.config import load_params
 
-        name = load_params(root / "params.yaml").registry.model_name
+        if params is None:
+            params = load_params(root / PARAMS_FILE)
+        name = params.registry.model_name
         if tracking.alias_version(root, name, promotion.CHAMPION) is None:
             raise TuneryError(
                 f"model {name!r} has no champion yet: run the pipeline (`tunery run`), or pass "
@@ -353,16 +670,56 @@ def _model_source(model: str, root: Path) -> str:
     return str(root / model)
 
 
+def _table_columns(path: Path) -> list[str]:
+    """The columns of a CSV/JSONL/Parquet file from its header alone (cheap: no full read)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            import pandas as pd
+
+            return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        with path.open(encoding="utf-8") as lines:
+            first = next((line for line in lines if line.strip()), "{}")
+        row = json.loads(first)
+        return list(row) if isinstance(row, dict) else []
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: cannot read as {suffix[1:]}: {first_line}") from None
+
+
+def _check_predict_files(src: Path, dest: Path, text_column: str) -> None:
+    """What `predict` can check before loading a model (seconds): the files' formats, that the
+    input exists and has the text column."""
+    for path, what in ((src, "input"), (dest, "output")):
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise InputError(
+                f"{path}: unsupported {what} format {path.suffix!r} (use .csv, .jsonl or .parquet)"
+            )
+    if not src.is_file():
+        raise InputError(f"{src}: file not found")
+    columns = _table_columns(src)
+    if columns and text_column not in columns:
+        raise InputError(
+            f"{src}: no column {text_column!r} (columns: {', '.join(columns)}; see --text-column)"
+        )
+
+
 def cmd_predict(args: argparse.Namespace, root: Path) -> int:
+    src, dest = Path(args.input), Path(args.output)
+    _check_predict_files(src, dest, args.text_column)
+    model = _model_source(args.model, root, _load(args, root))
     from tunery.inference import Predictor, predict_file
 
-    model = _model_source(args.model, root)
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
     log.info("model %s: variant %s on %s", model, predictor.metadata["variant"], predictor.provider)
     n = predict_file(
         predictor,
-        Path(args.input),
-        Path(args.output),
+        src,
+        dest,
         text_column=args.text_column,
         show_progress=not args.no_progress,
     )
@@ -371,13 +728,53 @@ def cmd_predict(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_serve_model(args: argparse.Namespace, root: Path) -> int:
+    model = _model_source(args.model, root, _load(args, root))
     from tunery.inference import Predictor
     from tunery.serve import serve
 
-    model = _model_source(args.model, root)
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
     serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch)
     return 0
+
+
+# --------------------------------------------------------------------------- the parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
+    return value
+
+
+DEVICE_HELP = "where the ONNX model runs: auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda"
+BATCH_HELP = "texts per inference batch (default: 64)"
+
+EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+EPILOG += (
+    "\n  130  interrupted (Ctrl-C)\n\n"
+    "Every command that reads params takes -p FILE and --set SECTION.KEY=VALUE; run, retrain,\n"
+    "schedule and init write them into params.yaml first (DVC records what ran in dvc.lock).\n"
+    "check, models, run and retrain take --json: one JSON document on stdout, logs on stderr."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,13 +782,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tunery",
         description="Keep a fine-tuned transformer fresh: versioned data -> pretraining -> PEFT fine-tuning "
         "-> evaluation -> ONNX -> registry. Run inside the project folder (where params.yaml is).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tunery {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="validate params.yaml (and overrides) and print the result")
+    p = sub.add_parser(
+        "check",
+        help="validate params.yaml (and overrides) and the data source; print a short summary",
+    )
+    p.add_argument("--show", action="store_true", help="also print the full, validated config")
     _params_args(p)
+    _json_arg(p)
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser(
@@ -401,17 +805,21 @@ def build_parser() -> argparse.ArgumentParser:
         "pay their migrations. Idempotent; servers named by MLFLOW_TRACKING_URI or PREFECT_API_URL "
         "are used as they are.",
     )
+    _params_args(p, writes=True)
     p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser(
         "run",
         help="run the pipeline: the dvc.yaml stages as a Prefect flow under one MLflow parent run, then the registry gate",
-        description="Stages read params.yaml (DVC tracks it): edit it to change a run.",
+        description="Stages read params.yaml (DVC tracks it): edit it, or pass -p/--set, which "
+        "are written into it before anything runs.",
     )
     p.add_argument("stages", nargs="*", help="stages to bring up to date (default: all)")
     p.add_argument(
         "--force", action="store_true", help="re-run stages even if DVC says they are up to date"
     )
+    _params_args(p, writes=True)
+    _json_arg(p)
     p.set_defaults(fn=cmd_run)
 
     data = sub.add_parser("data", help="manage the dataset").add_subparsers(
@@ -447,6 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retrain even when the new data's drift is below retrain.drift.min_auc",
     )
+    _params_args(p, writes=True)
+    _json_arg(p)
     p.set_defaults(fn=cmd_retrain)
 
     p = sub.add_parser(
@@ -454,13 +864,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
-    when.add_argument("--interval", type=float, help="seconds between runs")
+    when.add_argument("--interval", type=_positive_float, help="seconds between runs")
+    _params_args(p, writes=True)
     p.set_defaults(fn=cmd_schedule)
 
     p = sub.add_parser(
         "demo-shard", help="release the next shard of WordNet demo data into the landing folder"
     )
-    p.add_argument("--per-class", type=int, default=40, help="glosses per category (default: 40)")
+    p.add_argument(
+        "--per-class", type=_positive_int, default=40, help="glosses per category (default: 40)"
+    )
     _params_args(p)
     p.set_defaults(fn=cmd_demo_shard)
 
@@ -469,6 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log", action="store_true", help="also print the promotion log")
     _params_args(p)
+    _json_arg(p)
     p.set_defaults(fn=cmd_models)
 
     p = sub.add_parser(
@@ -497,43 +911,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="CSV, JSONL or Parquet file with a text column")
     p.add_argument("-o", "--output", required=True, help="output file (.csv, .jsonl or .parquet)")
     p.add_argument("--model", default=CHAMPION_MODEL, help=MODEL_HELP)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
+    p.add_argument(
+        "--text-column", default="text", help="the input's column of texts (default: text)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=64, help=BATCH_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _params_args(p)
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("serve-model", help="serve a deployable ONNX model over HTTP (FastAPI)")
     p.add_argument("--model", default=CHAMPION_MODEL, help=MODEL_HELP)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-batch", type=int, default=256, help="most texts in one request")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help=BATCH_HELP)
+    p.add_argument("--max-batch", type=_positive_int, default=256, help="most texts in one request")
+    _params_args(p)
     p.set_defaults(fn=cmd_serve_model)
 
     p = sub.add_parser("ui", help="open the MLflow UI on this project's store")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port of the UI (default: 5000)")
     p.set_defaults(fn=cmd_ui)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # usage errors: argparse's one line, exit 2
     from tunery.stage import setup_logging
 
     setup_logging(args.verbose)
     root = env.configure()
+    as_json = getattr(args, "json", False)
+    args.json_doc, args.params_changed = None, []
     try:
-        sys.exit(args.fn(args, root))
+        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            code = args.fn(args, root)
     except TuneryError as exc:
         print(f"tunery: error: {exc}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"ok": False, "exit_code": exc.exit_code, "error": str(exc)}))
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("tunery: interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # `tunery models | head`: the reader left; not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    if args.json_doc is not None:
+        print(json.dumps(args.json_doc, indent=2, default=str))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

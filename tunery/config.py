@@ -539,7 +539,11 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
         node = child
     # YAML parsing gives `--set finetune.lr=3.0e-4` a float and `--set a.b=[x, y]` a list.
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({first})") from None
 
 
 def load_raw(path: Path) -> dict[str, Any]:
@@ -569,3 +573,78 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: Iterable[str] = ()) -
     except ValidationError as exc:
         source = str(path) + (" (with --set overrides)" if overrides else "")
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def _round_trip_yaml():
+    """ruamel.yaml set up to write params.yaml back as it is written: comments, key order, two-space
+    mappings, indented lists, `null` spelled out, long lines kept."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.width = 4096
+    rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    return rt
+
+
+def write_params(
+    dest: str | Path, overrides: Iterable[str] = (), *, source: str | Path | None = None
+) -> list[str]:
+    """Make `dest` (the project's params.yaml) hold `source` (default: `dest` itself) plus the
+    `section.key=value` overrides; return "key: old -> new" for each setting that changed.
+
+    Why in the file and not in memory: the stages read params.yaml and `dvc.lock` records its
+    values; an override held only by the CLI process would run stages on params DVC never saw,
+    and the lineage would lie. `dvc exp run --set-param` edits params.yaml in the workspace the
+    same way. Comments and key order survive (ruamel.yaml round trip; a flow mapping written
+    over several lines comes back on one). The result is validated (as the stages will read it,
+    with PyYAML) before it atomically replaces `dest`, keeping its file mode; nothing changed:
+    `dest` is not touched.
+    """
+    import io
+    import os
+
+    from tunery.io import atomic_path
+
+    dest = Path(dest)
+    source = Path(source) if source is not None else dest
+    overrides = list(overrides)
+    load_raw(source)  # a missing or malformed file: the one-line errors of load_raw
+    rt = _round_trip_yaml()
+    tree = rt.load(source.read_text(encoding="utf-8"))
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    buf = io.StringIO()
+    rt.dump(tree, buf)
+    text = buf.getvalue()
+    new = yaml.safe_load(text) or {}
+    try:
+        Params.model_validate(new)
+    except ValidationError as exc:
+        label = str(source) + (" (with --set overrides)" if overrides else "")
+        raise ConfigError(_format_errors(exc, label)) from None
+    old = yaml.safe_load(dest.read_text(encoding="utf-8")) if dest.is_file() else {}
+    before, after = _flatten(old or {}), _flatten(new)
+    changes = [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+    if changes:
+        mode = dest.stat().st_mode & 0o777 if dest.is_file() else 0o644
+        with atomic_path(dest) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+            os.chmod(tmp, mode)
+    return changes

@@ -1,23 +1,57 @@
-"""Errors that carry a message meant for the user.
+"""Errors that carry a message meant for the user, and the exit codes they map to.
 
-The CLI and the stage entry points turn these into one clear line on stderr and a non-zero exit;
-anything else is a bug and keeps its traceback.
+The CLI and the stage entry points turn these into one clear line on stderr and the error's
+`exit_code`; anything else is a bug and keeps its traceback (exit 1).
+
+Exit codes (the same for `tunery` and for `python -m tasks.<stage>`):
+
+  0  ok (a gate that keeps the champion is an ok run: the JSON and the summary say so)
+  1  failed: a stage, a tool or a service failed at run time (re-running may help)
+  2  usage: a bad command line (argparse's own code)
+  3  bad config or data: params.yaml, an override or an input file breaks a rule (fix it first)
+  4  refused: the registry refused the action (e.g. promoting a gate-rejected version without --force)
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_REFUSED = 4
+
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_FAILED: "failed at run time (a stage, a tool or a service)",
+    EXIT_USAGE: "usage: bad command line",
+    EXIT_INPUT: "bad config or data (params.yaml, an override, an input file)",
+    EXIT_REFUSED: "refused by the registry or the gate",
+}
 
 
 class TuneryError(Exception):
     """An error whose message tells the user what is wrong and what to do."""
 
-    exit_code = 2
+    exit_code = EXIT_FAILED
 
 
-class ConfigError(TuneryError):
+class InputError(TuneryError):
+    """What the user gave (params, a file, a value) breaks a rule: re-running cannot help."""
+
+    exit_code = EXIT_INPUT
+
+
+class ConfigError(InputError):
     """`params.yaml` (or an override) does not match the schema."""
 
 
-class DataValidationError(TuneryError):
+class Refused(TuneryError):
+    """The registry or the gate refused the action; nothing was changed."""
+
+    exit_code = EXIT_REFUSED
+
+
+class DataValidationError(InputError):
     """Input data breaks a validation rule.
 
     `file` and `rule` are always set; `rows` names offending rows (1-based, header excluded) where

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from tunery import orphans
-from tunery.errors import TuneryError
+from tunery.errors import EXIT_FAILED, EXIT_INPUT, TuneryError
 
 log = logging.getLogger("tunery.pipeline")
 
@@ -51,6 +51,7 @@ class StageFailed(TuneryError):
     def __init__(self, message: str, *, user_error: bool) -> None:
         super().__init__(message)
         self.user_error = user_error
+        self.exit_code = EXIT_INPUT if user_error else EXIT_FAILED
 
 
 def _finish(argv: tuple[str, ...], code: int, lines: list[str]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tunery import gate, tracking
 from tunery.config import Params
-from tunery.errors import TuneryError
+from tunery.errors import InputError, Refused, TuneryError
 
 log = logging.getLogger("tunery.registry")
 
@@ -175,7 +175,7 @@ def promote(
     name = params.registry.model_name
     versions = {v["version"]: v for v in tracking.list_versions(root, name)}
     if str(version) not in versions:
-        raise TuneryError(
+        raise InputError(
             f"model {name!r} has no version {version} (have: {sorted(versions, key=int) or 'none'})"
         )
     current = tracking.alias_version(root, name, CHAMPION)
@@ -184,7 +184,7 @@ def promote(
     tags = versions[str(version)]["tags"]
     rejected = tags.get("gate.decision") == "rejected"
     if rejected and not force:
-        raise TuneryError(
+        raise Refused(
             f"version {version} was rejected by the gate ({tags.get('gate.reason', '')}); "
             "`tunery promote --force` promotes it anyway (recorded as forced)"
         )

@@ -2,7 +2,8 @@
 
 It applies the project's offline settings, parses `params.yaml` once, opens the stage's MLflow run,
 calls the stage's `run()` and writes `metrics/<stage>.json` atomically. A `TuneryError` becomes one
-clear line on stderr and exit code 2, with no metrics written.
+clear line on stderr and its exit code (3 for bad params or data, 1 otherwise: tunery/errors.py),
+with no metrics written.
 """
 
 from __future__ import annotations
