@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +24,13 @@ def _umask() -> int:
     return mask
 
 
-def _as_created(path: Path, mode: int) -> None:
-    """mkstemp/mkdtemp create 0600/0700 (private to us); outputs get the modes any tool gives a
-    new file or folder (0644/0755 under the usual umask), so a group can read reports."""
-    if path.exists():
-        os.chmod(path, mode & ~_umask())
+def _as_created(path: Path, mode: int, dest: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 (private to us); outputs get the mode `dest` already has,
+    else the one any tool gives a new file or folder (0644/0755 under the usual umask), so a
+    group can read reports. A mode the caller set on the temporary path is kept."""
+    if not path.exists() or stat.S_IMODE(path.stat().st_mode) not in (0o600, 0o700):
+        return
+    os.chmod(path, stat.S_IMODE(dest.stat().st_mode) if dest.exists() else mode & ~_umask())
 
 
 @contextlib.contextmanager
@@ -40,7 +43,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        _as_created(tmp_path, 0o666)
+        _as_created(tmp_path, 0o666, dest)
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -54,7 +57,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
-        _as_created(tmp, 0o777)
+        _as_created(tmp, 0o777, dest)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
