@@ -22,7 +22,7 @@ FLOW_ENV = "TUNERY_UNDER_FLOW"
 # workflow that `tunery run` does not follow), and the command line of each stage.
 _DVC_HINTS = re.compile(
     r"^\s*$"
-    r"|^Updating lock file '.*'$"
+    r"|^(Updating|Generating) lock file '.*'$"
     r"|^To track the changes with git, run:$"
     r"|^\tgit add .*$"
     r"|^To enable auto staging, run:$"
@@ -35,7 +35,13 @@ _DVC_HINTS = re.compile(
 _OTHER_TOOLS_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",  # load reports: we log what was newly initialised
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # "Loading weights", "Writing model shards" bars
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" on registration
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow configures its logger on import
 }
+# Advice of a library about its own API that does not apply to how we call it: onnxruntime's
+# quantizer suggests its shape pre-processing, which the dynamic variant does not need (static
+# int8 runs it).
+_LIBRARY_NOTICES = ("Please consider to run pre-processing before quantization",)
 # Warnings of libraries about their own internals, not about anything a user did or can change.
 _LIBRARY_WARNINGS = (
     (FutureWarning, r".*is_gradient_checkpointing.*"),
@@ -43,6 +49,8 @@ _LIBRARY_WARNINGS = (
     # torch's TracerWarnings while the ONNX export traces the model (the export's parity check
     # against PyTorch is what tells whether the trace is right)
     (Warning, r".*might cause the trace to be incorrect.*"),
+    # MLflow's suggestion to type-hint `predict`: our pyfunc's signature is explicit
+    (UserWarning, r".*Add type hints to the `predict` method.*"),
 )
 
 
@@ -64,10 +72,19 @@ def configure(verbose_flag: bool = False) -> bool:
     return loud
 
 
+class _NoLibraryNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in _LIBRARY_NOTICES)
+
+
 def log_levels(loud: bool) -> None:
     """Root at WARNING by default (other libraries' INFO lines), Tunery's loggers at INFO."""
-    logging.getLogger().setLevel(logging.DEBUG if loud else logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if loud else logging.WARNING)
     logging.getLogger("tunery").setLevel(logging.DEBUG if loud else logging.INFO)
+    if not loud:
+        for handler in root.handlers:
+            handler.addFilter(_NoLibraryNotices())
 
 
 def mark_flow() -> None:
