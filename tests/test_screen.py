@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from tunery import screen
-from tunery.io import atomic_dir, atomic_path, write_json
+from tunery.io import _umask, atomic_dir, atomic_path, write_json
 from tunery.progress import Progress
 
 # As `dvc repro` prints them around a stage (DVC 3), one stage's worth.
@@ -81,6 +81,7 @@ def test_progress_after_a_resume_counts_the_rate_from_here(caplog, monkeypatch):
 @pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
 def test_outputs_get_the_modes_any_tool_gives_new_files(tmp_path):
     old = os.umask(0o022)
+    _umask.cache_clear()  # read once per process: read it again under this umask
     try:
         write_json(tmp_path / "metrics.json", {"a": 1})
         with atomic_path(tmp_path / "plot.png") as tmp:
@@ -89,6 +90,7 @@ def test_outputs_get_the_modes_any_tool_gives_new_files(tmp_path):
             (tmp / "model.onnx").write_bytes(b"onnx")
     finally:
         os.umask(old)
+        _umask.cache_clear()
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "metrics.json") == 0o644
     assert mode(tmp_path / "plot.png") == 0o644

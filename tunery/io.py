@@ -7,6 +7,7 @@ Everything is written next to its destination under a temporary name and renamed
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -18,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 
+@functools.cache
 def _umask() -> int:
+    """The process umask, read once (reading it means setting it: not something to do per write
+    while other threads may be creating files)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -6,8 +6,8 @@ of its own (hundreds per stage) and carriage returns garble the UI's log view. O
 (and at least one every `heartbeat` seconds while it runs) reads the same in both places. The
 formatting of times is tqdm's (`tqdm.format_interval`).
 
-    with Progress("finetune lora/base", total=188, unit="step") as p:
-        for i in ...: p.update(i + 1)
+    p = Progress("finetune lora/base", total=188, unit="step")
+    for i in ...: p.update(i + 1)
     # finetune lora/base:  40 % 76/188 steps, 2.31 steps/s, elapsed 0:33, ETA 0:48
 """
 
@@ -47,7 +47,6 @@ class Progress:
         self.note = ""  # appended to each line (e.g. the latest loss)
         self._t0 = self._last_time = time.monotonic()
         self._last_bucket = self._bucket(start)
-        self._closed = False
 
     def _bucket(self, done: int) -> int:
         # integer arithmetic: 60/100/0.1 is 5.999... in floats
@@ -74,15 +73,6 @@ class Progress:
         if bucket > self._last_bucket or now - self._last_time >= self.heartbeat:
             self._last_bucket, self._last_time = bucket, now
             self.logger.info(self.line(self.done, now))
-
-    def close(self) -> None:
-        self._closed = True
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def trainer_callback(what: str) -> Any:

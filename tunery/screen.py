@@ -84,7 +84,8 @@ def log_levels(loud: bool) -> None:
     logging.getLogger("tunery").setLevel(logging.DEBUG if loud else logging.INFO)
     if not loud:
         for handler in root.handlers:
-            handler.addFilter(_NoLibraryNotices())
+            if not any(isinstance(f, _NoLibraryNotices) for f in handler.filters):
+                handler.addFilter(_NoLibraryNotices())
 
 
 def mark_flow() -> None:
