@@ -6,9 +6,9 @@ same texts, same batch size and max length, on the same model, in one process, o
 - baseline: what the transformers/peft docs do by default: `Trainer` with default
   `TrainingArguments` (fp32, eager, random batches), texts tokenized with truncation and padded per
   batch by the Trainer's default collator.
-- tunery: `tunery.finetuning.train` as the stage runs it: length-grouped batches (little padding),
+- tunery: `tunery.modeling.trainer.train` as the stage runs it: length-grouped batches (little padding),
   and on CUDA bf16 autocast, torch.compile with CUDA graphs ("reduce-overhead"), lengths padded to
-  multiples of 32, loader workers, no per-step host sync (`finetuning.cuda_settings`).
+  multiples of 32, loader workers, no per-step host sync (`tunery.modeling.trainer.cuda_settings`).
   More tunery arms may override stage settings: `--arms baseline,tunery,tunery:compile=off`.
 
 Step times: the baseline's between `on_step_begin` and `on_step_end` with a CUDA sync at each
@@ -165,7 +165,7 @@ def run_baseline(
         TrainingArguments,
     )
 
-    from tunery.finetuning import PeakMemory
+    from tunery.modeling.devices import PeakMemory
 
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     enc = tokenizer(texts, truncation=True, max_length=max_length)
@@ -255,7 +255,10 @@ def run_tunery(
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from tunery import finetuning as ft
+    from tunery.data.labelled import Split
+    from tunery.modeling.devices import resolve_precision
+    from tunery.modeling.methods import build_model
+    from tunery.modeling.trainer import train
 
     prof = HostAndKernelProfile(steps - profile_steps, steps, device) if profile_steps else None
 
@@ -271,10 +274,10 @@ def run_tunery(
     )
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     names = [f"c{i}" for i in range(k)]
-    model = ft.build_model(cfg, method="lora", encoder=encoder, labels=names)
-    train_split = ft.Split("train", texts, labels)
-    val_split = ft.Split("val", texts[:batch_size], labels[:batch_size])
-    result = ft.train(
+    model = build_model(cfg, method="lora", encoder=encoder, labels=names)
+    train_split = Split("train", texts, labels)
+    val_split = Split("val", texts[:batch_size], labels[:batch_size])
+    result = train(
         model,
         tokenizer,
         cfg,
@@ -299,7 +302,7 @@ def run_tunery(
     return {
         **out,
         "peak_memory_mb": result.peak_memory_mb,
-        "precision": ft.resolve_precision(cfg, device),
+        "precision": resolve_precision(cfg, device),
         "compile": used_compile,
         "length_grouping": True,
         **result.settings,

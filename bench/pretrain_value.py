@@ -40,7 +40,7 @@ def subsample(split: Any, fraction: float, *, seed: int) -> Any:
     """A stratified `fraction` of `split` (at least one row per class), order kept."""
     import random
 
-    from tunery.finetuning import Split
+    from tunery.data.labelled import Split
 
     if fraction >= 1.0:
         return split
@@ -62,13 +62,15 @@ def finetune_arm(
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import AutoTokenizer
 
-    from tunery import finetuning as ft
+    from tunery.modeling.methods import build_model, effective_max_length
+    from tunery.modeling.predict import predict_proba
+    from tunery.modeling.trainer import train as train_model
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(encoder)
-    model = ft.build_model(cfg, method=cfg.method, encoder=encoder, labels=labels)
-    max_length = ft.effective_max_length(cfg, cfg.method, model.config)
-    result = ft.train(
+    model = build_model(cfg, method=cfg.method, encoder=encoder, labels=labels)
+    max_length = effective_max_length(cfg, cfg.method, model.config)
+    result = train_model(
         model,
         tokenizer,
         cfg,
@@ -79,7 +81,7 @@ def finetune_arm(
         max_length=max_length,
     )
     model = getattr(result.model, "_orig_mod", result.model)
-    probs = ft.predict_proba(
+    probs = predict_proba(
         model, tokenizer, test.texts, max_length=max_length, batch_size=cfg.eval_batch_size
     )
     pred = probs.argmax(-1)
@@ -135,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from tasks.pretrain import run as pretrain_run
-    from tunery import finetuning as ft
     from tunery.config import load_params
+    from tunery.data.labelled import load_split, read_labels
     from tunery.models import resolve_model_ref
 
     if a.threads:
@@ -157,10 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             a.method: getattr(params.finetune, a.method).model_copy(update=method_lr),
         }
     )
-    labels = ft.read_labels(data / "labels.json")
-    train = ft.load_split(data / "train.parquet", labels)
-    val = ft.load_split(data / "val.parquet", labels)
-    test = ft.load_split(data / "test.parquet", labels)
+    labels = read_labels(data / "labels.json")
+    train = load_split(data / "train.parquet", labels)
+    val = load_split(data / "val.parquet", labels)
+    test = load_split(data / "test.parquet", labels)
 
     work = Path(tempfile.mkdtemp(prefix="pretrain_value-"))
     try:

@@ -24,15 +24,9 @@ from typing import Any
 import pandas as pd
 
 from tunery.config import FinetuneConfig, load_params
-from tunery.finetuning import (
-    SPLIT_FILES,
-    build_model,
-    effective_max_length,
-    load_split,
-    read_labels,
-    train,
-    trainable_parameters,
-)
+from tunery.data.labelled import SPLIT_FILES, load_split, read_labels
+from tunery.modeling.methods import build_model, effective_max_length, trainable_parameters
+from tunery.modeling.trainer import train
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +57,7 @@ def prepared_dir(data: Path, params: Any) -> Path:
 def score(model: Any, tokenizer: Any, split: Any, max_length: int) -> float:
     from sklearn.metrics import f1_score
 
-    from tunery.finetuning import predict_proba
+    from tunery.modeling.predict import predict_proba
 
     pred = predict_proba(model, tokenizer, split.texts, max_length=max_length).argmax(-1)
     return round(float(f1_score(split.labels, pred, average="macro")), 4)

@@ -28,18 +28,12 @@ from typing import Any
 from tunery import evaluation as ev
 from tunery import stage_value
 from tunery.config import EvaluateConfig, Params
+from tunery.data.labelled import Split, load_split, read_labels
 from tunery.data.split import BASE_ORIGIN_PREFIX
-from tunery.finetuning import (
-    INFO_FILE,
-    FinetuneError,
-    LoadedClassifier,
-    Split,
-    load_classifier,
-    load_split,
-    read_arms,
-    read_labels,
-)
+from tunery.errors import FinetuneError
 from tunery.io import atomic_dir
+from tunery.modeling.finetune_dir import INFO_FILE, read_arms
+from tunery.modeling.predict import LoadedClassifier, load_classifier
 
 log = logging.getLogger("tunery.evaluate")
 

@@ -13,14 +13,11 @@ import pytest
 
 from tests.conftest import make_rows
 from tunery.config import FinetuneConfig
-from tunery.errors import EXIT_INPUT, DataValidationError
-from tunery.finetuning import (
-    FinetuneError,
-    build_model,
-    class_weight_vector,
-    last_complete_checkpoint,
-    load_classifier,
-)
+from tunery.errors import EXIT_INPUT, DataValidationError, FinetuneError
+from tunery.modeling.methods import build_model
+from tunery.modeling.predict import load_classifier
+from tunery.modeling.trainer import class_weight_vector
+from tunery.training import last_complete_checkpoint
 
 LABELS = ["animal", "food", "tool"]
 
@@ -287,9 +284,9 @@ def test_unknown_method_is_a_config_error_with_exit_2(tmp_path, monkeypatch, cap
 
 
 def test_merge_parity_failure_writes_nothing(encoder, data, tmp_path, monkeypatch):
-    from tasks import finetune
+    from tunery.modeling import save
 
-    monkeypatch.setattr(finetune, "_max_diff", lambda a, b: 1.0)
+    monkeypatch.setattr(save, "max_diff", lambda a, b: 1.0)
     with pytest.raises(FinetuneError, match="differs from the trained model"):
         run(small_cfg(epochs=1.0), encoder, data, tmp_path)
     assert not (tmp_path / "out").exists()

@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_finetune import LABELS, run, small_cfg, write_splits
+from tunery.errors import FinetuneError
 from tunery.finetune_arms import BaseArm, pretrain_gate
-from tunery.finetuning import (
-    ARM_ORDER,
-    ARMS_FILE,
-    FinetuneError,
-    build_model,
-    load_classifier,
-    read_arms,
-    write_arms,
-)
+from tunery.modeling.finetune_dir import ARM_ORDER, ARMS_FILE, read_arms, write_arms
+from tunery.modeling.methods import build_model
+from tunery.modeling.predict import load_classifier
 
 ARM_KEYS = {
     "method",
@@ -61,9 +56,9 @@ def arms_cfg(**kw):
 
 def rig_val_scores(monkeypatch, scores: dict[str, float]) -> None:
     """Make the base (init random or the other encoder) or pipeline arm win the gate on val."""
-    from tasks import finetune
+    from tunery import finetune_arms
 
-    real = finetune._train_variant
+    real = finetune_arms.train_variant
 
     def rigged(cfg, **kw):
         result, stats = real(cfg, **kw)
@@ -73,7 +68,7 @@ def rig_val_scores(monkeypatch, scores: dict[str, float]) -> None:
             stats["best_val_macro_f1"] = scores["base"]
         return result, stats
 
-    monkeypatch.setattr(finetune, "_train_variant", rigged)
+    monkeypatch.setattr(finetune_arms, "train_variant", rigged)
 
 
 def test_pretrain_gate_decides_on_val_and_ties_go_to_the_pipeline():
@@ -146,7 +141,7 @@ def test_gate_picks_the_base_when_better_on_val(encoder, data, tmp_path, monkeyp
     merged = load_classifier(out)
     import shutil
 
-    from tunery.finetuning import ADAPTER_DIR, MERGED_DIR
+    from tunery.modeling.finetune_dir import ADAPTER_DIR, MERGED_DIR
 
     shutil.rmtree(out / MERGED_DIR)
     adapter = load_classifier(out)  # encoder + adapter (fingerprint checked)
@@ -244,7 +239,7 @@ def test_lora_trains_the_pooler_fully_and_adapts_the_rest(tmp_path):
     not adapted; every other linear layer of the encoder gets an adapter."""
     from tests.tiny import make_tiny_encoder
     from tunery.config import FinetuneConfig
-    from tunery.finetuning import build_model
+    from tunery.modeling.methods import build_model
 
     encoder = make_tiny_encoder(tmp_path / "enc")
     model = build_model(

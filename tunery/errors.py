@@ -66,3 +66,7 @@ class DataValidationError(InputError):
             more = f" and {len(self.rows) - 5} more" if len(self.rows) > 5 else ""
             where += f": row{'s' if len(self.rows) > 1 else ''} {shown}{more}"
         super().__init__(f"{where}: [{rule}] {detail}")
+
+
+class FinetuneError(TuneryError):
+    """The model, adapter or method cannot be used as configured."""

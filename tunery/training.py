@@ -174,6 +174,16 @@ def fingerprint_files(payload: Mapping[str, Any], files: list[Path] | tuple[Path
     return h.hexdigest()[:16]
 
 
+def model_files(folder: Path) -> list[Path]:
+    """The files that define a model dir's weights and config (for fingerprints)."""
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name == "vocab.txt")
+    )
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

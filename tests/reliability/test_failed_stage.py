@@ -116,7 +116,7 @@ def test_adapter_config_is_written_in_a_stable_order(tmp_path):
     fine-tunes give byte-identical folders and the same DVC hash."""
     import json
 
-    from tasks.finetune import sort_adapter_config
+    from tunery.modeling.save import sort_adapter_config
 
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     cfg = {"r": 8, "target_modules": ["value", "query", "dense", "key"], "modules_to_save": None}
