@@ -292,7 +292,7 @@ def test_checkpoints_of_other_params_are_not_resumed(data_dir, tmp_path, caplog)
 
 
 def test_compile_settings_do_not_stop_a_resume_but_an_unknown_mode_is_refused(tmp_path):
-    from tasks.pretrain import resume_fingerprint
+    from tunery.modeling.pretrainer import resume_fingerprint
 
     plain = resume_fingerprint(tiny_cfg(), "md5")
     tuned = tiny_cfg(train={"compile": True, "compile_mode": "max-autotune"})

@@ -1,0 +1,1 @@
+"""ONNX: the deployable side of a model (export, compression variants, the runtime, HTTP)."""
