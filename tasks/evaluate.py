@@ -28,17 +28,19 @@ from typing import Any
 from tunery import evaluation as ev
 from tunery import stage_value
 from tunery.config import EvaluateConfig, Params
-from tunery.data.labelled import Split, load_split, read_labels
+from tunery.data.labelled import LABELS_FILE, Split, data_labels, load_split
 from tunery.data.split import BASE_ORIGIN_PREFIX
 from tunery.errors import FinetuneError
 from tunery.io import atomic_dir
+from tunery.modeling import finetune_dir as finetune_folder
 from tunery.modeling.finetune_dir import INFO_FILE, read_arms
 from tunery.modeling.predict import LoadedClassifier, load_classifier
+from tunery.registry import gate_report, refs
 
 log = logging.getLogger("tunery.evaluate")
 
 SPLITS = ("test", "holdout")
-GATE_FILE = "gate.json"
+GATE_FILE = gate_report.FILE
 
 
 def _score(clf: LoadedClassifier | Any, split: Any, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -90,7 +92,7 @@ def load_champion(ref: str | None, root: Path) -> tuple[str, Any] | None:
     if ref is None:
         return None
     path = Path(ref) if Path(ref).is_absolute() else root / ref
-    if (path / INFO_FILE).is_file():
+    if finetune_folder.is_finetune_dir(path):
         return str(path), load_classifier(path)
     if ":/" in ref and not path.exists():
         return ref, ServedModel(ref)
@@ -189,8 +191,11 @@ def _newest_summary(newest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _served_challenger(cfg: EvaluateConfig, model_dir: Path, finetune_dir: Path) -> ServedModel:
-    info_path = finetune_dir / INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    info = (
+        finetune_folder.read_info(finetune_dir)
+        if finetune_folder.is_finetune_dir(finetune_dir)
+        else None
+    )
     if not (model_dir / "model.onnx").is_file():
         raise FinetuneError(f"{model_dir}: no deployable model (model.onnx); run compress first")
     return ServedModel(str(model_dir), device=cfg.device, info=info)
@@ -228,62 +233,76 @@ def _deployed_summary(
     }
 
 
-def run(
-    cfg: EvaluateConfig,
-    *,
-    model_dir: Path,
-    finetune_dir: Path,
-    data_dir: Path,
-    report_dir: Path,
-    plot_dir: Path,
-    compress_report: Path | None = None,
-    champion: str | None = None,
-    root: Path | None = None,
-) -> dict[str, Any]:
-    # Everything that can fail on bad input happens before anything is written.
-    clf = _served_challenger(cfg, model_dir, finetune_dir)
-    data_labels = read_labels(data_dir / "labels.json")
-    unknown = sorted(set(data_labels) - set(clf.labels))
+def _check_labels(data_dir: Path, clf: ServedModel, model_dir: Path) -> None:
+    """Every label of the data must be one the served model knows."""
+    labels = data_labels(data_dir)
+    unknown = sorted(set(labels) - set(clf.labels))
     if unknown:
         from tunery.errors import DataValidationError
 
         raise DataValidationError(
-            data_dir / "labels.json",
+            data_dir / LABELS_FILE,
             "unknown_label",
             f"labels {unknown} are unknown to the model in {model_dir}; re-run finetune",
         )
-    splits = {name: load_split(data_dir / f"{name}.parquet", clf.labels) for name in SPLITS}
-    reports = {name: _score(clf, split, cfg) for name, split in splits.items()}
-    # A class with no holdout rows (added after the holdout froze) says nothing about the model:
-    # macro-F1 over the classes present, not an F1 of 0 averaged in.
-    ev.restrict_to_present(reports["holdout"])
-    uncalibrated = ev.evaluate_predictions(
-        splits["holdout"].texts,
-        splits["holdout"].labels,
-        clf.uncalibrated_proba(splits["holdout"].texts),
-        clf.labels,
-        n_bins=cfg.calibration_bins,
-        k=0,
+
+
+def _baseline(cfg: EvaluateConfig, data_dir: Path, labels: list[str], splits: dict) -> dict | None:
+    """TF-IDF + logistic regression on the same splits, for reference (`evaluate.baseline`)."""
+    if not cfg.baseline:
+        return None
+    t0 = time.perf_counter()
+    train = load_split(data_dir / "train.parquet", labels)
+    baseline = ev.tfidf_baseline(
+        train.texts,
+        train.labels,
+        {name: (s.texts, s.labels) for name, s in splits.items()},
+        labels,
     )
-    champ = load_champion(champion, root or Path.cwd())
-    champion_result = _champion(cfg, champ, data_dir, clf.labels) if champ else None
-    newest = _newest(cfg, clf, champ, data_dir)
+    baseline["seconds"] = round(time.perf_counter() - t0, 1)
+    return baseline
 
-    baseline = None
-    if cfg.baseline:
-        t0 = time.perf_counter()
-        train = load_split(data_dir / "train.parquet", clf.labels)
-        baseline = ev.tfidf_baseline(
-            train.texts,
-            train.labels,
-            {name: (s.texts, s.labels) for name, s in splits.items()},
-            clf.labels,
-        )
-        baseline["seconds"] = round(time.perf_counter() - t0, 1)
-    compress = _read_json(compress_report) if compress_report else {}
-    deployed = _deployed_summary(clf, reports["holdout"], uncalibrated, compress)
-    table = stage_value.build(arms=read_arms(finetune_dir), baseline=baseline, deployed=deployed)
 
+def _gate(
+    model_dir: Path,
+    deployed: dict[str, Any],
+    holdout: dict[str, Any],
+    champion_result: dict[str, Any] | None,
+    baseline: dict[str, Any] | None,
+    newest: dict[str, Any],
+) -> dict[str, Any]:
+    """gate.json's content (see `tunery.registry.gate_report`)."""
+    comparable = champion_result is not None and champion_result["comparable"]
+    champ_report = champion_result["report"] if comparable else None
+    return gate_report.build(
+        holdout=holdout,
+        challenger={
+            "model": str(model_dir),
+            "variant": deployed["variant"],
+            "method": deployed["method"],
+        },
+        champion=(
+            {k: v for k, v in champion_result.items() if k != "report"}
+            if champion_result is not None
+            else None
+        ),
+        champion_report=champ_report,
+        deltas=ev.deltas(holdout, champ_report) if champ_report is not None else None,
+        baseline_macro_f1=baseline["holdout"]["macro_f1"] if baseline else None,
+        newest=newest,
+    )
+
+
+def _metrics(
+    reports: dict[str, Any],
+    deployed: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    newest_summary: dict[str, Any],
+    champion_result: dict[str, Any] | None,
+    gate: dict[str, Any],
+    table: dict[str, Any],
+) -> dict[str, Any]:
+    """metrics/evaluate.json."""
     metrics: dict[str, Any] = {
         "method": deployed["method"],
         "variant": deployed["variant"],
@@ -294,92 +313,70 @@ def run(
         metrics["holdout_macro_f1_over_baseline"] = round(
             reports["holdout"]["macro_f1"] - baseline["holdout"]["macro_f1"], 4
         )
-    metrics["newest"] = _newest_summary(newest)
-    holdout = reports["holdout"]
-    # The promotion gate reads this file: challenger and champion on the very same holdout rows.
-    gate: dict[str, Any] = {
-        "split": "holdout",
-        "rows": holdout["rows"],
-        "challenger": {
-            "model": str(model_dir),
-            "variant": deployed["variant"],
-            "method": deployed["method"],
-            "macro_f1": round(holdout["macro_f1"], 4),
-            "accuracy": round(holdout["accuracy"], 4),
-            "ece": round(holdout["ece"], 4),
-            "per_class_f1": {
-                k: round(v["f1"], 4) for k, v in holdout["per_class"].items() if v["support"]
-            },
-        },
-        "champion": None,
-        "deltas": None,
-        "baseline_macro_f1": baseline["holdout"]["macro_f1"] if baseline else None,
-        # Shown with the decision; the gate itself judges on the frozen holdout only.
-        "newest": metrics["newest"],
-    }
+    metrics["newest"] = newest_summary
     if champion_result is not None:
-        gate["champion"] = {k: v for k, v in champion_result.items() if k != "report"}
         if champion_result["comparable"]:
-            champ_report = champion_result["report"]
-            gate["champion"].update(
-                macro_f1=round(champ_report["macro_f1"], 4),
-                accuracy=round(champ_report["accuracy"], 4),
-                ece=round(champ_report["ece"], 4),
-                per_class_f1={
-                    k: round(v["f1"], 4)
-                    for k, v in champ_report["per_class"].items()
-                    if v["support"]
-                },
-            )
-            gate["deltas"] = ev.deltas(holdout, champ_report)
-            metrics["champion"] = {"holdout": ev.summary(champ_report)}
+            metrics["champion"] = {"holdout": ev.summary(champion_result["report"])}
             metrics["deltas"] = gate["deltas"]
         else:
             metrics["champion"] = {"comparable": False}
-
     metrics["holdout"]["ece_uncalibrated"] = deployed["ece_uncalibrated"]
     metrics["stage_value"] = {
         r["row"]: r["macro_f1"] for r in table["rows"] if r["macro_f1"] is not None
     }
+    return metrics
+
+
+def _confident_wrong_md(title: str, rows: list[dict[str, Any]]) -> str:
+    return f"# Most confidently wrong ({title})\n\n" + ev.markdown_table(
+        rows, ["confidence", "label", "predicted", "label_probability", "text"]
+    )
+
+
+def _labelled_json(labels: list[str], report: dict[str, Any]) -> str:
+    return json.dumps({"labels": labels, **report}, indent=2) + "\n"
+
+
+def _write_reports(
+    report_dir: Path,
+    *,
+    labels: list[str],
+    reports: dict[str, Any],
+    gate: dict[str, Any],
+    table: dict[str, Any],
+    newest: dict[str, Any],
+    champion_result: dict[str, Any] | None,
+) -> None:
     with atomic_dir(report_dir) as tmp:
-        (tmp / GATE_FILE).write_text(json.dumps(gate, indent=2) + "\n")
+        gate_report.write(tmp, gate)
         stage_value.write(tmp, table)
         (tmp / ev.SUMMARY_FILE).write_text(
-            ev.summary_markdown(holdout, gate, stage_value.markdown(table))
+            ev.summary_markdown(reports["holdout"], gate, stage_value.markdown(table))
         )
         for name, report in reports.items():
-            (tmp / f"{name}.json").write_text(
-                json.dumps({"labels": clf.labels, **report}, indent=2) + "\n"
-            )
+            (tmp / f"{name}.json").write_text(_labelled_json(labels, report))
             (tmp / f"{name}_confident_wrong.md").write_text(
-                f"# Most confidently wrong ({name})\n\n"
-                + ev.markdown_table(
-                    report["confident_wrong"],
-                    ["confidence", "label", "predicted", "label_probability", "text"],
-                )
+                _confident_wrong_md(name, report["confident_wrong"])
             )
-        (tmp / "newest.json").write_text(
-            json.dumps({"labels": clf.labels, **newest}, indent=2) + "\n"
-        )
+        (tmp / "newest.json").write_text(_labelled_json(labels, newest))
         if "report" in newest:
             (tmp / "newest_confident_wrong.md").write_text(
-                f"# Most confidently wrong (newest data: {', '.join(newest['origins'])})\n\n"
-                + ev.markdown_table(
+                _confident_wrong_md(
+                    f"newest data: {', '.join(newest['origins'])}",
                     newest["report"]["confident_wrong"],
-                    ["confidence", "label", "predicted", "label_probability", "text"],
                 )
             )
         if champion_result is not None and champion_result["comparable"]:
             (tmp / "champion_holdout.json").write_text(
-                json.dumps({"labels": clf.labels, **champion_result["report"]}, indent=2) + "\n"
+                _labelled_json(labels, champion_result["report"])
             )
+
+
+def _write_plots(plot_dir: Path, labels: list[str], reports: dict[str, Any]) -> None:
     with atomic_dir(plot_dir) as tmp:
         for name, report in reports.items():
             ev.plot_confusion(
-                report["confusion"],
-                clf.labels,
-                tmp / f"{name}_confusion.png",
-                f"Confusion ({name})",
+                report["confusion"], labels, tmp / f"{name}_confusion.png", f"Confusion ({name})"
             )
             ev.plot_reliability(
                 report["reliability"],
@@ -387,17 +384,11 @@ def run(
                 tmp / f"{name}_reliability.png",
                 f"Reliability ({name})",
             )
-            (tmp / f"{name}_predictions.json").write_text(
-                json.dumps(
-                    [
-                        {"actual": clf.labels[t], "predicted": clf.labels[p]}
-                        for t, p in _pairs(report)
-                    ],
-                    indent=0,
-                )
-                + "\n"
-            )
+            pairs = [{"actual": labels[t], "predicted": labels[p]} for t, p in _pairs(report)]
+            (tmp / f"{name}_predictions.json").write_text(json.dumps(pairs, indent=0) + "\n")
 
+
+def _log_result(holdout: dict, baseline: dict | None, gate: dict, newest: dict, table) -> None:
     log.info(
         "holdout macro-F1 %.4f (accuracy %.4f, ECE %.4f)%s%s",
         holdout["macro_f1"],
@@ -419,6 +410,57 @@ def run(
     else:
         log.info("newest data: none in the test split (%s)", newest["rule"])
     log.info("what each stage bought:\n%s", stage_value.terminal(table))
+
+
+def run(
+    cfg: EvaluateConfig,
+    *,
+    model_dir: Path,
+    finetune_dir: Path,
+    data_dir: Path,
+    report_dir: Path,
+    plot_dir: Path,
+    compress_report: Path | None = None,
+    champion: str | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
+    # Everything that can fail on bad input happens before anything is written.
+    clf = _served_challenger(cfg, model_dir, finetune_dir)
+    _check_labels(data_dir, clf, model_dir)
+    splits = {name: load_split(data_dir / f"{name}.parquet", clf.labels) for name in SPLITS}
+    reports = {name: _score(clf, split, cfg) for name, split in splits.items()}
+    # A class with no holdout rows (added after the holdout froze) says nothing about the model:
+    # macro-F1 over the classes present, not an F1 of 0 averaged in.
+    holdout = ev.restrict_to_present(reports["holdout"])
+    uncalibrated = ev.evaluate_predictions(
+        splits["holdout"].texts,
+        splits["holdout"].labels,
+        clf.uncalibrated_proba(splits["holdout"].texts),
+        clf.labels,
+        n_bins=cfg.calibration_bins,
+        k=0,
+    )
+    champ = load_champion(champion, root or Path.cwd())
+    champion_result = _champion(cfg, champ, data_dir, clf.labels) if champ else None
+    newest = _newest(cfg, clf, champ, data_dir)
+    baseline = _baseline(cfg, data_dir, clf.labels, splits)
+    compress = _read_json(compress_report) if compress_report else {}
+    deployed = _deployed_summary(clf, holdout, uncalibrated, compress)
+    table = stage_value.build(arms=read_arms(finetune_dir), baseline=baseline, deployed=deployed)
+    newest_summary = _newest_summary(newest)
+    gate = _gate(model_dir, deployed, holdout, champion_result, baseline, newest_summary)
+    metrics = _metrics(reports, deployed, baseline, newest_summary, champion_result, gate, table)
+    _write_reports(
+        report_dir,
+        labels=clf.labels,
+        reports=reports,
+        gate=gate,
+        table=table,
+        newest=newest,
+        champion_result=champion_result,
+    )
+    _write_plots(plot_dir, clf.labels, reports)
+    _log_result(holdout, baseline, gate, newest, table)
     return metrics
 
 
@@ -444,13 +486,13 @@ def champion_ref(params: Params, root: Path) -> str | None:
         return params.evaluate.champion
     from tunery import tracking
 
-    name = params.registry.model_name
-    version = tracking.alias_version(root, name, "champion")
+    reg = refs.Registry.of(params, root)
+    version = tracking.alias_version(root, reg.name, refs.CHAMPION)
     if version is None:
-        log.info("no champion in the registry yet (%s): nothing to compare against", name)
+        log.info("no champion in the registry yet (%s): nothing to compare against", reg.name)
         return None
-    log.info("comparing against the registry's champion: %s version %s", name, version)
-    return f"models:/{name}/{version}"
+    log.info("comparing against the registry's champion: %s version %s", reg.name, version)
+    return reg.version_uri(version)
 
 
 def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:

@@ -140,6 +140,7 @@ def test_registry_uris_need_a_resolver(model_dir, monkeypatch):
     from tunery import inference
 
     monkeypatch.setattr(inference, "_RESOLVERS", {})
+    monkeypatch.setattr(inference, "PLUGINS", {})  # not even the registry's
     with pytest.raises(TuneryError, match="no resolver for 'models:/'"):
         inference.Predictor("models:/tunery-classifier@champion", device="cpu")
     inference.register_resolver("models", lambda uri: model_dir)

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from tunery import mlflow_model, promotion, registration, tracking
 from tunery.config import load_params
 from tunery.errors import TuneryError
+from tunery.registry import gate_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,16 +233,20 @@ def test_a_failing_registry_is_never_read_as_no_champion(tmp_path, params, monke
 
 def stage_deployable(root: Path, tag: str, *, challenger, champion) -> None:
     """What the stages leave for registration: models/deploy (same tag, same bytes), the
-    evaluation's gate.json and the compress report."""
-    deploy = root / registration.DEPLOY_DIR
+    evaluation's gate.json and the compress report, where params.yaml puts them."""
+    paths = load_params(REPO / "params.yaml")
+    deploy = root / paths.compress.out_dir
     shutil.rmtree(deploy, ignore_errors=True)
     deploy.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(deploy_dir(Path(tempfile.mkdtemp(dir=root)), tag), deploy)
     sha = hashlib.sha256((deploy / "model.onnx").read_bytes()).hexdigest()
     (deploy / "tunery_model.json").write_text(json.dumps({"variant": tag, "sha256": sha}))
     for path, data in (
-        (registration.GATE_REPORT, {"challenger": challenger, "champion": champion}),
-        (registration.COMPRESS_REPORT, {"parity_passed": True}),
+        (
+            gate_report.path_in(Path(paths.evaluate.report_dir)),
+            {"challenger": challenger, "champion": champion},
+        ),
+        (Path(paths.compress.report_dir) / "report.json", {"parity_passed": True}),
     ):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(json.dumps(data))

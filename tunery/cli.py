@@ -655,6 +655,7 @@ def _model_source(model: str, root: Path, params: Any = None) -> str:
     if model == CHAMPION_MODEL:
         from tunery import promotion, tracking
         from tunery.config import load_params
+        from tunery.registry.refs import alias_uri
 
         if params is None:
             params = load_params(root / PARAMS_FILE)
@@ -664,7 +665,7 @@ def _model_source(model: str, root: Path, params: Any = None) -> str:
                 f"model {name!r} has no champion yet: run the pipeline (`tunery run`), or pass "
                 "--model models/deploy to use the last run's candidate"
             )
-        return f"models:/{name}@{promotion.CHAMPION}"
+        return alias_uri(name, promotion.CHAMPION)
     if ":/" in model or Path(model).is_absolute() or Path(model).exists():
         return model
     return str(root / model)

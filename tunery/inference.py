@@ -27,6 +27,7 @@ import numpy as np
 
 from tunery.errors import TuneryError
 from tunery.onnx_export import LABELS_FILE, MODEL_FILE, verify_model_dir
+from tunery.registry.refs import REGISTRY_FILE
 
 log = logging.getLogger("tunery.inference")
 
@@ -38,22 +39,27 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-REGISTRY_FILE = "registry.json"  # written beside a model downloaded from the MLflow registry
 
 # --------------------------------------------------------------------------- model sources
 # A model source is a folder, or a URI whose scheme has a resolver that turns it into a local
-# folder. The registry registers `models` (for `models:/name@champion`) through
-# `register_resolver`; the folder is then verified exactly like a local one.
+# folder. `models:/name@alias` is the registry's (tunery.registration, named here rather than
+# imported: the runtime sits below the registry, which imports it through the MLflow pyfunc);
+# `register_resolver` adds others. The folder is then verified exactly like a local one.
 Resolver = Callable[[str], Path]
+PLUGINS = {"models": "tunery.registration:resolve_registry_uri"}  # mlflow only when one is used
 
 
-def _registry(uri: str) -> Path:
-    from tunery.registration import resolve_registry_uri  # mlflow only when a models:/ URI is used
+def _plugin(scheme: str) -> Resolver | None:
+    import importlib
 
-    return resolve_registry_uri(uri)
+    target = PLUGINS.get(scheme)
+    if target is None:
+        return None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-_RESOLVERS: dict[str, Resolver] = {"models": _registry}
+_RESOLVERS: dict[str, Resolver] = {}
 
 
 def register_resolver(scheme: str, resolver: Resolver) -> None:
@@ -65,9 +71,9 @@ def resolve_model_source(source: str | Path) -> Path:
     text = str(source)
     scheme, sep, _ = text.partition(":/")
     if sep and len(scheme) > 1 and not Path(text).exists():  # len > 1: not a Windows drive letter
-        resolver = _RESOLVERS.get(scheme)
+        resolver = _RESOLVERS.get(scheme) or _plugin(scheme)
         if resolver is None:
-            known = ", ".join(sorted(_RESOLVERS)) or "none"
+            known = ", ".join(sorted({*_RESOLVERS, *PLUGINS})) or "none"
             raise TuneryError(
                 f"{text}: no resolver for '{scheme}:/' URIs (registered: {known}); "
                 "pass a deployable model folder such as models/deploy"

@@ -33,12 +33,14 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from tunery import inference, tracking
 from tunery.errors import TuneryError
+from tunery.modeling import finetune_dir as finetune_folder
+from tunery.registry import refs
 
 log = logging.getLogger("tunery.mlflow_model")
 
 DEPLOY = "deploy"  # the LoggedModel name and pyfunc artifact of the deployable ONNX folder
 ADAPTER = "adapter"  # the fine-tune's LoggedModel: what a warm start needs
-ADAPTER_FILES = ("adapter", "labels.json", "finetune.json")  # from the finetune folder
+ADAPTER_FILES = finetune_folder.WARM_START_FILES  # from the finetune folder
 SHA_TAG = "tunery.sha256"
 KIND_TAG = "tunery.kind"
 ADAPTER_TAG = "tunery.adapter_model_id"
@@ -173,7 +175,7 @@ def log_deployable(
         log.info("deployable %s already logged as model %s", sha[:12], existing.model_id)
         return existing.model_id
     tags = {SHA_TAG: sha, KIND_TAG: DEPLOY}
-    if finetune_dir is not None and (finetune_dir / "finetune.json").is_file():
+    if finetune_folder.is_finetune_dir(finetune_dir):
         tags[ADAPTER_TAG] = log_output(
             ADAPTER, finetune_dir, run_id=run_id, experiment_id=experiment_id
         )
@@ -267,7 +269,7 @@ def register(model_id: str, name: str, tags: Mapping[str, Any]) -> str:
     """Register the LoggedModel as a new version of `name`; the version number."""
     version = tracking.retry_locked(
         mlflow.register_model,
-        f"models:/{model_id}",
+        refs.logged_model_uri(model_id),
         name,
         tags={k: str(v) for k, v in tags.items()},
     )
@@ -279,9 +281,7 @@ def version_model_id(mv: Any) -> str | None:
     (the sqlite registry of MLflow 3.17 leaves `model_id` empty)."""
     if getattr(mv, "model_id", None):
         return mv.model_id
-    source = str(mv.source or "")
-    ref = source.removeprefix("models:/")
-    return ref if source.startswith("models:/m-") and "/" not in ref else None
+    return refs.logged_model_id(str(mv.source or ""))
 
 
 def deploy_folder(downloaded: Path, uri: str) -> Path:
@@ -308,7 +308,11 @@ def version_adapter(root: Path, name: str, version: str, dst: Path) -> Path | No
     adapter_id = None
     if model_id:
         adapter_id = tracking.retry_locked(mlflow.get_logged_model, model_id).tags.get(ADAPTER_TAG)
-    uri = f"models:/{adapter_id}" if adapter_id else f"models:/{name}/{version}/{LEGACY_FINETUNE}"
+    uri = (
+        refs.logged_model_uri(adapter_id)
+        if adapter_id
+        else f"{refs.version_uri(name, version)}/{LEGACY_FINETUNE}"
+    )
     try:
         got = tracking.retry_locked(
             mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=str(dst)
@@ -317,4 +321,4 @@ def version_adapter(root: Path, name: str, version: str, dst: Path) -> Path | No
         log.warning("%s: no fine-tune to download (%s)", uri, str(exc).splitlines()[0][:200])
         return None
     got = Path(got)
-    return got if (got / "finetune.json").is_file() else None
+    return got if finetune_folder.is_finetune_dir(got) else None

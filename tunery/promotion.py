@@ -16,10 +16,13 @@ from typing import Any
 from tunery import gate, tracking
 from tunery.config import Params
 from tunery.errors import InputError, Refused, TuneryError
+from tunery.registry.gate_report import compared_version
+from tunery.registry.refs import CHALLENGER, CHAMPION, Registry
+
+__all__ = ["CHALLENGER", "CHAMPION", "compared_version", "gate_challenger", "promote", "rollback"]
 
 log = logging.getLogger("tunery.registry")
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 LOCK_FILE = ".tunery-registry.lock"
 LOCK_TIMEOUT_S = 300.0
 
@@ -51,8 +54,7 @@ def serialized(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _record(
-    root: Path,
-    params: Params,
+    reg: Registry,
     *,
     action: str,
     frm: str | None,
@@ -63,7 +65,7 @@ def _record(
 ) -> dict[str, Any]:
     record = {
         "action": action,
-        "model": params.registry.model_name,
+        "model": reg.name,
         "from": frm,
         "to": to,
         "reason": reason,
@@ -71,16 +73,8 @@ def _record(
         **(extra or {}),
         "metrics": dict(metrics or {}),
     }
-    tracking.log_decision(root, params.tracking.experiment, record)
+    tracking.log_decision(reg.root, reg.experiment, record)
     return record
-
-
-def compared_version(champion: Mapping[str, Any] | None, name: str) -> str | None:
-    """The registry version the evaluation compared against (`path: models:/NAME/VERSION`), or
-    None when it compared against no registry version (no champion, or a local folder)."""
-    path = str((champion or {}).get("path") or "")
-    prefix = f"models:/{name}/"
-    return path.removeprefix(prefix) if path.startswith(prefix) else None
 
 
 @serialized
@@ -94,7 +88,8 @@ def gate_challenger(
     parity_passed: bool | None,
 ) -> gate.Decision:
     """Run the gate for a registered challenger; move `champion` to it only if the gate says so."""
-    name = params.registry.model_name
+    reg = Registry.of(params, root)
+    name = reg.name
     current = tracking.alias_version(root, name, CHAMPION)
     compared = compared_version(champion, name)
     if compared is not None and compared != current:
@@ -152,8 +147,7 @@ def gate_challenger(
             decision.reason,
         )
     _record(
-        root,
-        params,
+        reg,
         action="gate",
         frm=current,
         to=version if decision.promote else current,
@@ -172,7 +166,8 @@ def promote(
     needs `force` (recorded as such)."""
     if not reason.strip():
         raise TuneryError("a manual promotion needs --reason")
-    name = params.registry.model_name
+    reg = Registry.of(params, root)
+    name = reg.name
     versions = {v["version"]: v for v in tracking.list_versions(root, name)}
     if str(version) not in versions:
         raise InputError(
@@ -191,8 +186,7 @@ def promote(
     tracking.set_alias(root, name, CHAMPION, str(version))
     tracking.tag_version(root, name, str(version), {"promotion.manual_reason": reason})
     return _record(
-        root,
-        params,
+        reg,
         action="manual_promote",
         frm=current,
         to=str(version),
@@ -204,12 +198,13 @@ def promote(
 @serialized
 def rollback(root: Path, params: Params, reason: str) -> dict[str, Any]:
     """Champion back to the one it replaced (recorded); repeated rollbacks walk further back."""
-    name = params.registry.model_name
+    reg = Registry.of(params, root)
+    name = reg.name
     current = tracking.alias_version(root, name, CHAMPION)
     if current is None:
         raise TuneryError(f"model {name!r} has no champion to roll back")
     previous = None
-    for entry in reversed(tracking.decisions(root, params.tracking.experiment, name)):
+    for entry in reversed(tracking.decisions(root, reg.experiment, name)):
         # The entry that made `current` champion (not a rollback onto it) says what it replaced.
         if (
             entry.get("action") != "rollback"
@@ -222,6 +217,4 @@ def rollback(root: Path, params: Params, reason: str) -> dict[str, Any]:
         raise TuneryError(f"version {current} has no previous champion to roll back to")
     tracking.set_alias(root, name, CHAMPION, previous)
     tracking.tag_version(root, name, current, {"promotion.rolled_back": reason or "yes"})
-    return _record(
-        root, params, action="rollback", frm=current, to=previous, reason=reason or "rollback"
-    )
+    return _record(reg, action="rollback", frm=current, to=previous, reason=reason or "rollback")

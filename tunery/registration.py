@@ -18,12 +18,13 @@ from typing import Any
 from tunery import mlflow_model, promotion, tracking
 from tunery.config import Params
 from tunery.errors import TuneryError
+from tunery.registry import gate_report as gates
+from tunery.registry import refs
+from tunery.registry.refs import CHALLENGER, CHAMPION, REGISTRY_FILE, Registry
 
 log = logging.getLogger("tunery.registry")
 
-DEPLOY_DIR = "models/deploy"
-GATE_REPORT = "reports/evaluate/gate.json"
-COMPRESS_REPORT = "reports/compress/report.json"
+COMPRESS_REPORT = "report.json"  # in compress.report_dir
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -34,19 +35,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str, Any]:
-    deploy = root / DEPLOY_DIR
+    """Register the deployable model (`compress.out_dir`) as the challenger and gate it on the
+    evaluation's `gate.json` (`evaluate.report_dir`); an already registered one is re-gated only
+    when its comparison changed (`_unchanged`)."""
+    reg = Registry.of(params, root)
+    deploy = root / params.compress.out_dir
     meta = _read_json(deploy / "tunery_model.json")
     if meta is None or not (deploy / "model.onnx").is_file():
         raise TuneryError(
             f"{deploy}: no deployable model to register (did the compress stage run?)"
         )
-    name = params.registry.model_name
+    name = reg.name
     sha = meta.get("sha256", "")
-    gate_report = _read_json(root / GATE_REPORT) or {}
-    compress_report = _read_json(root / COMPRESS_REPORT) or {}
+    gate_report = gates.read(root / params.evaluate.report_dir)
+    compress_report = _read_json(root / params.compress.report_dir / COMPRESS_REPORT) or {}
     for existing in tracking.list_versions(root, name):
         if sha and existing["tags"].get("deploy.sha256") == sha:
-            return _unchanged(root, params, existing, gate_report, compress_report)
+            return _unchanged(reg, params, existing, gate_report, compress_report)
 
     challenger = gate_report.get("challenger")
     tags = {
@@ -66,7 +71,7 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     version = mlflow_model.register_deployable(
         run, deploy, name, tags=tags, finetune_dir=root / params.finetune.out_dir
     )
-    tracking.set_alias(root, name, promotion.CHALLENGER, version)
+    tracking.set_alias(root, name, CHALLENGER, version)
     decision = promotion.gate_challenger(
         root,
         params,
@@ -87,7 +92,7 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
 
 
 def _unchanged(
-    root: Path,
+    reg: Registry,
     params: Params,
     existing: dict[str, Any],
     gate_report: dict[str, Any],
@@ -112,12 +117,12 @@ def _unchanged(
     gated. Otherwise its last decision stands and nothing is logged twice. A version that was
     rolled back is never put back by the gate; that takes `tunery promote`.
     """
-    name = params.registry.model_name
+    root, name = reg.root, reg.name
     version = existing["version"]
     tags = existing["tags"]
     head = f"model unchanged: already registered as version {version}"
-    current = tracking.alias_version(root, name, promotion.CHAMPION)
-    compared = promotion.compared_version(gate_report.get("champion"), name)
+    current = tracking.alias_version(root, name, CHAMPION)
+    compared = gates.compared_version(gate_report.get("champion"), name)
     out: dict[str, Any] = {"registered": False, "version": version}
     if current == version:
         summary = f"{head}, the champion; nothing to gate"
@@ -131,7 +136,7 @@ def _unchanged(
         compared or "none",
     ):
         # The gate itself refuses a stale comparison (and says what to re-run).
-        tracking.set_alias(root, name, promotion.CHALLENGER, version)
+        tracking.set_alias(root, name, CHALLENGER, version)
         decision = promotion.gate_challenger(
             root,
             params,
@@ -163,8 +168,8 @@ def _unchanged(
 
 def champion_finetune_dir(root: Path, params: Params) -> Path | None:
     """The registry champion's fine-tune (adapter + labels + info) as a local folder, or None."""
-    name = params.registry.model_name
-    version = tracking.alias_version(root, name, promotion.CHAMPION)
+    name = Registry.of(params, root).name
+    version = tracking.alias_version(root, name, CHAMPION)
     if version is None:
         log.info(
             "warm start: no champion in the registry yet (%s); starting fresh from the encoder",
@@ -192,27 +197,23 @@ def resolve_registry_uri(uri: str) -> Path:
     artifacts may live anywhere MLflow reaches (a server's proxied store, S3).
     """
     from tunery import env
-    from tunery.inference import REGISTRY_FILE
     from tunery.io import atomic_dir
 
     root = env.find_root()
-    ref = uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = tracking.alias_version(root, name, alias)
+    ref = refs.parse(uri)
+    name, version = ref.name, ref.version
+    if ref.alias is not None:
+        version = tracking.alias_version(root, name, ref.alias)
         if version is None:
-            raise TuneryError(f"{uri}: model {name!r} has no alias {alias!r} (see `tunery models`)")
-    elif "/" in ref:
-        name, version = ref.rsplit("/", 1)
-        alias = None
-    else:
-        raise TuneryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+            raise TuneryError(
+                f"{uri}: model {name!r} has no alias {ref.alias!r} (see `tunery models`)"
+            )
     # Keyed by the store too: version 3 of a sqlite store and of a tracking server are different
     # models, and switching MLFLOW_TRACKING_URI must never serve the other store's copy.
     cache = root / ".cache" / "tunery" / "registry" / f"{name}-v{version}-{tracking.store_id(root)}"
     if not (cache / REGISTRY_FILE).is_file():
         with atomic_dir(cache) as tmp:
-            got = tracking.download_model(root, f"models:/{name}/{version}", tmp / "dl")
+            got = tracking.download_model(root, refs.version_uri(name, version), tmp / "dl")
             folder = mlflow_model.deploy_folder(got, uri)  # refuses a model that is not Tunery's
             for item in folder.iterdir():
                 item.rename(tmp / item.name)
