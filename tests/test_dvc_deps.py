@@ -80,3 +80,14 @@ def test_every_module_a_stage_computes_with_is_a_dep(stage):
     assert not missing, (
         f"dvc.yaml stage {stage!r} lacks deps {missing}: a change there would not re-run it"
     )
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_code_dep_exists(stage):
+    """A module moved or removed must leave dvc.yaml too (DVC fails on a missing dep)."""
+    code = [
+        d
+        for d in STAGES[stage]["deps"]
+        if isinstance(d, str) and d.split("/")[0] in ("tasks", "tunery")
+    ]
+    assert [d for d in code if not (ROOT / d).exists()] == []
