@@ -355,6 +355,42 @@ def _linear(lin: Any, idx: Any, dim: int) -> Any:
     return new
 
 
+class _Stats(dict):
+    """Sums over the real tokens of the calibration texts, kept by a forward hook (`__call__`)."""
+
+
+class _FfnStats(_Stats):
+    """The FFN's hidden activations (the input of its output projection): |x| and x sums."""
+
+    def __init__(self) -> None:
+        super().__init__(abs=0.0, sum=0.0, n=0)
+
+    def __call__(self, x: Any) -> None:
+        self["abs"] = self["abs"] + x.abs().sum(0)
+        self["sum"] = self["sum"] + x.sum(0)
+        self["n"] += x.shape[0]
+
+
+class _HeadStats(_Stats):
+    """The attention context before W_O: each head's contribution norm, sums, and (for the
+    least-squares refit) the Gram matrix."""
+
+    def __init__(self, weight: Any, n_heads: int, size: int, gram: bool) -> None:
+        super().__init__(score=0.0, sum=0.0, gram=0.0, n=0)
+        self.w = weight.detach().double().view(weight.shape[0], n_heads, size)
+        self.n_heads, self.size, self.keep_gram = n_heads, size, gram
+
+    def __call__(self, x: Any) -> None:  # x: (tokens, heads * size), the context before W_O
+        import torch
+
+        per_head = torch.einsum("thd,ohd->tho", x.view(-1, self.n_heads, self.size), self.w)
+        self["score"] = self["score"] + per_head.norm(dim=-1).sum(0)
+        self["sum"] = self["sum"] + x.sum(0)
+        if self.keep_gram:
+            self["gram"] = self["gram"] + x.T @ x
+        self["n"] += x.shape[0]
+
+
 def prune_ffn(
     model: Any, feeds: Sequence[dict[str, np.ndarray]], fraction: float, *, compensate: bool = True
 ) -> Any:
@@ -372,19 +408,8 @@ def prune_ffn(
     layers = _encoder_layers(model, "FFN")
     width = layers[0].intermediate.dense.out_features
     keep = max(1, round(width * (1.0 - fraction)))
-    stats = [{"abs": 0.0, "sum": 0.0, "n": 0} for _ in layers]
-
-    def collect(st: dict[str, Any]) -> Callable[[Any], None]:
-        def fn(x: Any) -> None:
-            st["abs"] = st["abs"] + x.abs().sum(0)
-            st["sum"] = st["sum"] + x.sum(0)
-            st["n"] += x.shape[0]
-
-        return fn
-
-    _calibrate(
-        model, feeds, {ly.output.dense: collect(st) for ly, st in zip(layers, stats, strict=True)}
-    )
+    stats = [_FfnStats() for _ in layers]
+    _calibrate(model, feeds, {ly.output.dense: st for ly, st in zip(layers, stats, strict=True)})
     with torch.no_grad():
         for layer, st in zip(layers, stats, strict=True):
             up, down = layer.intermediate.dense, layer.output.dense
@@ -438,60 +463,58 @@ def prune_heads(
     if refit not in ("lstsq", "mean", "none"):
         raise TuneryError(f"prune_heads: refit must be lstsq, mean or none (got {refit!r})")
     keep = n_heads - heads
-    stats = [{"score": 0.0, "sum": 0.0, "gram": 0.0, "n": 0} for _ in layers]
-
-    def collect(st: dict[str, Any], weight: Any) -> Callable[[Any], None]:
-        w = weight.detach().double().view(weight.shape[0], n_heads, size)
-
-        def fn(x: Any) -> None:  # x: (tokens, heads * size), the context before W_O
-            per_head = torch.einsum("thd,ohd->tho", x.view(-1, n_heads, size), w)
-            st["score"] = st["score"] + per_head.norm(dim=-1).sum(0)
-            st["sum"] = st["sum"] + x.sum(0)
-            if refit == "lstsq":
-                st["gram"] = st["gram"] + x.T @ x
-            st["n"] += x.shape[0]
-
-        return fn
-
+    stats = [
+        _HeadStats(ly.attention.output.dense.weight, n_heads, size, gram=refit == "lstsq")
+        for ly in layers
+    ]
     _calibrate(
         model,
         feeds,
-        {
-            ly.attention.output.dense: collect(st, ly.attention.output.dense.weight)
-            for ly, st in zip(layers, stats, strict=True)
-        },
+        {ly.attention.output.dense: st for ly, st in zip(layers, stats, strict=True)},
     )
     with torch.no_grad():
         for layer, st in zip(layers, stats, strict=True):
-            attn, out = layer.attention.self, layer.attention.output.dense
-            kept = torch.topk(torch.as_tensor(st["score"]).float(), keep).indices.sort().values
-            idx = (kept[:, None] * size + torch.arange(size)).flatten()
-            new_out = _linear(out, idx, 1)
-            if st["n"] and out.bias is not None and refit != "none":
-                n = st["n"]
-                mean = torch.as_tensor(st["sum"]) / n
-                w = out.weight.detach().double()
-                if refit == "lstsq":
-                    # min ||X_k W_kᵀ + b_k - (X Wᵀ + b)||² + ridge·tr(C_kk)/k·||W_k||², X centered.
-                    cov = torch.as_tensor(st["gram"]) / n - torch.outer(mean, mean)
-                    c_kk = cov[idx][:, idx]
-                    c_kk = c_kk + ridge * c_kk.diagonal().mean() * torch.eye(
-                        len(idx), dtype=c_kk.dtype
-                    )
-                    w_k = torch.linalg.solve(c_kk, cov[idx] @ w.T).T
-                    bias = out.bias.double() + w @ mean - w_k @ mean[idx]
-                    new_out.weight.copy_(w_k.float())
-                    new_out.bias.copy_(bias.float())
-                else:
-                    dropped = torch.ones(n_heads * size, dtype=torch.bool)
-                    dropped[idx] = False
-                    new_out.bias += (w[:, dropped] @ mean[dropped]).float()
-            for name in ("query", "key", "value"):
-                setattr(attn, name, _linear(getattr(attn, name), idx, 0))
-            layer.attention.output.dense = new_out
-            attn.num_attention_heads, attn.all_head_size = keep, keep * size
+            _drop_heads(layer, st, keep=keep, size=size, refit=refit, ridge=ridge)
     log.info("pruned attention: %d -> %d heads per layer", n_heads, keep)
     return model
+
+
+def _drop_heads(layer: Any, st: _HeadStats, *, keep: int, size: int, refit: str, ridge: float):
+    """Keep the `keep` most important heads of one layer; refit its output projection."""
+    import torch
+
+    attn, out = layer.attention.self, layer.attention.output.dense
+    kept = torch.topk(torch.as_tensor(st["score"]).float(), keep).indices.sort().values
+    idx = (kept[:, None] * size + torch.arange(size)).flatten()
+    new_out = _linear(out, idx, 1)
+    if st["n"] and out.bias is not None and refit != "none":
+        _refit_output(out, new_out, st, idx, refit=refit, ridge=ridge)
+    for name in ("query", "key", "value"):
+        setattr(attn, name, _linear(getattr(attn, name), idx, 0))
+    layer.attention.output.dense = new_out
+    attn.num_attention_heads, attn.all_head_size = keep, keep * size
+
+
+def _refit_output(out: Any, new_out: Any, st: _HeadStats, idx: Any, *, refit: str, ridge: float):
+    """The pruned W_O (`new_out`) refitted to the full layer's output: lstsq, or the mean."""
+    import torch
+
+    n = st["n"]
+    mean = torch.as_tensor(st["sum"]) / n
+    w = out.weight.detach().double()
+    if refit == "lstsq":
+        # min ||X_k W_kᵀ + b_k - (X Wᵀ + b)||² + ridge·tr(C_kk)/k·||W_k||², X centered.
+        cov = torch.as_tensor(st["gram"]) / n - torch.outer(mean, mean)
+        c_kk = cov[idx][:, idx]
+        c_kk = c_kk + ridge * c_kk.diagonal().mean() * torch.eye(len(idx), dtype=c_kk.dtype)
+        w_k = torch.linalg.solve(c_kk, cov[idx] @ w.T).T
+        bias = out.bias.double() + w @ mean - w_k @ mean[idx]
+        new_out.weight.copy_(w_k.float())
+        new_out.bias.copy_(bias.float())
+    else:
+        dropped = torch.ones(w.shape[1], dtype=torch.bool)
+        dropped[idx] = False
+        new_out.bias += (w[:, dropped] @ mean[dropped]).float()
 
 
 def build_pruned(
@@ -640,9 +663,29 @@ def select(
 
 # --------------------------------------------------------------------------- report
 def markdown(report: dict[str, Any]) -> str:
+    """report.md: how the variants were judged, one table row per variant and provider, then the
+    int8 fallbacks, failures and rejections."""
+    lines = _markdown_header(report) + _markdown_table(report)
+    for name, v in report["variants"].items():
+        if v.get("int8_fallback"):
+            lines += ["", _fallback_line(name, v["int8_fallback"])]
+    if report.get("failed"):
+        lines += [
+            "",
+            "Failed (recorded, not selectable): "
+            + "; ".join(f"{n}: {e}" for n, e in report["failed"].items()),
+        ]
+    if report.get("rejected"):
+        lines += [
+            "",
+            "Rejected (outside the accuracy budget, not kept): "
+            + ", ".join(_why_rejected(report, n) for n in report["rejected"]),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_header(report: dict[str, Any]) -> list[str]:
     ref = report["reference"]
-    base = {prov: t.get("throughput") for prov, t in report["reference_bench"].items()}
-    b = report.get("bench_config") or {}
     judged = report.get("judged") or {"rows": {"test": report["eval_rows"]}}
     rows = " + ".join(f"{k} {v}" for k, v in judged["rows"].items())
     boot = judged.get("bootstrap") or {}
@@ -679,7 +722,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"Pruning (pruned_* variants): {pr.get('heads', 0)} attention heads per layer, "
             f"{pr.get('ffn_fraction', 0):.0%} of FFN neurons per layer, removed by importance."
         )
-    lines += [
+    return lines
+
+
+def _ratio(report: dict[str, Any], prov: str, t: dict[str, Any]) -> str:
+    """Throughput over the PyTorch reference's on the same provider (else the CPU's)."""
+    base = {p: b.get("throughput") for p, b in report["reference_bench"].items()}
+    ref_tp = base.get(prov) or base.get("cpu")
+    return f"{t['throughput'] / ref_tp:.2f}" if ref_tp else "-"
+
+
+def _markdown_table(report: dict[str, Any]) -> list[str]:
+    b = report.get("bench_config") or {}
+    lines = [
         "",
         "Throughput: texts/s at batch "
         f"{next(iter(report['reference_bench'].values())).get('throughput_batch', '?')}, "
@@ -690,86 +745,73 @@ def markdown(report: dict[str, Any]) -> str:
         "| max abs Δlogit | provider | p50 ms | p95 ms | texts/s | × PyTorch | eligible |",
         "|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---|",
     ]
-
-    def ratio(prov: str, t: dict[str, Any]) -> str:
-        ref_tp = base.get(prov) or base.get("cpu")
-        return f"{t['throughput'] / ref_tp:.2f}" if ref_tp else "-"
-
-    rows = [("pytorch_fp32", None)] + [(n, v) for n, v in report["variants"].items()]
-    for name, v in rows:
-        if v is None:
-            for prov, t in report["reference_bench"].items():
-                lines.append(
-                    f"| pytorch_fp32 | - | - | 1.000 | 0 | 0 | - | 0 | {prov} | "
-                    f"{t['latency_p50_ms']:.2f} | {t['latency_p95_ms']:.2f} | {t['throughput']:.0f} "
-                    "| 1.00 | - |"
-                )
-            continue
-        p = v["parity"]
-        ci = p.get("macro_f1_delta_ci95")
-        interval = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"
-        for prov, t in (v.get("bench") or {"-": {"error": "not timed"}}).items():
-            timing = (
-                f"{t['latency_p50_ms']:.2f} | {t['latency_p95_ms']:.2f} | {t['throughput']:.0f} "
-                f"| {ratio(prov, t)}"
-                if "error" not in t
-                else f"- | - | - ({t['error'][:40]}) | -"
-            )
-            lines.append(
-                f"| {name} | {','.join(v['targets'])} | {v['size_mb']:.1f} | {p['agreement']:.3f} | "
-                f"{p['accuracy_delta']:+.4f} | {p['macro_f1_delta']:+.4f} | {interval} | "
-                f"{p['max_abs_logit_diff']:.2e} | {prov} | {timing} | "
-                f"{'yes' if name in report['eligible'] else 'no'} |"
-            )
+    for prov, t in report["reference_bench"].items():
+        lines.append(
+            f"| pytorch_fp32 | - | - | 1.000 | 0 | 0 | - | 0 | {prov} | "
+            f"{t['latency_p50_ms']:.2f} | {t['latency_p95_ms']:.2f} | {t['throughput']:.0f} "
+            "| 1.00 | - |"
+        )
     for name, v in report["variants"].items():
-        fb = v.get("int8_fallback")
-        if not fb:
-            continue
-        tries = ", ".join(f"{t['float_nodes']} -> {-t['macro_f1_drop']:+.4f}" for t in fb["tries"])
-        lines += [
-            "",
-            f"Accuracy-aware fallback for {name}: fully quantized ΔmacroF1 "
-            f"{fb['quantized_macro_f1_delta']:+.4f}; tries (nodes in float -> ΔmacroF1): "
-            f"{tries or 'none'}; "
+        lines += _variant_rows(report, name, v)
+    return lines
+
+
+def _variant_rows(report: dict[str, Any], name: str, v: dict[str, Any]) -> list[str]:
+    p = v["parity"]
+    ci = p.get("macro_f1_delta_ci95")
+    interval = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"
+    rows = []
+    for prov, t in (v.get("bench") or {"-": {"error": "not timed"}}).items():
+        timing = (
+            f"{t['latency_p50_ms']:.2f} | {t['latency_p95_ms']:.2f} | {t['throughput']:.0f} "
+            f"| {_ratio(report, prov, t)}"
+            if "error" not in t
+            else f"- | - | - ({t['error'][:40]}) | -"
+        )
+        rows.append(
+            f"| {name} | {','.join(v['targets'])} | {v['size_mb']:.1f} | {p['agreement']:.3f} | "
+            f"{p['accuracy_delta']:+.4f} | {p['macro_f1_delta']:+.4f} | {interval} | "
+            f"{p['max_abs_logit_diff']:.2e} | {prov} | {timing} | "
+            f"{'yes' if name in report['eligible'] else 'no'} |"
+        )
+    return rows
+
+
+def _fallback_line(name: str, fb: dict[str, Any]) -> str:
+    tries = ", ".join(f"{t['float_nodes']} -> {-t['macro_f1_drop']:+.4f}" for t in fb["tries"])
+    return (
+        f"Accuracy-aware fallback for {name}: fully quantized ΔmacroF1 "
+        f"{fb['quantized_macro_f1_delta']:+.4f}; tries (nodes in float -> ΔmacroF1): "
+        f"{tries or 'none'}; "
+        + (
+            f"within budget with {len(fb['float_nodes'])} node(s) in float: "
+            + ", ".join(f"`{x}`" for x in fb["float_nodes"])
+            if fb["within_budget"]
+            else "not within budget at the cap"
             + (
-                f"within budget with {len(fb['float_nodes'])} node(s) in float: "
-                + ", ".join(f"`{x}`" for x in fb["float_nodes"])
-                if fb["within_budget"]
-                else "not within budget at the cap"
-                + (
-                    f" (kept the best try: {len(fb['float_nodes'])} node(s) in float)"
-                    if fb["float_nodes"]
-                    else ""
-                )
+                f" (kept the best try: {len(fb['float_nodes'])} node(s) in float)"
+                if fb["float_nodes"]
+                else ""
             )
-            + ". The speed in the table is that of the variant as kept.",
-        ]
-    if report.get("failed"):
-        lines += [
-            "",
-            "Failed (recorded, not selectable): "
-            + "; ".join(f"{n}: {e}" for n, e in report["failed"].items()),
-        ]
-    if report.get("rejected"):
-        details = report.get("rejected_variants") or {}
+        )
+        + ". The speed in the table is that of the variant as kept."
+    )
 
-        def why(name: str) -> str:
-            v = details.get(name)
-            if not v:
-                return name
-            t = v.get("bench", {}).get(report["target_provider"], {})
-            speed = f", {ratio(report['target_provider'], t)}× PyTorch" if "throughput" in t else ""
-            return (
-                f"{name} (ΔmacroF1 {v['parity']['macro_f1_delta']:+.4f}, agreement "
-                f"{v['parity']['agreement']:.3f}{speed})"
-            )
 
-        lines += [
-            "",
-            "Rejected (outside the accuracy budget, not kept): "
-            + ", ".join(why(n) for n in report["rejected"]),
-        ]
-    return "\n".join(lines) + "\n"
+def _why_rejected(report: dict[str, Any], name: str) -> str:
+    v = (report.get("rejected_variants") or {}).get(name)
+    if not v:
+        return name
+    target = report["target_provider"]
+    t = v.get("bench", {}).get(target, {})
+    speed = f", {_ratio(report, target, t)}× PyTorch" if "throughput" in t else ""
+    return (
+        f"{name} (ΔmacroF1 {v['parity']['macro_f1_delta']:+.4f}, agreement "
+        f"{v['parity']['agreement']:.3f}{speed})"
+    )
+
+
+PROVIDER_COLOURS = {"cpu": "tab:blue", "cuda": "tab:green"}
 
 
 def plot_tradeoff(report: dict[str, Any], dest: Path) -> None:
@@ -778,21 +820,50 @@ def plot_tradeoff(report: dict[str, Any], dest: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     from tunery.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"cpu": "tab:blue", "cuda": "tab:green"}
+    points = _tradeoff_points(report)
+    _plot_variants(ax, report, points)
+    ref_f1 = report["reference"]["macro_f1"]
+    for prov, t in report["reference_bench"].items():
+        ax.scatter(t["latency_p50_ms"], ref_f1, marker="x", color="black")
+        ax.annotate(
+            f"pytorch fp32 ({prov})",
+            (t["latency_p50_ms"], ref_f1),
+            xytext=(6, -12),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    ax.legend(handles=_legend(report, points), fontsize=7, loc="lower right")
+    ax.margins(x=0.12, y=0.15)
+    ax.set(
+        xlabel="batch-1 latency p50 (ms)",
+        ylabel="macro-F1 (judged rows)",
+        title="Variants: accuracy vs latency (marker area ~ size)",
+    )
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _tradeoff_points(report: dict[str, Any]) -> list[tuple]:
+    """(latency, macro-F1, variant, provider, record) of every timed variant, by latency."""
     points = []
     for name, v in report["variants"].items():
         for prov, t in (v.get("bench") or {}).items():
             if "error" in t:
                 continue
             points.append((t["latency_p50_ms"], v["parity"]["macro_f1"], name, prov, v))
+    points.sort(key=lambda p: (p[0], -p[1]))
+    return points
+
+
+def _plot_variants(ax: Any, report: dict[str, Any], points: list[tuple]) -> None:
     # Labels of points close together (fp32 / fp16: same accuracy, similar latency) would overlap:
     # each label goes one line lower per earlier point near it.
-    points.sort(key=lambda p: (p[0], -p[1]))
     xs = [p[0] for p in points] + [t["latency_p50_ms"] for t in report["reference_bench"].values()]
     ys = [p[1] for p in points] + [report["reference"]["macro_f1"]]
     # A label is ~30 % of the axis wide: points that close in x share its line.
@@ -805,7 +876,7 @@ def plot_tradeoff(report: dict[str, Any], dest: Path) -> None:
             y,
             s=20 + 6 * v["size_mb"],
             alpha=0.6,
-            color=colours.get(prov, "tab:gray"),
+            color=PROVIDER_COLOURS.get(prov, "tab:gray"),
             edgecolors="black" if selected else "none",
             linewidths=2 if selected else 0,
         )
@@ -817,18 +888,14 @@ def plot_tradeoff(report: dict[str, Any], dest: Path) -> None:
             fontsize=7,
             arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if near else None,
         )
-    for prov, t in report["reference_bench"].items():
-        ax.scatter(t["latency_p50_ms"], report["reference"]["macro_f1"], marker="x", color="black")
-        ax.annotate(
-            f"pytorch fp32 ({prov})",
-            (t["latency_p50_ms"], report["reference"]["macro_f1"]),
-            xytext=(6, -12),
-            textcoords="offset points",
-            fontsize=7,
-        )
-    handles = [
+
+
+def _legend(report: dict[str, Any], points: list[tuple]) -> list[Any]:
+    from matplotlib.lines import Line2D
+
+    return [
         Line2D([], [], marker="o", ls="", color=c, alpha=0.6, label=f"variant on {p}")
-        for p, c in colours.items()
+        for p, c in PROVIDER_COLOURS.items()
         if any(pt[3] == p for pt in points)
     ] + [
         Line2D(
@@ -843,14 +910,3 @@ def plot_tradeoff(report: dict[str, Any], dest: Path) -> None:
         ),
         Line2D([], [], marker="x", ls="", color="black", label="PyTorch fp32 reference"),
     ]
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
-    ax.margins(x=0.12, y=0.15)
-    ax.set(
-        xlabel="batch-1 latency p50 (ms)",
-        ylabel="macro-F1 (judged rows)",
-        title="Variants: accuracy vs latency (marker area ~ size)",
-    )
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -278,7 +278,7 @@ def train_variant(
     arm: str = "pipeline",
 ) -> tuple[TrainResult, dict[str, Any]]:
     """One arm: build the model for `method` on `encoder`, train it, and its statistics."""
-    from tunery.progress import trainer_callback
+    from tunery.modeling.callbacks import StepProgress
 
     epochs = cfg.epochs if epochs is None else epochs
     model = build_model(
@@ -311,7 +311,7 @@ def train_variant(
         max_length=max_length,
         epochs=epochs,
         on_log=on_log,
-        callbacks=(*callbacks, trainer_callback(f"finetune {arm} arm ({method})")),
+        callbacks=(*callbacks, StepProgress(f"finetune {arm} arm ({method})")),
     )
     return result, variant_stats(
         result, method=method, init=init, trainable=trainable, total=total, max_length=max_length

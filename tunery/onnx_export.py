@@ -98,18 +98,10 @@ def export_onnx(
     import onnx
     import torch
 
+    from tunery.onnx.logits import Logits
+
     names = input_names_for(tokenizer, model)
-
-    class Logits(torch.nn.Module):
-        # transformers' forward takes its inputs by keyword; the exporter passes them by position.
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            return self.inner(**dict(zip(names, args, strict=True))).logits
-
-    wrapper = Logits(model).eval()  # a new module starts in training mode (dropout on)
+    wrapper = Logits(model, names).eval()  # a new module starts in training mode (dropout on)
     sample = tokenizer(
         ["a short text", "a somewhat longer text to give the sequence axis two sizes"],
         padding=True,
@@ -217,6 +209,49 @@ _SEQUENCE_PRODUCERS = {
 }
 
 
+def _constants(graph: Any) -> dict[str, Any]:
+    """Initializers and Constant node outputs, by name."""
+    consts: dict[str, Any] = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = attr.t
+    return consts
+
+
+def _consumers(nodes: list[Any]) -> dict[str, list[Any]]:
+    consumers: dict[str, list[Any]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _drop_shapes(graph: Any, stale: set[str]) -> None:
+    """Shapes recorded for narrowed or packed tensors (sequence axis) no longer hold: drop them."""
+    kept = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
+def _sequence_inputs(names: list[str], producer: dict[str, Any]) -> bool:
+    """Every name is produced by a node known to output (batch, sequence, hidden)."""
+    return all(n in producer and producer[n].op_type in _SEQUENCE_PRODUCERS for n in names)
+
+
+def _first_index(node: Any, consts: dict[str, Any]) -> bool:
+    """`Gather(axis=1)` of index 0: the first token's hidden state."""
+    from onnx import numpy_helper
+
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    index = consts.get(node.input[1]) if len(node.input) > 1 else None
+    if axis != 1 or index is None:
+        return False
+    value = numpy_helper.to_array(index)
+    return value.size == 1 and int(value.reshape(-1)[0]) == 0
+
+
 def cls_only_tail(model: Any) -> int:
     """Run the encoder's last token-wise ops on the first token only, when only it is read; in place.
 
@@ -229,48 +264,13 @@ def cls_only_tail(model: Any) -> int:
     projection and FFN are 1/8 of the encoder's matmul work. Returns the number of nodes narrowed
     (0: pattern not found, graph unchanged).
     """
-    import numpy as np
-    from onnx import helper, numpy_helper
-
     graph = model.graph
-    consts: dict[str, Any] = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = attr.t
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-
-    def first_index(node: Any) -> bool:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        index = consts.get(node.input[1]) if len(node.input) > 1 else None
-        if axis != 1 or index is None:
-            return False
-        value = numpy_helper.to_array(index)
-        return value.size == 1 and int(value.reshape(-1)[0]) == 0
-
-    gathers = [n for n in graph.node if n.op_type == "Gather" and first_index(n)]
+    consts = _constants(graph)
+    nodes = list(graph.node)
+    gathers = [n for n in nodes if n.op_type == "Gather" and _first_index(n, consts)]
     if len(gathers) != 1:
         return 0
-    nodes = list(graph.node)
-    region = {id(gathers[0])}
-    members: list[Any] = []
-    # Nodes are topologically sorted: walking back, a node's consumers are decided before it.
-    for node in reversed(nodes[: nodes.index(gathers[0])]):
-        if node.op_type not in _TOKENWISE or node.domain not in ("", "ai.onnx", "com.microsoft"):
-            continue
-        if node.op_type == "MatMul" and node.input[1] not in consts:
-            continue  # activation x activation (attention scores): not token-wise
-        users = [c for o in node.output if o for c in consumers.get(o, [])]
-        if not users or any(o in outputs for o in node.output):
-            continue
-        if all(id(c) in region for c in users):
-            region.add(id(node))
-            members.append(node)
+    members = _tail_region(nodes, gathers[0], consts, {o.name for o in graph.output})
     if not members:
         return 0
     produced = {o for n in members for o in n.output}
@@ -278,10 +278,38 @@ def cls_only_tail(model: Any) -> int:
         {i for n in members for i in n.input if i and i not in consts and i not in produced}
     )
     producer = {o: n for n in nodes for o in n.output}
-    if not boundary or any(
-        b not in producer or producer[b].op_type not in _SEQUENCE_PRODUCERS for b in boundary
-    ):
+    if not boundary or not _sequence_inputs(boundary, producer):
         return 0  # inputs we cannot be sure are (batch, sequence, hidden): leave the graph alone
+    renamed = _slice_to_first_token(graph, nodes, members, boundary)
+    _drop_shapes(graph, produced | set(renamed.values()))
+    return len(members)
+
+
+def _tail_region(nodes: list[Any], gather: Any, consts: dict, outputs: set[str]) -> list[Any]:
+    """The token-wise nodes whose outputs reach nothing but `gather`."""
+    consumers = _consumers(nodes)
+    region = {id(gather)}
+    members: list[Any] = []
+    # Nodes are topologically sorted: walking back, a node's consumers are decided before it.
+    for node in reversed(nodes[: nodes.index(gather)]):
+        if not _is_tokenwise(node, consts):
+            continue  # (a MatMul of two activations, attention scores, is not token-wise)
+        users = [c for o in node.output if o for c in consumers.get(o, [])]
+        if not users or any(o in outputs for o in node.output):
+            continue
+        if all(id(c) in region for c in users):
+            region.add(id(node))
+            members.append(node)
+    return members
+
+
+def _slice_to_first_token(
+    graph: Any, nodes: list[Any], members: list[Any], boundary: list[str]
+) -> dict[str, str]:
+    """Feed `members` the first position of each boundary tensor (`Slice` on axis 1)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
     prefix = "cls_only_tail"
     graph.initializer.extend(
         numpy_helper.from_array(np.array([v], dtype=np.int64), f"{prefix}_{k}")
@@ -305,12 +333,7 @@ def cls_only_tail(model: Any) -> int:
     first = min(nodes.index(n) for n in members)
     del graph.node[:]
     graph.node.extend(nodes[:first] + slices + nodes[first:])
-    # Shapes recorded for the narrowed tensors (sequence axis) no longer hold: drop them.
-    stale = produced | set(renamed.values())
-    kept = [v for v in graph.value_info if v.name not in stale]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-    return len(members)
+    return renamed
 
 
 def model_shape(model_or_config: Any) -> tuple[str, int, int]:
@@ -339,31 +362,15 @@ def pack_tokens(model: Any, mask_input: str = "attention_mask") -> int:
     Sorted batches of the demo test texts are ~15 % padding. The last layer's first-token tail
     (`cls_only_tail`) is left as it is. Returns the number of nodes now running packed.
     """
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
     graph = model.graph
     if mask_input not in {i.name for i in graph.input}:
         return 0
-    consts: dict[str, Any] = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            consts[node.output[0]] = next(a.t for a in node.attribute if a.name == "value")
+    consts = _constants(graph)
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in nodes:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(nodes)
     outputs = {o.name for o in graph.output}
-    # The first-token tail (fed by cls_only_tail's slices) stays as it is.
-    tail: set[int] = set()
-    for node in nodes:
-        if node.name.startswith("cls_only_tail_Slice") or (
-            id(node) not in tail
-            and any(i in producer and id(producer[i]) in tail for i in node.input)
-        ):
-            tail.add(id(node))
+    tail = _first_token_tail(nodes, producer)
     packed = [
         n for n in nodes if _is_tokenwise(n, consts) and n.op_type != "Cast" and id(n) not in tail
     ]
@@ -389,10 +396,56 @@ def pack_tokens(model: Any, mask_input: str = "attention_mask") -> int:
         not packed
         or not sources
         or any(o in outputs for o in produced)
-        or any(s not in producer or producer[s].op_type not in _SEQUENCE_PRODUCERS for s in sources)
+        or not _sequence_inputs(sources, producer)
     ):
         return 0
-    pre = "pack_tokens"
+    new = _pack_index_nodes(graph, mask_input)
+    first = min(sources, key=lambda name: nodes.index(producer[name]))
+    after: dict[int, list[Any]] = {
+        id(producer[first]): [helper_node("Shape", [first], [f"{PACK}_shape"], f"{PACK}_shape")]
+    }
+    renamed = _pack_sources(sources, packed, producer, after)
+    _unpack_sinks(sinks, producer, consumers, inside, after)
+    # Topological order: the index nodes (mask only) first; each pack / unpack right after the
+    # node producing what it gathers.
+    ordered = list(new)
+    for node in nodes:
+        ordered.append(node)
+        ordered.extend(after.get(id(node), []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    _drop_shapes(graph, produced | set(renamed.values()))
+    return len(packed)
+
+
+PACK = "pack_tokens"
+
+
+def helper_node(*args: Any, **kwargs: Any) -> Any:
+    from onnx import helper
+
+    return helper.make_node(*args, **kwargs)
+
+
+def _first_token_tail(nodes: list[Any], producer: dict[str, Any]) -> set[int]:
+    """The first-token tail (fed by cls_only_tail's slices): it stays as it is."""
+    tail: set[int] = set()
+    for node in nodes:
+        if node.name.startswith("cls_only_tail_Slice") or (
+            id(node) not in tail
+            and any(i in producer and id(producer[i]) in tail for i in node.input)
+        ):
+            tail.add(id(node))
+    return tail
+
+
+def _pack_index_nodes(graph: Any, mask_input: str) -> list[Any]:
+    """idx: flat positions of the real tokens; inv: for every flat position, its packed row
+    (padding -> row 0, a real token: attention masks it out)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    pre, mk = PACK, helper_node
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.array([-1], np.int64), f"{pre}_flat"),
@@ -401,10 +454,7 @@ def pack_tokens(model: Any, mask_input: str = "attention_mask") -> int:
             numpy_helper.from_array(np.array(0, np.int64), f"{pre}_zero"),
         ]
     )
-    mk = helper.make_node
-    new = [
-        # idx: flat positions of the real tokens; inv: for every flat position, its packed row
-        # (padding -> row 0, a real token: attention masks it out).
+    return [
         mk("Reshape", [mask_input, f"{pre}_flat"], [f"{pre}_mask"], f"{pre}_mask"),
         mk("Cast", [f"{pre}_mask"], [f"{pre}_real"], f"{pre}_real", to=TensorProto.BOOL),
         mk("NonZero", [f"{pre}_real"], [f"{pre}_nz"], f"{pre}_nonzero"),
@@ -414,10 +464,13 @@ def pack_tokens(model: Any, mask_input: str = "attention_mask") -> int:
         mk("Sub", [f"{pre}_cum", f"{pre}_one"], [f"{pre}_pos"], f"{pre}_pos"),
         mk("Where", [f"{pre}_real", f"{pre}_pos", f"{pre}_zero"], [f"{pre}_inv"], f"{pre}_inv"),
     ]
-    first = min(sources, key=lambda name: nodes.index(producer[name]))
-    after: dict[int, list[Any]] = {
-        id(producer[first]): [mk("Shape", [first], [f"{pre}_shape"], f"{pre}_shape")]
-    }
+
+
+def _pack_sources(
+    sources: list[str], packed: list[Any], producer: dict[str, Any], after: dict[int, list]
+) -> dict[str, str]:
+    """Gather each region input to (1, tokens, hidden); the region reads the packed copy."""
+    pre, mk = PACK, helper_node
     renamed = {}
     for k, name in enumerate(sources):
         flat, rows = f"{name}_{pre}_flat", f"{name}_{pre}_rows"
@@ -433,6 +486,18 @@ def pack_tokens(model: Any, mask_input: str = "attention_mask") -> int:
         for k, name in enumerate(node.input):
             if name in renamed:
                 node.input[k] = renamed[name]
+    return renamed
+
+
+def _unpack_sinks(
+    sinks: list[str],
+    producer: dict[str, Any],
+    consumers: dict[str, list[Any]],
+    inside: set[int],
+    after: dict[int, list],
+) -> None:
+    """Scatter each region output back to (batch, sequence, hidden) for the nodes outside."""
+    pre, mk = PACK, helper_node
     for k, name in enumerate(sinks):
         flat, rows, out = f"{name}_{pre}_flat", f"{name}_{pre}_rows", f"{name}_{pre}_padded"
         after.setdefault(id(producer[name]), []).extend(
@@ -447,19 +512,6 @@ def pack_tokens(model: Any, mask_input: str = "attention_mask") -> int:
                 for j, i in enumerate(c.input):
                     if i == name:
                         c.input[j] = out
-    # Topological order: the index nodes (mask only) first; each pack / unpack right after the
-    # node producing what it gathers.
-    ordered = list(new)
-    for node in nodes:
-        ordered.append(node)
-        ordered.extend(after.get(id(node), []))
-    del graph.node[:]
-    graph.node.extend(ordered)
-    stale = produced | set(renamed.values())
-    kept = [v for v in graph.value_info if v.name not in stale]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-    return len(packed)
 
 
 # --------------------------------------------------------------------------- deployable folders

@@ -118,36 +118,10 @@ class SimCSEMixin:
 
 
 def head_warmup(model: Any, steps: int) -> Any:
-    """A `TrainerCallback` that freezes the encoder (the MLM head trains alone) until `steps`.
+    """A `TrainerCallback` that freezes the encoder (the MLM head trains alone) until `steps`."""
+    from tunery.modeling.callbacks import HeadWarmup
 
-    The optimizer is built with every parameter; frozen ones get no gradient, so AdamW leaves
-    them (and their moments) untouched. The step is read from the trainer state, so a resumed
-    run freezes exactly when the uninterrupted one would have.
-    """
-    from transformers import TrainerCallback
-
-    encoder = getattr(model, model.base_model_prefix)
-
-    class HeadWarmup(TrainerCallback):
-        frozen: bool | None = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            freeze = state.global_step < steps
-            if freeze != self.frozen:
-                for p in encoder.parameters():
-                    p.requires_grad_(not freeze)
-                log.info(
-                    "step %d: encoder %s", state.global_step, "frozen" if freeze else "trained"
-                )
-                self.frozen = freeze
-            return control
-
-        def on_train_end(self, args, state, control, **kwargs):
-            for p in encoder.parameters():
-                p.requires_grad_(True)
-            return control
-
-    return HeadWarmup()
+    return HeadWarmup(model, steps)
 
 
 def mlm_head_name(model: Any) -> str:

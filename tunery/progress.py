@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 log = logging.getLogger("tunery.progress")
 
@@ -73,25 +72,3 @@ class Progress:
         if bucket > self._last_bucket or now - self._last_time >= self.heartbeat:
             self._last_bucket, self._last_time = bucket, now
             self.logger.info(self.line(self.done, now))
-
-
-def trainer_callback(what: str) -> Any:
-    """A `transformers.TrainerCallback` logging the training steps with `Progress`, with the latest
-    training loss (resumes count from the checkpoint's step)."""
-    from transformers import TrainerCallback
-
-    class StepProgress(TrainerCallback):
-        progress: Progress | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.progress = Progress(what, state.max_steps, unit="step", start=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.progress is not None and logs and "loss" in logs:
-                self.progress.note = f"loss {float(logs['loss']):.4g}"
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.update(state.global_step)
-
-    return StepProgress()

@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -304,64 +303,14 @@ def resume_point(folder: Path, fp: str, *, main: bool = True) -> Path | None:
     return ckpt
 
 
-def trainer_callbacks(*, max_minutes: float | None) -> list[Any]:
-    """`CompletionMarker` always; `WallClockBudget` when a budget is set."""
-    from transformers import TrainerCallback
-
-    class CompletionMarker(TrainerCallback):
-        """Mark a checkpoint complete once every process has finished writing it."""
-
-        def on_save(self, args, state, control, **kwargs):
-            _barrier()
-            if state.is_world_process_zero:
-                write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-            _barrier()
-
-    class WallClockBudget(TrainerCallback):
-        """Stop after `max_minutes` (this run's wall clock), saving a checkpoint first."""
-
-        def __init__(self, minutes: float) -> None:
-            self.seconds = minutes * 60.0
-            self.start = time.monotonic()
-            self.stopped_at: int | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.monotonic()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            over = time.monotonic() - self.start > self.seconds
-            # Every rank must stop on the same step, or the others hang in the next all-reduce:
-            # under DDP the ranks agree every few steps (one tiny all-reduce).
-            if _dist_ready():
-                if state.global_step % 5:
-                    return control
-                over = _any_rank(over, args.device)
-            if over:
-                control.should_training_stop = True
-                control.should_save = True
-                self.stopped_at = state.global_step
-                log.warning(
-                    "wall-clock budget of %.1f min spent at step %d of %d: stopping",
-                    self.seconds / 60,
-                    state.global_step,
-                    state.max_steps,
-                )
-            return control
-
-    cbs: list[Any] = [CompletionMarker()]
-    if max_minutes:
-        cbs.append(WallClockBudget(max_minutes))
-    return cbs
-
-
-def _dist_ready() -> bool:
+def dist_ready() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
-def _barrier() -> None:
-    if _dist_ready():
+def barrier() -> None:
+    if dist_ready():
         import torch.distributed as dist
 
         dist.barrier()
@@ -369,14 +318,14 @@ def _barrier() -> None:
 
 def shutdown_distributed() -> None:
     """Leave the process group cleanly (torchrun warns about a group left open)."""
-    if _dist_ready():
+    if dist_ready():
         import torch.distributed as dist
 
         dist.destroy_process_group()
 
 
-def _any_rank(flag: bool, device: Any) -> bool:
-    if not _dist_ready():
+def any_rank(flag: bool, device: Any) -> bool:
+    if not dist_ready():
         return flag
     import torch
     import torch.distributed as dist

@@ -216,8 +216,7 @@ def train(cfg: PretrainConfig, inputs: Inputs, *, checkpoint_dir: Path, main: bo
     from transformers import PrinterCallback, Trainer
 
     from tunery import pretraining as pt
-    from tunery import training
-    from tunery.progress import trainer_callback
+    from tunery.modeling.callbacks import StepProgress, trainer_callbacks
 
     args = trainer_args(cfg, checkpoint_dir)
     model, tok, info, resume = _model_and_resume(cfg, inputs, args, checkpoint_dir, main=main)
@@ -230,8 +229,8 @@ def train(cfg: PretrainConfig, inputs: Inputs, *, checkpoint_dir: Path, main: bo
     )
     features, collate = _data(cfg, tok, inputs.train_texts)
     callbacks = [
-        *training.trainer_callbacks(max_minutes=cfg.train.max_minutes),
-        trainer_callback(f"pretrain {cfg.objective}"),
+        *trainer_callbacks(max_minutes=cfg.train.max_minutes),
+        StepProgress(f"pretrain {cfg.objective}"),
     ]
     if cfg.objective == "mlm" and cfg.mlm.head_warmup_steps:
         callbacks.append(pt.head_warmup(model, cfg.mlm.head_warmup_steps))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunery.data.labelled import Split
 from tunery.modeling.devices import PeakMemory, resolve_device, resolve_precision
-from tunery.training import last_complete_checkpoint, trainer_callbacks, training_args
+from tunery.training import last_complete_checkpoint, training_args
 
 if TYPE_CHECKING:
     from tunery.config import FinetuneConfig
@@ -218,6 +218,7 @@ def train(
     """
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback
 
+    from tunery.modeling.callbacks import trainer_callbacks
     from tunery.modeling.hf_trainer import StepHooks, TokenCounter, TuneryTrainer, WeightedLoss
 
     run = _resolve_run(cfg, method)
