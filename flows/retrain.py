@@ -7,7 +7,6 @@ encoder is re-pretrained only when the `corpus` stage's policy moves the corpus 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from flows.pipeline import pipeline_flow
-from tunery import env, retrain
+from tunery import env, metrics_files, retrain
 from tunery.config import load_params
 from tunery.errors import TuneryError
 
@@ -62,9 +61,8 @@ def measure_drift(root: str) -> dict[str, Any] | TuneryError | None:
 
 
 def _newest(root: Path) -> dict[str, Any]:
-    """The evaluate stage's numbers on the newest data (metrics/evaluate.json)."""
-    path = root / "metrics" / "evaluate.json"
-    return json.loads(path.read_text()).get("newest", {}) if path.is_file() else {}
+    """The evaluate stage's numbers on the newest data."""
+    return (metrics_files.read(root, "evaluate") or {}).get("newest", {})
 
 
 @flow(name="tunery-retrain")

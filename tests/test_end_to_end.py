@@ -38,7 +38,7 @@ def test_pipeline_then_retrain_on_new_data(project, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import retrain_flow
-    from tunery import tracking
+    from tunery import metrics_files, tracking
     from tunery.inference import Predictor
 
     init_repo(project)
@@ -50,6 +50,10 @@ def test_pipeline_then_retrain_on_new_data(project, monkeypatch):
         assert all(r["ran"] for r in first["stages"])
         assert first["registry"]["registered"] and first["registry"]["promoted"]
         assert tracking.alias_version(project, "tunery-classifier", "champion") == "1"
+        for stage in (r["stage"] for r in first["stages"]):  # `dvc metrics show`: headlines only
+            details = metrics_files.read(project, stage)
+            head = json.loads(metrics_files.headline_path(project, stage).read_text())
+            assert head == metrics_files.headline(stage, details) and head["seconds"] > 0, stage
 
         assert retrain_flow(project=str(project))["status"] == "nothing to do"
 

@@ -17,6 +17,7 @@ import yaml
 
 from tests.conftest import REPO, make_rows
 from tests.tiny import make_tiny_encoder
+from tunery import metrics_files
 from tunery.config import PretrainConfig, load_params
 from tunery.errors import EXIT_INPUT, ConfigError, DataValidationError
 
@@ -454,7 +455,7 @@ def test_two_process_ddp_on_cpu(data_dir, tmp_path):
     ]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    metrics = json.loads((root / "metrics" / "pretrain.json").read_text())
+    metrics = metrics_files.read(root, "pretrain")
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
     out = root / params["pretrain"]["out_dir"]
     assert (out / "model.safetensors").is_file()

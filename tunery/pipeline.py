@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from tunery import orphans
+from tunery import metrics_files, orphans
 from tunery.errors import EXIT_FAILED, EXIT_INPUT, TuneryError
 
 log = logging.getLogger("tunery.pipeline")
@@ -389,10 +389,7 @@ def log_lineage(root: Path, run: Any, labelled_path: str) -> dict[str, Any]:
     version = data_version(root, labelled_path)
     if version:
         tags["data_version"] = version
-        rows = None
-        metrics_file = root / "metrics" / "ingest.json"
-        if metrics_file.is_file():
-            rows = json.loads(metrics_file.read_text()).get("rows")
+        rows = (metrics_files.read(root, "ingest") or {}).get("rows")
         run.log_dataset(
             name="raw",
             digest=version,

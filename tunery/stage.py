@@ -1,7 +1,7 @@
 """The shared entry point of every stage (`python -m tasks.<stage>`).
 
 It applies the project's offline settings, parses `params.yaml` once, opens the stage's MLflow run,
-calls the stage's `run()` and writes `metrics/<stage>.json` atomically. A `TuneryError` becomes one
+calls the stage's `run()` and writes its metrics files atomically (tunery/metrics_files.py). A `TuneryError` becomes one
 clear line on stderr and its exit code (3 for bad params or data, 1 otherwise: tunery/errors.py),
 with no metrics written.
 """
@@ -17,10 +17,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tunery import env, journal
+from tunery import env, journal, metrics_files
 from tunery.config import Params, load_params
 from tunery.errors import TuneryError
-from tunery.io import write_json
 
 log = logging.getLogger("tunery")
 
@@ -155,7 +154,7 @@ def _finish(
     numeric = numeric_items("", metrics)
     if not log_outputs(params, root, stage, run, numeric):
         run.log_metrics(numeric)
-    write_json(root / "metrics" / f"{stage}.json", metrics)
+    metrics_files.write(root, stage, metrics)
     return metrics
 
 

@@ -36,6 +36,7 @@ def test_failed_stage_keeps_the_last_good_outputs(project):
         project / "data" / "prepared" / "train.parquet",
         project / "metrics" / "ingest.json",
         project / "metrics" / "prepare.json",
+        project / "reports" / "metrics" / "ingest.json",
         project / "plots" / "prepare" / "lengths.png",
     ]
     before = {p: _digest(p) for p in kept}

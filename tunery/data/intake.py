@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from tunery import metrics_files
 from tunery.config import IngestConfig
 from tunery.data import dataset, files
 from tunery.errors import DataValidationError, TuneryError
@@ -59,12 +60,7 @@ def withdraw(name: str, cfg: IngestConfig, *, root: Path, reason: str) -> dict[s
         raise TuneryError(f"{file}: no such incoming file (taken in: {present or 'none'})")
     if not reason.strip():
         raise TuneryError("withdrawing a file needs --reason (it is recorded)")
-    ingest_metrics = root / "metrics" / "ingest.json"
-    version = (
-        json.loads(ingest_metrics.read_text()).get("data_version")
-        if ingest_metrics.is_file()
-        else None
-    )
+    version = (metrics_files.read(root, "ingest") or {}).get("data_version")
     record = {
         "file": file.name,
         "md5": file_md5(file),
