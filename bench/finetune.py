@@ -96,7 +96,7 @@ def make_encoder(name: str, texts: list[str], workdir: Path, max_length: int) ->
     if name not in ("tiny", "bert-base"):
         return Path(name), Path(name).name
     dest = workdir / name
-    from tunery.models import train_wordpiece
+    from tunery.modeling.factory import train_wordpiece
 
     tok = train_wordpiece(
         texts, vocab_size=8000 if name == "bert-base" else 1000, max_length=max(512, max_length)

@@ -154,8 +154,8 @@ def _cpu_variants(
     args, src: Path, work: Path, cfg: Any, model: Any, tok: Any, calib: Any
 ) -> dict[str, Path]:
     """The ONNX files timed, built with the compress stage's own functions and settings."""
-    from tunery import compression as comp
-    from tunery import onnx_export as ox
+    from tunery.onnx import compress as comp
+    from tunery.onnx import export as ox
 
     ox.export_onnx(model, tok, work / "raw.onnx", opset=17)
     mt, heads, hidden = ox.model_shape(model)
@@ -204,10 +204,10 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunery import compression as comp
-    from tunery import onnx_export as ox
     from tunery.config import load_params
-    from tunery.inference import encode, length_batches
+    from tunery.onnx import compress as comp
+    from tunery.onnx import export as ox
+    from tunery.onnx.runtime import encode, length_batches
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -445,8 +445,8 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
     import torch  # before onnxruntime: its CUDA libraries serve onnxruntime-gpu
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tunery import onnx_export as ox
-    from tunery.inference import create_session
+    from tunery.onnx import export as ox
+    from tunery.onnx.runtime import create_session
 
     torch.backends.cuda.matmul.allow_tf32 = True
     result: dict[str, Any] = {
@@ -646,7 +646,7 @@ def _optimize_variant(raw: Path, dest: Path, config: Any, opts: dict[str, bool])
 
 def ort_variants(args, raw, config, one, many, ref, ref_big, stem: Path, big: int) -> dict:
     """Each ORT fp16 variant measured like the main rows (errors kept, the run goes on)."""
-    from tunery.inference import create_session
+    from tunery.onnx.runtime import create_session
 
     out: dict[str, Any] = {}
     graphs: dict[str, Path] = {"": stem.parent / f"{stem.name}.fp16.onnx"}
@@ -687,7 +687,7 @@ def kernel_profile(path: Path, inputs: dict[str, Any], top: int = 14) -> dict[st
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tunery.inference import create_session
+    from tunery.onnx.runtime import create_session
 
     sess, _ = create_session(path, "cuda")
     run = _ort_fn_factory(sess, 2)(inputs)

@@ -7,8 +7,8 @@ compute, not padding), same batch. Variants, each a fresh model and a fresh `Tra
 - `baseline`: `BertForMaskedLM` + `DataCollatorForLanguageModeling`, `TrainingArguments` left at
   the HF defaults (fp32, the default AdamW) but for batch, steps and no saving/logging.
 - `baseline_bf16`: the same with `bf16=True` (what most people switch on first).
-- `tunery_eager`: the stage's own path: `tunery.training.device_args` (bf16, tf32, fused AdamW)
-  and `tunery.pretraining.use_objective` (MLM head only at masked positions), dataloader workers.
+- `tunery_eager`: the stage's own path: `tunery.modeling.training.device_args` (bf16, tf32, fused AdamW)
+  and `tunery.modeling.objectives.use_objective` (MLM head only at masked positions), dataloader workers.
 - `tunery`: the same with `torch.compile` (the stage's default on CUDA).
 
 Measured: tokens/s over the timed steps (from the end of the warm-up steps to the end of the last
@@ -178,7 +178,8 @@ def run_variant(name: str, a: argparse.Namespace, device: str) -> dict[str, Any]
         set_seed,
     )
 
-    from tunery import pretraining, training
+    from tunery.modeling import objectives as pretraining
+    from tunery.modeling import training
 
     cuda = device == "cuda"
     cfg = model_config(a.model, a.seq, a.dropout)

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tasks.pretrain import run as pretrain_run
     from tunery.config import load_params
     from tunery.data.labelled import load_split, read_labels
-    from tunery.models import resolve_model_ref
+    from tunery.modeling.factory import resolve_model_ref
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -15,8 +15,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tunery import env, pipeline, screen, stage_value
+from tunery import env, screen
 from tunery.config import load_params
+from tunery.evaluation import stage_value
+from tunery.runner import steps as pipeline
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -45,7 +47,7 @@ def run_stage(stage: str, root: str, experiment: str, force: bool = False) -> di
 
 @task(name="register-and-gate", cache_policy=NO_CACHE)
 def register_and_gate(root: str, run: Any) -> dict[str, Any]:
-    from tunery.registration import register_and_gate as step
+    from tunery.registry.registration import register_and_gate as step
 
     return step(Path(root), load_params(Path(root) / "params.yaml"), run)
 

@@ -15,9 +15,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from flows.pipeline import pipeline_flow
-from tunery import env, metrics_files, retrain
+from tunery import env, metrics_files
 from tunery.config import load_params
 from tunery.errors import TuneryError
+from tunery.runner import landing as retrain
 
 
 @task(name="take-in-new-data", cache_policy=NO_CACHE)

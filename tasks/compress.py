@@ -15,7 +15,7 @@ Selection: the fastest variant on `target_provider` whose macro-F1 on val + test
 most `max_f1_drop` below the PyTorch model's (point estimate; a paired bootstrap 95 % interval is
 reported beside it). A dynamic int8 variant over budget first keeps its most sensitive nodes in
 float (`int8.max_fallback_nodes`); a variant whose quantization fails is recorded, not fatal. The
-deployed graph gets `probabilities = Softmax(logits / T)`, T fitted on val (`tunery.calibration`).
+deployed graph gets `probabilities = Softmax(logits / T)`, T fitted on val (`tunery.onnx.calibration`).
 The stage fails, writing nothing, if none qualifies or the target provider is not available here.
 """
 
@@ -41,7 +41,7 @@ def run(
     report_dir: Path,
     plot_path: Path,
 ) -> dict[str, Any]:
-    from tunery import compression as comp
+    from tunery.onnx import compress as comp
 
     setup = vs.load_setup(cfg, finetune_dir=finetune_dir, export_dir=export_dir, data_dir=data_dir)
     singles, groups = vs.bench_inputs(cfg, setup)

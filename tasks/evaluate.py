@@ -11,7 +11,7 @@ Inputs:  `<compress.out_dir>/` (the deployable ONNX model: the compressed, calib
          finetune output dir.
 Outputs: `metrics/evaluate.json` (headline numbers), `<report_dir>/` written atomically:
          `gate.json` (what the promotion gate reads: holdout macro-F1, per-class F1, champion and
-         deltas), `stage_value.{json,md}` (tunery/stage_value.py), `<split>.json` (full report:
+         deltas), `stage_value.{json,md}` (tunery/evaluation/stage_value.py), `<split>.json` (full report:
          confusion matrix, reliability bins, confidently wrong), `<split>_confident_wrong.md`;
          `plots/evaluate/` (confusion and reliability PNGs, and `<split>_predictions.json` for
          `dvc plots` confusion templates).
@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunery import evaluation as ev
-from tunery import stage_value
 from tunery.config import EvaluateConfig, Params
 from tunery.data.labelled import LABELS_FILE, Split, data_labels, load_split
 from tunery.data.split import BASE_ORIGIN_PREFIX
 from tunery.errors import FinetuneError
+from tunery.evaluation import metrics as ev
+from tunery.evaluation import stage_value
 from tunery.io import atomic_dir
 from tunery.modeling import finetune_dir as finetune_folder
 from tunery.modeling.finetune_dir import INFO_FILE, read_arms
@@ -60,7 +60,7 @@ class ServedModel:
     `Predictor` of `tunery predict` and the HTTP server), behind the `LoadedClassifier` calls."""
 
     def __init__(self, ref: str, *, device: str = "cpu", info: dict[str, Any] | None = None):
-        from tunery.inference import Predictor
+        from tunery.onnx.runtime import Predictor
 
         self.predictor = Predictor(ref, device=device)
         self.labels = list(self.predictor.classes)
@@ -80,7 +80,7 @@ class ServedModel:
 
     def uncalibrated_proba(self, texts: list[str]) -> Any:
         """softmax(logits): what the model would serve without its fitted temperature."""
-        from tunery.inference import softmax
+        from tunery.onnx.runtime import softmax
 
         return softmax(self.predictor.logits(texts))
 
@@ -88,7 +88,7 @@ class ServedModel:
 def load_champion(ref: str | None, root: Path) -> tuple[str, Any] | None:
     """The champion as (where, model): a finetune output dir, a deployable ONNX folder, or a
     `models:/name@champion` URI once the registry has registered its resolver with
-    `tunery.inference.register_resolver`."""
+    `tunery.onnx.runtime.register_resolver`."""
     if ref is None:
         return None
     path = Path(ref) if Path(ref).is_absolute() else root / ref

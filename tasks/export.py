@@ -31,9 +31,9 @@ log = logging.getLogger("tunery.export")
 def run(cfg: ExportConfig, *, finetune_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from tunery import compression as comp
-    from tunery import onnx_export as ox
-    from tunery.inference import encode
+    from tunery.onnx import compress as comp
+    from tunery.onnx import export as ox
+    from tunery.onnx.runtime import encode
 
     ft = ox.load_finetuned(finetune_dir)
     model = ox.load_torch_model(ft.merged_dir)

@@ -32,12 +32,12 @@ from typing import Any
 from tunery.config import FinetuneConfig, Params
 from tunery.data.labelled import data_labels, load_split, load_splits
 from tunery.errors import ConfigError, FinetuneError
-from tunery.finetune_arms import BaseArm, Inputs, flat_summary, train_arms
 from tunery.io import atomic_path
 from tunery.modeling import finetune_dir
+from tunery.modeling.arms import BaseArm, Inputs, flat_summary, train_arms
 from tunery.modeling.save import write_finetune
-from tunery.training import drop_resume_points, model_files
-from tunery.training import fingerprint_files as fingerprint
+from tunery.modeling.training import drop_resume_points, model_files
+from tunery.modeling.training import fingerprint_files as fingerprint
 
 log = logging.getLogger("tunery.finetune")
 
@@ -183,7 +183,7 @@ def pretrain_input(params: Params, root: Path) -> BaseArm:
     if pretrain is None:
         return BaseArm(encoder=None, skipped="params.yaml has no pretrain section")
     if pretrain.init == "base":
-        from tunery.models import resolve_model_ref as resolve_base
+        from tunery.modeling.factory import resolve_model_ref as resolve_base
 
         ref = pretrain.base
         local = root / ref
@@ -194,7 +194,7 @@ def pretrain_input(params: Params, root: Path) -> BaseArm:
 def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     cfg = params.finetune
     if cfg.warm_start == "champion":
-        from tunery.registration import champion_finetune_dir
+        from tunery.registry.registration import champion_finetune_dir
 
         champion = champion_finetune_dir(root, params)
         cfg = cfg.model_copy(update={"warm_start": str(champion) if champion else None})

@@ -43,8 +43,8 @@ def run(
     checkpoint_dir: Path,
     plots_dir: Path,
 ) -> dict[str, Any]:
-    from tunery import pretraining as pt
-    from tunery import training
+    from tunery.modeling import objectives as pt
+    from tunery.modeling import training
 
     started = time.perf_counter()
     main = training.is_main_process()
@@ -100,7 +100,7 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tunery import training
+    from tunery.modeling import training
 
     if training.is_main_process():
         from tunery.stage import stage_main
@@ -116,9 +116,10 @@ def _worker(argv: list[str] | None) -> None:
     import argparse
     import sys
 
-    from tunery import env, training
+    from tunery import env
     from tunery.config import load_params
     from tunery.errors import TuneryError
+    from tunery.modeling import training
     from tunery.stage import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m tasks.pretrain")

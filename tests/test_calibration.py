@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tunery import calibration as cal
+from tunery.onnx import calibration as cal
 
 
 def _synthetic(n: int = 4000, classes: int = 4, temperature: float = 2.5, seed: int = 0):

@@ -30,7 +30,7 @@ from tunery.errors import (
     Refused,
     TuneryError,
 )
-from tunery.pipeline import StageFailed
+from tunery.runner.steps import StageFailed
 
 REPO = Path(__file__).resolve().parents[1]
 READS_NO_PARAMS = {"ui"}  # the MLflow UI needs only the store's URI
@@ -299,7 +299,7 @@ def test_models_json_parses(project, monkeypatch, capsys):
 
 
 def test_refused_promotion_is_exit_4(project, monkeypatch, capsys):
-    from tunery import promotion
+    from tunery.registry import promotion
 
     def promote(*args, **kwargs):
         raise Refused("version 3 was rejected by the gate (...)")
@@ -318,9 +318,9 @@ def test_bad_cron_is_one_line_before_anything_starts(project, capsys):
 
 
 def test_predict_checks_files_before_loading_the_model(project, monkeypatch, capsys):
-    import tunery.inference
+    import tunery.onnx.runtime
 
-    monkeypatch.setattr(tunery.inference, "Predictor", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(tunery.onnx.runtime, "Predictor", lambda *a, **k: pytest.fail("loaded"))
     args = ["-o", "out.csv", "--model", "models/deploy"]
     assert run_main(["predict", "missing.csv", *args]) == EXIT_INPUT
     assert "missing.csv: file not found" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_variant_parity_with_pytorch(compressed):
 
 
 def test_each_variant_and_the_deploy_folder_load_on_their_own(compressed):
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     root, metrics, report = compressed
     texts = ["a red animal that lives in the wild", "a warm dish made from rice"]
@@ -97,7 +97,7 @@ def test_each_variant_and_the_deploy_folder_load_on_their_own(compressed):
 
 def test_selected_variant_follows_the_rule(compressed):
     _, _, report = compressed
-    from tunery.compression import select
+    from tunery.onnx.compress import select
 
     best, _ = select(report["variants"], target="cpu", max_f1_drop=0.005, rank_by="throughput")
     assert best == report["selected"]
@@ -113,7 +113,7 @@ def _variant(targets, f1_delta, throughput, p50):
 
 
 def test_selection_rule_fastest_within_budget():
-    from tunery.compression import select
+    from tunery.onnx.compress import select
 
     variants = {
         "fp32": _variant(["cpu", "cuda"], 0.0, 100, 5.0),
@@ -133,7 +133,7 @@ def test_selection_rule_fastest_within_budget():
 
 
 def test_selection_fails_when_nothing_is_within_budget():
-    from tunery.compression import select
+    from tunery.onnx.compress import select
 
     variants = {"int8_dynamic": _variant(["cpu"], -0.1, 300, 2.0)}
     with pytest.raises(TuneryError, match="within compress.max_f1_drop"):
@@ -156,7 +156,7 @@ def test_pruning_keeps_a_plain_smaller_model():
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tunery.compression import prune_ffn
+    from tunery.onnx.compress import prune_ffn
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(
@@ -215,7 +215,7 @@ def _feeds(n: int = 3, seed: int = 0):
 def test_head_pruning_removes_the_least_important_heads_per_layer():
     import torch
 
-    from tunery.compression import prune_heads
+    from tunery.onnx.compress import prune_heads
 
     model, feeds = _bert(), _feeds()
     pruned = prune_heads(model, feeds, 1)
@@ -238,7 +238,7 @@ def test_head_pruning_refit_reproduces_the_attention_output_best():
     """On the calibration tokens, least squares beats the mean shift, which beats no refit."""
     import torch
 
-    from tunery.compression import prune_heads
+    from tunery.onnx.compress import prune_heads
 
     model, feeds = _bert(), _feeds()
 
@@ -269,9 +269,9 @@ def test_build_pruned_exports_a_fused_smaller_graph_matching_pytorch(tmp_path):
     from transformers import AutoTokenizer
 
     from tests.test_export import make_finetune_dir
-    from tunery import onnx_export as ox
-    from tunery.compression import CalibrationReader, build_pruned, prune_ffn, prune_heads
-    from tunery.inference import create_session, encode
+    from tunery.onnx import export as ox
+    from tunery.onnx.compress import CalibrationReader, build_pruned, prune_ffn, prune_heads
+    from tunery.onnx.runtime import create_session, encode
 
     ft = make_finetune_dir(tmp_path, train_steps=3)
     model = ox.load_torch_model(ft / "merged")
@@ -306,7 +306,7 @@ def test_int8_graph_for_cpu_runs_layer_norm_unfused(tmp_path):
 
     from tasks import export
     from tests.test_export import make_data_dir, make_finetune_dir
-    from tunery.compression import plain_layer_norms, quantize_int8_dynamic
+    from tunery.onnx.compress import plain_layer_norms, quantize_int8_dynamic
 
     ft, data = make_finetune_dir(tmp_path, train_steps=3), make_data_dir(tmp_path)
     export.run(ExportConfig(), finetune_dir=ft, data_dir=data, out_dir=tmp_path / "onnx")
@@ -360,7 +360,7 @@ def test_int8_graph_for_cpu_runs_layer_norm_unfused(tmp_path):
 
 
 def test_throughput_batches_are_length_sorted():
-    from tunery.compression import bench_inputs
+    from tunery.onnx.compress import bench_inputs
 
     encoded = [{"input_ids": [1] * n} for n in (9, 2, 7, 3, 8, 1, 5, 4)]
     singles, groups = bench_inputs(encoded, runs=3, batch=3, batches=2)
@@ -387,7 +387,7 @@ def _run_compress(root, tmp_path, cfg):
 def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
     compressed, tmp_path, monkeypatch
 ):
-    from tunery import compression as comp
+    from tunery.onnx import compress as comp
 
     root, _, _ = compressed
     real_runner, real_parity = comp.onnx_runner, comp.parity
@@ -463,7 +463,7 @@ def test_paired_bootstrap_interval():
     import numpy as np
     from sklearn.metrics import f1_score
 
-    from tunery.compression import _macro_f1_weighted, bootstrap_f1_delta
+    from tunery.onnx.compress import _macro_f1_weighted, bootstrap_f1_delta
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 300)
@@ -483,8 +483,8 @@ def test_deployed_graph_serves_calibrated_probabilities(compressed):
     import numpy as np
     import onnxruntime as ort
 
-    from tunery.calibration import probabilities
-    from tunery.inference import Predictor
+    from tunery.onnx.calibration import probabilities
+    from tunery.onnx.runtime import Predictor
 
     root, metrics, report = compressed
     manifest = json.loads((root / "deploy" / "tunery_model.json").read_text())
@@ -556,8 +556,8 @@ def _float_weight_nodes(path) -> int:
 @pytest.mark.parametrize("cap, ok", [(8, True), (1, False)])
 def test_int8_fallback_keeps_sensitive_nodes_in_float(compressed, tmp_path, monkeypatch, cap, ok):
     """A parity that costs 2 points unless >= 2 more nodes than plain int8 run in float."""
-    from tunery import compression as comp
     from tunery.config import Int8Config
+    from tunery.onnx import compress as comp
 
     root, _, _ = compressed
     plain = tmp_path / "plain.onnx"
@@ -605,7 +605,7 @@ def test_int8_fallback_keeps_sensitive_nodes_in_float(compressed, tmp_path, monk
 
 
 def test_a_failing_quantization_is_recorded_not_fatal(compressed, tmp_path, monkeypatch):
-    from tunery import compression as comp
+    from tunery.onnx import compress as comp
 
     def broken(*_a, **_k):
         raise RuntimeError("Unsupported operator: NotAnOp")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_rows
-from tunery import drift
 from tunery.errors import TuneryError
+from tunery.evaluation import drift
 
 
 def test_same_distribution_scores_about_half_and_a_shift_scores_near_one():

@@ -22,14 +22,14 @@ RUNS_NOT_DECIDES = {
     "tunery.env",
     "tunery.errors",
     "tunery.io",
-    "tunery.journal",
+    "tunery.runner.journal",
     "tunery.progress",
     "tunery.screen",
     "tunery.stage",
     "tunery.tracking",
-    "tunery.registration",
-    "tunery.promotion",
-    "tunery.gate",
+    "tunery.registry.registration",
+    "tunery.registry.promotion",
+    "tunery.registry.gate",
 }
 
 

@@ -39,7 +39,7 @@ def test_pipeline_then_retrain_on_new_data(project, monkeypatch):
 
     from flows.retrain import retrain_flow
     from tunery import metrics_files, tracking
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     init_repo(project)
     tiny_params(project)

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tunery import evaluation as ev
 from tunery.config import EvaluateConfig, FinetuneConfig
 from tunery.errors import DataValidationError, TuneryError
+from tunery.evaluation import metrics as ev
 
 LABELS = ["a", "b", "c"]
 # Seven predictions, worked out by hand below. Confidences stay off bin edges (float32 safe).
@@ -315,7 +315,7 @@ def test_stage_value_table_from_the_stage(trained, tmp_path):
 
 
 def test_stage_value_rows_deltas_and_verdicts():
-    from tunery import stage_value as sv
+    from tunery.evaluation import stage_value as sv
 
     arm = {"train_seconds": 10.0, "trainable_share": 0.01, "params": 22_000_000}
     arms = {

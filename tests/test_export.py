@@ -123,7 +123,7 @@ def test_export_writes_a_checked_optimized_deployable_folder(exported):
 
 
 def test_exported_model_runs_at_other_batch_and_sequence_sizes(exported):
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     root, _ = exported
     p = Predictor(root / "onnx", device="cpu", batch_size=3)
@@ -167,7 +167,7 @@ def test_external_data_outside_the_folder_is_refused(exported, tmp_path):
 
     import onnx
 
-    from tunery import onnx_export as ox
+    from tunery.onnx import export as ox
 
     root, _ = exported
     folder = tmp_path / "m"
@@ -188,7 +188,7 @@ def test_external_data_outside_the_folder_is_refused(exported, tmp_path):
 def test_external_data_inside_the_folder_is_accepted(exported, tmp_path):
     import onnx
 
-    from tunery import onnx_export as ox
+    from tunery.onnx import export as ox
 
     root, _ = exported
     model = onnx.load(root / "onnx" / "model.onnx")
@@ -202,7 +202,7 @@ def test_last_layer_runs_on_the_first_token_only(exported, tmp_path):
     """The classifier reads token 0: the last layer's tail is sliced to it, logits unchanged."""
     import onnx
 
-    from tunery import onnx_export as ox
+    from tunery.onnx import export as ox
 
     root, metrics = exported
     assert metrics["fused_operators"]["ClsOnlyTail"] >= 4  # O-proj, 2 layer norms, FFN
@@ -223,7 +223,7 @@ def test_last_layer_runs_on_the_first_token_only(exported, tmp_path):
 
 def _run_padded_batch(paths, padded):
     """Each model's first output on 4 random 9-token texts; `padded`: row -> tokens kept."""
-    from tunery.inference import create_session
+    from tunery.onnx.runtime import create_session
 
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 100, (4, 9)).astype(np.int64)
@@ -271,7 +271,7 @@ def _graph(tail: str):
 def test_cls_only_tail_only_where_token_zero_is_all_that_is_read():
     import onnxruntime as ort
 
-    from tunery.onnx_export import cls_only_tail
+    from tunery.onnx.export import cls_only_tail
 
     x = np.random.default_rng(1).normal(size=(2, 5, 4)).astype(np.float32)
 
@@ -293,7 +293,7 @@ def test_cls_only_tail_only_where_token_zero_is_all_that_is_read():
 def test_pack_tokens_skips_the_padding_with_the_same_logits(exported, tmp_path):
     import onnx
 
-    from tunery.onnx_export import pack_tokens
+    from tunery.onnx.export import pack_tokens
 
     root, _ = exported
     model = onnx.load(root / "onnx" / "model.onnx")

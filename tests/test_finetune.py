@@ -17,7 +17,7 @@ from tunery.errors import EXIT_INPUT, DataValidationError, FinetuneError
 from tunery.modeling.methods import build_model
 from tunery.modeling.predict import load_classifier
 from tunery.modeling.trainer import class_weight_vector
-from tunery.training import last_complete_checkpoint
+from tunery.modeling.training import last_complete_checkpoint
 
 LABELS = ["animal", "food", "tool"]
 
@@ -298,7 +298,7 @@ def test_class_weights_by_hand():
 
 
 def test_last_complete_checkpoint(tmp_path):
-    from tunery.training import write_marker
+    from tunery.modeling.training import write_marker
 
     assert last_complete_checkpoint(tmp_path / "none") is None
     for step, complete in ((5, True), (10, True), (15, False)):
@@ -311,7 +311,7 @@ def test_last_complete_checkpoint(tmp_path):
 
 
 def test_finished_stage_drops_every_resume_point_and_nothing_else(tmp_path):
-    from tunery.training import drop_resume_points
+    from tunery.modeling.training import drop_resume_points
 
     assert drop_resume_points(tmp_path / "none") == []
     for key in ("0123456789abcdef", "fedcba9876543210"):  # this run's and an abandoned one's

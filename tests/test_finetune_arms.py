@@ -11,7 +11,7 @@ import pytest
 
 from tests.test_finetune import LABELS, run, small_cfg, write_splits
 from tunery.errors import FinetuneError
-from tunery.finetune_arms import BaseArm, pretrain_gate
+from tunery.modeling.arms import BaseArm, pretrain_gate
 from tunery.modeling.finetune_dir import ARM_ORDER, ARMS_FILE, read_arms, write_arms
 from tunery.modeling.methods import build_model
 from tunery.modeling.predict import load_classifier
@@ -56,7 +56,7 @@ def arms_cfg(**kw):
 
 def rig_val_scores(monkeypatch, scores: dict[str, float]) -> None:
     """Make the base (init random or the other encoder) or pipeline arm win the gate on val."""
-    from tunery import finetune_arms
+    from tunery.modeling import arms as finetune_arms
 
     real = finetune_arms.train_variant
 

@@ -90,7 +90,7 @@ def test_transient_failure_is_retried(project, harness, monkeypatch):
 
 def test_bad_input_is_not_retried(project, harness, monkeypatch):
     from flows.pipeline import pipeline_flow
-    from tunery.pipeline import StageFailed
+    from tunery.runner.steps import StageFailed
 
     init_repo(project)
     bad = make_rows(10)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from tunery.config import RegistryConfig
-from tunery.gate import decide
+from tunery.registry.gate import decide
 
 CFG = RegistryConfig(min_delta=0.01, max_class_drop=0.05, floor_macro_f1=0.6)
 

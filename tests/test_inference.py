@@ -68,7 +68,7 @@ def test_import_tunery_stays_cheap():
 def test_cuda_requested_but_absent_refuses_to_start(model_dir):
     import onnxruntime as ort
 
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has the CUDA provider")
@@ -80,7 +80,7 @@ def test_cuda_provider_listed_but_unusable_refuses(model_dir, monkeypatch):
     """A CUDA provider that cannot take the graph must fail, never fall back to CPU silently."""
     import onnxruntime as ort
 
-    from tunery import inference
+    from tunery.onnx import runtime as inference
 
     monkeypatch.setattr(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -101,7 +101,7 @@ def test_cuda_provider_listed_but_unusable_refuses(model_dir, monkeypatch):
 
 
 def test_auto_logs_its_choice(model_dir, caplog):
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     with caplog.at_level("INFO", logger="tunery.inference"):
         p = Predictor(model_dir, device="auto")
@@ -110,14 +110,14 @@ def test_auto_logs_its_choice(model_dir, caplog):
 
 
 def test_unknown_device_is_refused(model_dir):
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     with pytest.raises(TuneryError, match="device 'tpu'"):
         Predictor(model_dir, device="tpu")
 
 
 def test_only_project_model_folders_load(model_dir, tmp_path):
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -137,7 +137,7 @@ def test_only_project_model_folders_load(model_dir, tmp_path):
 
 
 def test_registry_uris_need_a_resolver(model_dir, monkeypatch):
-    from tunery import inference
+    from tunery.onnx import runtime as inference
 
     monkeypatch.setattr(inference, "_RESOLVERS", {})
     monkeypatch.setattr(inference, "PLUGINS", {})  # not even the registry's
@@ -149,7 +149,7 @@ def test_registry_uris_need_a_resolver(model_dir, monkeypatch):
 
 
 def test_length_batches_sort_and_pad():
-    from tunery.inference import length_batches
+    from tunery.onnx.runtime import length_batches
 
     encoded = [{"input_ids": [1] * n, "attention_mask": [1] * n} for n in (5, 2, 9, 3)]
     batches = list(
@@ -165,7 +165,7 @@ def test_length_batches_sort_and_pad():
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_cli_predict_scores_a_file(model_dir, tmp_path, suffix):
     from tunery.cli import main
-    from tunery.inference import read_table, write_table
+    from tunery.onnx.runtime import read_table, write_table
 
     src, dest = tmp_path / f"in{suffix}", tmp_path / f"out{suffix}"
     write_table(pd.DataFrame({"id": [1, 2, 3], "body": TEXTS}), src)
@@ -220,7 +220,7 @@ def test_cli_predict_bad_input_is_a_clear_error(model_dir, tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_cuda_session_really_runs_on_cuda(model_dir, reference):
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     p = Predictor(model_dir, device="cuda")
     assert p.provider == "CUDAExecutionProvider"
@@ -230,8 +230,8 @@ def test_cuda_session_really_runs_on_cuda(model_dir, reference):
 
 @pytest.mark.gpu
 def test_cuda_fp16_variant_matches_pytorch(model_dir, reference, tmp_path):
-    from tunery import onnx_export as ox
-    from tunery.inference import Predictor
+    from tunery.onnx import export as ox
+    from tunery.onnx.runtime import Predictor
 
     dest = tmp_path / "fp16"
     dest.mkdir()
@@ -269,9 +269,9 @@ def test_predictor_serves_the_calibrated_output_when_the_graph_has_it(model_dir,
     """A folder whose graph has `probabilities` (compress): served as is; older ones: softmax."""
     from transformers import AutoTokenizer
 
-    from tunery import onnx_export as ox
-    from tunery.calibration import add_probabilities, probabilities
-    from tunery.inference import Predictor
+    from tunery.onnx import export as ox
+    from tunery.onnx.calibration import add_probabilities, probabilities
+    from tunery.onnx.runtime import Predictor
 
     add_probabilities(model_dir / "model.onnx", tmp_path / "cal.onnx", 3.0)
     dest = tmp_path / "calibrated"

@@ -1,5 +1,5 @@
 """Streamed stage tracking: a stage's metrics reach its MLflow run while it runs, and the run
-keeps the stage's own start and end times (tunery/journal.py, tunery.pipeline.LiveStageRun)."""
+keeps the stage's own start and end times (tunery/runner/journal.py, tunery.runner.steps.LiveStageRun)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from tunery import journal, pipeline, tracking
+from tunery import tracking
+from tunery.runner import journal
+from tunery.runner import steps as pipeline
 
 
 def wait_for(fn, timeout: float = 15.0):

@@ -22,9 +22,10 @@ import pytest
 
 from tests.test_export import make_data_dir, make_finetune_dir
 from tests.test_mlflow_server import QUIET_ENV, Proc, free_port, http_ok, wait_until
-from tunery import mlflow_model, promotion, tracking
+from tunery import mlflow_model, tracking
 from tunery.config import ExportConfig
 from tunery.errors import TuneryError
+from tunery.registry import promotion
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,7 +58,7 @@ def champion(registry, monkeypatch):
 
 
 def test_the_champion_takes_text_like_the_predictor(registry, champion):
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     local = Predictor(registry["root"] / "deploy", device="cpu").predict(TEXTS)
     got = champion.predict(pd.DataFrame({"text": TEXTS}))
@@ -118,7 +119,7 @@ def test_a_model_that_is_not_tunerys_is_refused(registry, monkeypatch, tmp_path)
     """A registered model without Tunery's deployable folder: a clear error, not a KeyError."""
     import mlflow
 
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     root = registry["root"]
     monkeypatch.chdir(root)

@@ -36,8 +36,10 @@ import pytest
 import yaml
 
 from tests.test_registry import stage_deployable
-from tunery import mlflow_model, pipeline, promotion, registration, tracking
+from tunery import mlflow_model, tracking
 from tunery.config import load_params
+from tunery.registry import promotion, registration
+from tunery.runner import steps as pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -471,7 +473,7 @@ def exported(tmp_path_factory) -> Path:
 def test_registry_only_predictor_through_the_server(use_server, exported, tmp_path, monkeypatch):
     import numpy as np
 
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     root = make_project(tmp_path, "srv-predict", "clf")
     with tracking.stage_run(root, "srv-predict", "register", {}) as run:

@@ -134,7 +134,7 @@ def _worker_project(tmp_path):
 def test_dvc_worker_runs_dvc_streams_output_and_survives_failures(tmp_path, monkeypatch):
     import os
 
-    from tunery import pipeline
+    from tunery.runner import steps as pipeline
 
     root = _worker_project(tmp_path)
     monkeypatch.delenv("TUNERY_X", raising=False)
@@ -164,7 +164,7 @@ def test_dvc_worker_runs_dvc_streams_output_and_survives_failures(tmp_path, monk
 
 
 def test_dvc_worker_is_stopped_with_its_stage_when_the_caller_gives_up(tmp_path):
-    from tunery import pipeline
+    from tunery.runner import steps as pipeline
 
     root = _worker_project(tmp_path)
     stage = {

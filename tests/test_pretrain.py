@@ -110,7 +110,7 @@ def test_sparse_mlm_head_gives_the_full_heads_loss():
 
     from transformers import BertConfig, BertForMaskedLM
 
-    from tunery import pretraining as pt
+    from tunery.modeling import objectives as pt
 
     torch.manual_seed(0)
     cfg = BertConfig(
@@ -193,7 +193,7 @@ def test_mlm_from_a_base_without_head_warms_a_fresh_head_up_first(data_dir, tmp_
 
 
 def test_mlm_on_a_base_without_head_and_no_warmup_is_refused(data_dir, tmp_path):
-    from tunery.models import ModelError
+    from tunery.modeling.factory import ModelError
 
     bare = headless_base(tmp_path)
     with pytest.raises(ModelError, match=r"\[no_mlm_head\].*pretrain.mlm.head_warmup_steps"):
@@ -204,7 +204,7 @@ def test_mlm_on_a_base_without_head_and_no_warmup_is_refused(data_dir, tmp_path)
 def test_simcse_deletion_view_gives_a_loss_and_moves_the_weights(tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from tunery import pretraining as pt
+    from tunery.modeling import objectives as pt
 
     base = make_tiny_encoder(tmp_path / "base")
     tok = AutoTokenizer.from_pretrained(base)
@@ -228,8 +228,8 @@ def test_simcse_deletion_view_gives_a_loss_and_moves_the_weights(tmp_path):
 
 
 def test_whole_word_masking_masks_all_pieces_of_a_word():
-    from tunery import models
-    from tunery import pretraining as pt
+    from tunery.modeling import factory as models
+    from tunery.modeling import objectives as pt
 
     texts = make_rows(30)["text"].tolist()
     tok = models.train_wordpiece(texts, vocab_size=120, max_length=32)
@@ -307,7 +307,7 @@ def test_compile_settings_do_not_stop_a_resume_but_an_unknown_mode_is_refused(tm
 
 
 def test_a_corrupted_checkpoint_is_a_clear_error(data_dir, tmp_path):
-    from tunery.training import CheckpointError
+    from tunery.modeling.training import CheckpointError
 
     run_stage(tiny_cfg(), data_dir, tmp_path)
     shutil.rmtree(tmp_path / "encoder")
@@ -343,7 +343,7 @@ def test_wall_clock_budget_stops_and_keeps_a_checkpoint(data_dir, tmp_path):
 def test_probe_separates_informative_from_random_embeddings():
     import numpy as np
 
-    from tunery.pretraining import probe
+    from tunery.modeling.objectives import probe
 
     rng = np.random.default_rng(0)
     y = ["a", "b", "c"] * 40
@@ -372,7 +372,7 @@ def test_corpus_smaller_than_one_batch(data_dir, tmp_path):
 
 
 def test_base_that_is_not_a_model(data_dir, tmp_path):
-    from tunery.models import ModelError
+    from tunery.modeling.factory import ModelError
 
     notmodel = tmp_path / "notmodel"
     notmodel.mkdir()
@@ -383,8 +383,8 @@ def test_base_that_is_not_a_model(data_dir, tmp_path):
 
 
 def test_tokenizer_that_does_not_match_the_model(data_dir, tmp_path):
-    from tunery import models
-    from tunery.models import ModelError
+    from tunery.modeling import factory as models
+    from tunery.modeling.factory import ModelError
 
     base = make_tiny_encoder(tmp_path / "base", vocab_size=120)
     big = models.train_wordpiece(make_rows(200)["text"].tolist() * 3, vocab_size=400, max_length=32)
@@ -470,7 +470,7 @@ def test_tf32_set_by_trainingarguments_leaves_both_torch_apis_readable():
     # legacy and new APIs" on the H100. A fresh process: these are process-wide torch settings.
     code = (
         "import torch\n"
-        "from tunery.training import agree_tf32_settings\n"
+        "from tunery.modeling.training import agree_tf32_settings\n"
         "torch.backends.fp32_precision = 'tf32'  # what enable_tf32(True) does on torch >= 2.9\n"
         "agree_tf32_settings()\n"
         "print(torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision(),"

@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tunery import mlflow_model, promotion, registration, tracking
+from tunery import mlflow_model, tracking
 from tunery.config import load_params
 from tunery.errors import TuneryError
-from tunery.registry import gate_report
+from tunery.registry import gate_report, promotion, registration
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_registry_only_predictor_matches_the_local_folder(tmp_path, params, monk
     from tasks import export
     from tests.test_export import make_data_dir, make_finetune_dir
     from tunery.config import ExportConfig
-    from tunery.inference import Predictor
+    from tunery.onnx.runtime import Predictor
 
     ft, data = make_finetune_dir(tmp_path), make_data_dir(tmp_path)
     export.run(ExportConfig(), finetune_dir=ft, data_dir=data, out_dir=tmp_path / "deploy")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunery.retrain import Busy, exclusive
+from tunery.runner.landing import Busy, exclusive
 
 
 def test_a_second_retrain_is_refused_while_one_runs(tmp_path):

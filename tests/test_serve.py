@@ -13,8 +13,8 @@ def client(tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from tasks import export
-    from tunery.inference import Predictor
-    from tunery.serve import create_app
+    from tunery.onnx.http import create_app
+    from tunery.onnx.runtime import Predictor
 
     root = tmp_path_factory.mktemp("serve")
     ft, data = make_finetune_dir(root), make_data_dir(root)
@@ -81,6 +81,6 @@ def test_default_bind_is_localhost():
 
     args = build_parser().parse_args(["serve-model"])
     assert args.host == "127.0.0.1"
-    from tunery.serve import DEFAULT_HOST
+    from tunery.onnx.http import DEFAULT_HOST
 
     assert DEFAULT_HOST == "127.0.0.1"

@@ -14,7 +14,7 @@ def make_tiny_encoder(
     import torch
     from transformers import BertForMaskedLM
 
-    from tunery.models import scratch_config, train_wordpiece
+    from tunery.modeling.factory import scratch_config, train_wordpiece
 
     tokenizer = train_wordpiece(
         make_rows(60)["text"].tolist(), vocab_size=vocab_size, max_length=64

@@ -11,7 +11,7 @@ __all__ = ["Predictor", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy: `import tunery` stays cheap (no transformers/onnxruntime until a Predictor is asked for).
     if name == "Predictor":
-        from tunery.inference import Predictor
+        from tunery.onnx.runtime import Predictor
 
         return Predictor
     raise AttributeError(f"module 'tunery' has no attribute {name!r}")

@@ -175,7 +175,7 @@ def _stores(root: Path, params: Any) -> dict[str, str]:
 
 
 def cmd_check(args: argparse.Namespace, root: Path) -> int:
-    from tunery.pipeline import stage_names
+    from tunery.runner.steps import stage_names
 
     params = _load(args, root)
     source = _check_source(params, root)
@@ -238,7 +238,7 @@ def _start_flow_services(root: Path, params) -> Any:
     stage; side by side ~7 s (see flows/server.py). Returns the server (None: one is named)."""
     from flows.server import start_temporary_server
     from tunery import tracking
-    from tunery.pipeline import start_dvc_worker
+    from tunery.runner.steps import start_dvc_worker
 
     server = start_temporary_server()
     start_dvc_worker(root)
@@ -247,7 +247,7 @@ def _start_flow_services(root: Path, params) -> Any:
 
 
 def _check_stage_names(root: Path, stages: list[str]) -> None:
-    from tunery.pipeline import stage_names
+    from tunery.runner.steps import stage_names
 
     known = stage_names(root)
     unknown = [s for s in stages if s not in known]
@@ -321,7 +321,7 @@ def _next_commands(params: Any, gate: dict[str, Any]) -> list[dict[str, str]]:
 def _summary(root: Path, params: Any, result: dict[str, Any], partial: bool) -> dict[str, Any]:
     """The end of a run as data: gate decision, where the results are, what to do next. Every
     path comes from params.yaml or dvc.yaml."""
-    from tunery import stage_value
+    from tunery.evaluation import stage_value
 
     report_dir = params.evaluate.report_dir
     gate = _gate(result.get("registry"), params, partial)
@@ -342,7 +342,7 @@ def _summary(root: Path, params: Any, result: dict[str, Any], partial: bool) -> 
 
 def _print_stage_value(root: Path, params: Any) -> None:
     """The evaluate stage's table of what each stage bought (reports/evaluate/stage_value.md)."""
-    from tunery import stage_value
+    from tunery.evaluation import stage_value
 
     report_dir = root / params.evaluate.report_dir
     table = stage_value.read(report_dir)
@@ -510,7 +510,7 @@ def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
     if args.allow_new_labels:
         cfg = cfg.model_copy(update={"allow_new_labels": True})
     dest = add_file(Path(args.path), cfg, root=root)
-    from tunery.pipeline import dvc_command
+    from tunery.runner.steps import dvc_command
 
     dvc_command(root, "add", str(dest.relative_to(root)))
     if args.push:
@@ -523,7 +523,7 @@ def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
 
 def cmd_data_withdraw(args: argparse.Namespace, root: Path) -> int:
     from tunery.data.intake import WITHDRAWN_LOG, withdraw
-    from tunery.pipeline import dvc_command
+    from tunery.runner.steps import dvc_command
 
     params = _load(args, root)
     record = withdraw(args.name, params.ingest, root=root, reason=args.reason)
@@ -585,7 +585,7 @@ def cmd_models(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_promote(args: argparse.Namespace, root: Path) -> int:
-    from tunery import promotion
+    from tunery.registry import promotion
 
     record = promotion.promote(root, _load(args, root), args.version, args.reason, force=args.force)
     forced = " (forced past the gate's rejection)" if record.get("forced") else ""
@@ -594,7 +594,7 @@ def cmd_promote(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, root: Path) -> int:
-    from tunery import promotion
+    from tunery.registry import promotion
 
     record = promotion.rollback(root, _load(args, root), args.reason)
     print(f"champion rolled back: version {record['from']} -> {record['to']} ({record['reason']})")
@@ -602,7 +602,7 @@ def cmd_rollback(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_demo_shard(args: argparse.Namespace, root: Path) -> int:
-    from tunery.retrain import release_demo_shard
+    from tunery.runner.landing import release_demo_shard
 
     dest = release_demo_shard(root, _load(args, root), args.per_class)
     print(f"released {dest.relative_to(root)}; `tunery retrain` takes it in")
@@ -635,7 +635,7 @@ def cmd_ui(args: argparse.Namespace, root: Path) -> int:
         "(their LoggedModels); the registry is under Models (README: 'MLflow')."
     )
     from tunery.orphans import run_in_group
-    from tunery.pipeline import tool_env
+    from tunery.runner.steps import tool_env
 
     # Its own process group, signals forwarded: a SIGTERM leaves no server or worker behind.
     return run_in_group("mlflow", args_, cwd=str(root), env=tool_env())
@@ -653,8 +653,9 @@ def _model_source(model: str, root: Path, params: Any = None) -> str:
     """A model URI (`models:/name@alias`) as given; a relative folder against the project root;
     `champion`: the registry champion of this project's `registry.model_name`."""
     if model == CHAMPION_MODEL:
-        from tunery import promotion, tracking
+        from tunery import tracking
         from tunery.config import load_params
+        from tunery.registry import promotion
         from tunery.registry.refs import alias_uri
 
         if params is None:
@@ -713,7 +714,7 @@ def cmd_predict(args: argparse.Namespace, root: Path) -> int:
     src, dest = Path(args.input), Path(args.output)
     _check_predict_files(src, dest, args.text_column)
     model = _model_source(args.model, root, _load(args, root))
-    from tunery.inference import Predictor, predict_file
+    from tunery.onnx.runtime import Predictor, predict_file
 
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
     log.info("model %s: variant %s on %s", model, predictor.metadata["variant"], predictor.provider)
@@ -730,8 +731,8 @@ def cmd_predict(args: argparse.Namespace, root: Path) -> int:
 
 def cmd_serve_model(args: argparse.Namespace, root: Path) -> int:
     model = _model_source(args.model, root, _load(args, root))
-    from tunery.inference import Predictor
-    from tunery.serve import serve
+    from tunery.onnx.http import serve
+    from tunery.onnx.runtime import Predictor
 
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
     serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch)

@@ -477,7 +477,7 @@ class CorpusConfig(Section):
 
 # --------------------------------------------------------------------------- retrain
 class DriftConfig(Section):
-    """Drift of landed data vs the training split, with the pipeline's encoder (tunery/drift.py)."""
+    """Drift of landed data vs the training split, with the pipeline's encoder (tunery/evaluation/drift.py)."""
 
     enabled: bool = True  # measure and log it whenever new data lands (needs a trained encoder)
     # A trigger condition: retrain only when the domain-classifier AUC reaches this; below it the

@@ -4,7 +4,7 @@ The second of the two modules that import `mlflow` (with `tunery.tracking`, whic
 store and the registry's aliases). This one owns the MLflow model folder of a Tunery model:
 
     MLmodel, python_model.py         a pyfunc written from code (`mlflow_model_code.py`): no pickle
-    artifacts/deploy/                the deployable ONNX folder, exactly as `tunery.inference` reads it
+    artifacts/deploy/                the deployable ONNX folder, exactly as `tunery.onnx.runtime` reads it
     artifacts/finetune/              the fine-tune's adapter, labels and info (for warm starts)
     input_example.json, requirements.txt, ...
 
@@ -31,9 +31,10 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from tunery import inference, tracking
+from tunery import tracking
 from tunery.errors import TuneryError
 from tunery.modeling import finetune_dir as finetune_folder
+from tunery.onnx import runtime as inference
 from tunery.registry import refs
 
 log = logging.getLogger("tunery.mlflow_model")
@@ -182,7 +183,7 @@ def log_deployable(
     import pandas as pd
 
     example = pd.DataFrame({inference.TEXT_COLUMN: list(example_texts or EXAMPLE_TEXTS)[:3]})
-    from tunery.onnx_export import deployable_files
+    from tunery.onnx.export import deployable_files
 
     with _staged({DEPLOY: deploy_dir}, deployable_files(deploy_dir)) as staged:
         info = tracking.retry_locked(
@@ -287,7 +288,7 @@ def version_model_id(mv: Any) -> str | None:
 def deploy_folder(downloaded: Path, uri: str) -> Path:
     """The deployable folder inside a downloaded registry version (`artifacts/deploy/`; versions
     registered before the pyfunc kept it at the top); a TuneryError for anything else."""
-    from tunery.onnx_export import MANIFEST_FILE
+    from tunery.onnx.export import MANIFEST_FILE
 
     for folder in (Path(downloaded) / "artifacts" / DEPLOY, Path(downloaded)):
         if (folder / MANIFEST_FILE).is_file():

@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tunery import env, journal, metrics_files
+from tunery import env, metrics_files
 from tunery.config import Params, load_params
 from tunery.errors import TuneryError
+from tunery.runner import journal
 
 log = logging.getLogger("tunery")
 

@@ -346,7 +346,7 @@ def open_stage_run(
 ) -> Run:
     """A stage's child run started at `start` (epoch s), active in this thread until `close_run`.
 
-    For stages whose calls stream in from another process (tunery/journal.py): the run keeps the
+    For stages whose calls stream in from another process (tunery/runner/journal.py): the run keeps the
     stage's own start time, not the moment the flow saw its first line.
     """
     exp_id = setup(root, experiment)

@@ -10,7 +10,7 @@
 
 The modality seam (text today, images next): data source (`tunery.data`) -> processor (the
 tokenizer, `AutoTokenizer` of the encoder) -> model factory (`methods.load_base`) -> ONNX inputs
-(`tunery.onnx_export.input_names_for`) -> predictor inputs (`tunery.inference.Predictor`).
+(`tunery.onnx.export.input_names_for`) -> predictor inputs (`tunery.onnx.runtime.Predictor`).
 A second modality brings its own processor and factory at these points; the stages, tracking,
 registry and flows stay as they are (see `tunery.modality`).
 """

@@ -12,8 +12,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tunery.modeling.training import any_rank, barrier, dist_ready, write_marker
 from tunery.progress import Progress
-from tunery.training import any_rank, barrier, dist_ready, write_marker
 
 log = logging.getLogger("tunery.training")
 

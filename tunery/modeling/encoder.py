@@ -25,7 +25,7 @@ log = logging.getLogger("tunery.pretrain")
 
 def build_tokenizer(cfg: PretrainConfig, texts: list[str], folder: Path, *, main: bool) -> Any:
     """Scratch: the corpus WordPiece, trained once and kept beside the checkpoints; base: its own."""
-    from tunery import models
+    from tunery.modeling import factory as models
 
     if cfg.init == "base":
         return None
@@ -46,7 +46,7 @@ def build_encoder(cfg: PretrainConfig, tok: Any, *, head: str) -> tuple[Any, Any
     """(model with `head`, tokenizer, info) for the configured initialisation."""
     from transformers import AutoModel, AutoModelForMaskedLM, set_seed
 
-    from tunery import models
+    from tunery.modeling import factory as models
 
     set_seed(cfg.train.seed)
     if cfg.init == "base":
@@ -72,7 +72,7 @@ def build_encoder(cfg: PretrainConfig, tok: Any, *, head: str) -> tuple[Any, Any
 
 def check_fresh_head(cfg: PretrainConfig, new_weights: list[str]) -> None:
     """MLM through a random head with the encoder trained from step 0 only damages the base."""
-    from tunery.models import ModelError
+    from tunery.modeling.factory import ModelError
 
     if cfg.mlm.head_warmup_steps == 0:
         raise ModelError(
@@ -85,7 +85,7 @@ def check_fresh_head(cfg: PretrainConfig, new_weights: list[str]) -> None:
 
 
 def scratch_model_config(cfg: PretrainConfig, tok: Any) -> Any:
-    from tunery import models
+    from tunery.modeling import factory as models
 
     s = cfg.scratch
     return models.scratch_config(
@@ -115,8 +115,8 @@ def check_output(folder: Path, model: Any, tok: Any, *, texts: list[str], max_le
     import numpy as np
     from transformers import AutoModel, AutoTokenizer
 
-    from tunery import pretraining as pt
-    from tunery.models import ModelError
+    from tunery.modeling import objectives as pt
+    from tunery.modeling.factory import ModelError
 
     reloaded = AutoModel.from_pretrained(folder).to(next(model.parameters()).device)
     rtok = AutoTokenizer.from_pretrained(folder)
@@ -142,7 +142,7 @@ def write_encoder(
         tok.save_pretrained(tmp)
         check_output(tmp, model, tok, texts=check_texts, max_length=cfg.max_length)
         if cfg.init == "base":
-            from tunery.models import carry_base_tensors
+            from tunery.modeling.factory import carry_base_tensors
 
             carried = carry_base_tensors(tmp, cfg.base, f"{model.base_model_prefix}.")
             if carried:

@@ -1,6 +1,6 @@
 """Predictions from a PyTorch classifier, and a finetune output loaded to predict.
 
-The ONNX side (what is deployed and served) is `tunery.inference`; this is the reference it is
+The ONNX side (what is deployed and served) is `tunery.onnx.runtime`; this is the reference it is
 checked against, and what scores the arms.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 from tunery.errors import FinetuneError
 from tunery.modeling import finetune_dir
 from tunery.modeling.methods import load_base, quiet_transformers
-from tunery.training import fingerprint_files as fingerprint
-from tunery.training import length_sorted_batches, model_files
+from tunery.modeling.training import fingerprint_files as fingerprint
+from tunery.modeling.training import length_sorted_batches, model_files
 
 
 def predict_proba(

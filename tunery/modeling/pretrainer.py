@@ -1,6 +1,6 @@
 """The pretraining loop: the corpus in, `transformers.Trainer` on an objective (MLM or SimCSE), the
 held-out loss and the probe out. The stage (`tasks/pretrain.py`) wires these; the encoder is
-built and written by `tunery.modeling.encoder`, the objectives live in `tunery.pretraining`.
+built and written by `tunery.modeling.encoder`, the objectives live in `tunery.modeling.objectives`.
 
 It runs unchanged under `torchrun` (DDP; rank 0 evaluates, writes and logs).
 """
@@ -71,7 +71,7 @@ def split_heldout(texts: list[str], cfg: PretrainConfig) -> tuple[list[str], lis
 
 def resume_fingerprint(cfg: PretrainConfig, corpus_md5: str) -> str:
     """What a checkpoint must share with this run to be resumed: the knobs that shape training."""
-    from tunery.training import fingerprint
+    from tunery.modeling.training import fingerprint
 
     shaping = cfg.model_dump(mode="json", exclude={"out_dir", "checkpoint_dir", "probe"})
     for key in (
@@ -101,7 +101,7 @@ class Inputs:
 
 def load_inputs(cfg: PretrainConfig, data_dir: Path) -> Inputs:
     """Read and check the corpus (at least one batch) and the probe's train/val splits."""
-    from tunery import training
+    from tunery.modeling import training
 
     corpus_path = data_dir / "corpus.parquet"
     texts = load_corpus(corpus_path)
@@ -151,7 +151,7 @@ def head_of(cfg: PretrainConfig) -> str:
 
 
 def trainer_args(cfg: PretrainConfig, checkpoint_dir: Path) -> Any:
-    from tunery import training
+    from tunery.modeling import training
 
     t = cfg.train
     return training.training_args(
@@ -184,7 +184,7 @@ def trainer_args(cfg: PretrainConfig, checkpoint_dir: Path) -> Any:
 def _model_and_resume(
     cfg: PretrainConfig, inputs: Inputs, args: Any, checkpoint_dir: Path, *, main: bool
 ) -> tuple[Any, Any, dict[str, Any], Path | None]:
-    from tunery import training
+    from tunery.modeling import training
 
     head = head_of(cfg)
     if cfg.init == "base":
@@ -202,7 +202,7 @@ def _model_and_resume(
 
 def _data(cfg: PretrainConfig, tok: Any, texts: list[str]) -> tuple[Any, Any]:
     """The tokenized training texts and the objective's collator."""
-    from tunery import pretraining as pt
+    from tunery.modeling import objectives as pt
 
     whole_word = cfg.objective == "mlm" and cfg.mlm.whole_word
     features = pt.tokenize(tok, texts, max_length=cfg.max_length, offsets=whole_word)
@@ -215,7 +215,7 @@ def train(cfg: PretrainConfig, inputs: Inputs, *, checkpoint_dir: Path, main: bo
     """Build (or resume) and train; every rank calls this, rank 0 gets the unwrapped model."""
     from transformers import PrinterCallback, Trainer
 
-    from tunery import pretraining as pt
+    from tunery.modeling import objectives as pt
     from tunery.modeling.callbacks import StepProgress, trainer_callbacks
 
     args = trainer_args(cfg, checkpoint_dir)
@@ -255,7 +255,7 @@ def train(cfg: PretrainConfig, inputs: Inputs, *, checkpoint_dir: Path, main: bo
 # --------------------------------------------------------------------------- what it bought
 def heldout_losses(cfg: PretrainConfig, run: Trained, twin: Any, held_texts: list[str]) -> dict:
     """Held-out loss: the pretrained model against its random-weights twin, on the same masks."""
-    from tunery import pretraining as pt
+    from tunery.modeling import objectives as pt
 
     model, tok = run.model, run.tok
     whole_word = cfg.objective == "mlm" and cfg.mlm.whole_word
@@ -282,7 +282,7 @@ def heldout_losses(cfg: PretrainConfig, run: Trained, twin: Any, held_texts: lis
 
 def probe_score(cfg: PretrainConfig, model: Any, tok: Any, inputs: Inputs) -> dict[str, float]:
     """Frozen embeddings of `model`: a probe fit on train, scored on val."""
-    from tunery import pretraining as pt
+    from tunery.modeling import objectives as pt
 
     p = cfg.probe
     x_train, y_train = inputs.probe_train[0][: p.max_train], inputs.probe_train[1][: p.max_train]
@@ -315,7 +315,7 @@ def probes(cfg: PretrainConfig, run: Trained, twin: Any, inputs: Inputs) -> dict
 
 
 def twin_of(cfg: PretrainConfig, run: Trained) -> Any:
-    from tunery import pretraining as pt
+    from tunery.modeling import objectives as pt
 
     return random_twin(pt.plain_class(run.model), head=head_of(cfg), seed=cfg.train.seed)
 
@@ -330,7 +330,7 @@ def metrics(
     started: float,
 ) -> dict[str, Any]:
     """metrics/pretrain.json."""
-    from tunery import training
+    from tunery.modeling import training
 
     t, state, args = cfg.train, run.trainer.state, run.args
     steps_done = state.global_step - run.resumed_step

@@ -17,12 +17,12 @@ from tunery.modeling import finetune_dir
 from tunery.modeling.finetune_dir import ADAPTER_DIR, ENCODER_DIR, MERGED_DIR
 from tunery.modeling.methods import MERGEABLE, load_base
 from tunery.modeling.predict import logits_on
-from tunery.training import fingerprint_files as fingerprint
-from tunery.training import model_files
+from tunery.modeling.training import fingerprint_files as fingerprint
+from tunery.modeling.training import model_files
 
 if TYPE_CHECKING:
     from tunery.config import FinetuneConfig
-    from tunery.finetune_arms import Inputs, Outcome
+    from tunery.modeling.arms import Inputs, Outcome
 
 PARITY_BATCH = 64  # validation texts used for the merge / reload parity checks
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunery.data.labelled import Split
 from tunery.modeling.devices import PeakMemory, resolve_device, resolve_precision
-from tunery.training import last_complete_checkpoint, training_args
+from tunery.modeling.training import last_complete_checkpoint, training_args
 
 if TYPE_CHECKING:
     from tunery.config import FinetuneConfig

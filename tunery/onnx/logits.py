@@ -1,6 +1,6 @@
 """The module the ONNX exporter traces: a classifier's logits from positional inputs.
 
-torch is imported at module level: `tunery.onnx_export.export_onnx` imports this inside itself.
+torch is imported at module level: `tunery.onnx.export.export_onnx` imports this inside itself.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ def _build(
     max_length: int,
 ) -> Path:
     """Write variant `name` as `<work>/<name>.onnx` and return the path."""
-    from tunery import compression as comp
-    from tunery import onnx_export as ox
+    from tunery.onnx import compress as comp
+    from tunery.onnx import export as ox
 
     dest = work / f"{name}.onnx"
     model_type, heads, hidden = shape
@@ -132,7 +132,7 @@ class Judge:
 
     def check(self, path: Path, on: str) -> tuple[np.ndarray, dict[str, Any]]:
         """The variant's logits on the judged rows and its parity with PyTorch."""
-        from tunery import compression as comp
+        from tunery.onnx import compress as comp
 
         cfg = self.cfg
         runner = comp.onnx_runner(path, on, threads=cfg.bench.threads)
@@ -187,9 +187,9 @@ def load_setup(
 ) -> Setup:
     from transformers import AutoTokenizer
 
-    from tunery import compression as comp
-    from tunery import onnx_export as ox
-    from tunery.inference import encode
+    from tunery.onnx import compress as comp
+    from tunery.onnx import export as ox
+    from tunery.onnx.runtime import encode
 
     ft = ox.load_finetuned(finetune_dir)
     manifest = ox.verify_model_dir(export_dir)
@@ -231,7 +231,7 @@ def load_setup(
 
 def bench_inputs(cfg: CompressConfig, setup: Setup) -> tuple[Any, Any]:
     """Timing runs on the test texts only (as before), whatever the judged rows are."""
-    from tunery import compression as comp
+    from tunery.onnx import compress as comp
 
     b = cfg.bench
     return comp.bench_inputs(
@@ -247,7 +247,7 @@ def reference_bench(cfg: CompressConfig, setup: Setup, singles: Any, groups: Any
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from tunery import compression as comp
+    from tunery.onnx import compress as comp
 
     b = cfg.bench
     if b.threads:
@@ -314,8 +314,8 @@ def _build_variant(
     name: str, cfg: CompressConfig, setup: Setup, *, export_dir: Path, work: Path
 ) -> tuple[Path, str]:
     """Build variant `name`; where it is judged (its target provider when usable, else cpu)."""
-    from tunery import compression as comp
-    from tunery import onnx_export as ox
+    from tunery.onnx import compress as comp
+    from tunery.onnx import export as ox
 
     targets = comp.VARIANT_TARGETS[name]
     check_on = cfg.target_provider if cfg.target_provider in targets else "cpu"
@@ -347,8 +347,8 @@ def _record(
     work: Path,
 ) -> tuple[Path, np.ndarray, dict[str, Any]]:
     """A judged variant's record; an int8 one over budget first tries the accuracy fallback."""
-    from tunery import compression as comp
-    from tunery import onnx_export as ox
+    from tunery.onnx import compress as comp
+    from tunery.onnx import export as ox
 
     fallback = None
     if (
@@ -375,7 +375,7 @@ def _record(
 
 
 def _bench_variant(cfg: CompressConfig, providers: list[str], path: Path, singles, groups) -> dict:
-    from tunery import compression as comp
+    from tunery.onnx import compress as comp
 
     b, out = cfg.bench, {}
     for prov in providers:
@@ -391,7 +391,7 @@ def _bench_variant(cfg: CompressConfig, providers: list[str], path: Path, single
 
 def calibrate(setup: Setup, logits: np.ndarray) -> dict[str, Any]:
     """Temperature scaling on the deployed variant's own val logits (argmax unchanged)."""
-    from tunery import calibration as cal
+    from tunery.onnx import calibration as cal
 
     j = setup.judge
     calibration = cal.calibrate(logits[: j.val_rows], j.y_true[: j.val_rows], j.n, fitted_on="val")
@@ -420,9 +420,9 @@ def write_outputs(
     out_dir: Path,
 ) -> None:
     """Every kept variant as a model folder, and the selected one, calibrated, as the deployable."""
-    from tunery import calibration as cal
-    from tunery import compression as comp
-    from tunery import onnx_export as ox
+    from tunery.onnx import calibration as cal
+    from tunery.onnx import compress as comp
+    from tunery.onnx import export as ox
 
     ft, j = setup.ft, setup.judge
     deployed = work / "deploy.onnx"
@@ -518,7 +518,7 @@ def report(
 
 
 def write_report(report: dict[str, Any], report_dir: Path, plot_path: Path) -> None:
-    from tunery import compression as comp
+    from tunery.onnx import compress as comp
 
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json(report_dir / "report.json", report)
@@ -580,7 +580,7 @@ def _int8_fallback(
     check_on: str,
 ) -> tuple[Path, Any, dict[str, Any], dict[str, Any]]:
     """Keep the most sensitive quantized nodes of `name` in float until it is within budget."""
-    from tunery import int8_fallback as fb
+    from tunery.onnx import int8_fallback as fb
 
     log.info(
         "variant %s: macro-F1 drop %.4f > %.4f, trying the accuracy-aware fallback",
@@ -614,7 +614,7 @@ def _int8_fallback(
 
 
 def _fallback_build(name: str, cfg: CompressConfig, source: Path, work: Path, nodes) -> Path:
-    from tunery import compression as comp
+    from tunery.onnx import compress as comp
 
     dest = work / f"{name}.fallback{len(nodes)}.onnx"
     comp.quantize_int8_dynamic(source, dest, **cfg.int8.quantize_options(), float_nodes=nodes)

@@ -8,7 +8,7 @@
     deltas            challenger minus champion, or null
     baseline_macro_f1, newest   shown beside the decision; never judged on
 
-The one module that names, writes, checks and reads it (`tunery.gate` decides on its content).
+The one module that names, writes, checks and reads it (`tunery.registry.gate` decides on its content).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ONNX helpers: the fine-tuned model -> a checked, optimized ONNX graph in a deployable folder.
 
-The deployable folder format (read by `tunery.inference.Predictor`):
+The deployable folder format (read by `tunery.onnx.runtime.Predictor`):
 
     model.onnx          the graph (inputs input_ids, attention_mask[, token_type_ids]; output logits)
     labels.json         the sorted label list (index = class id)

@@ -1,6 +1,6 @@
 """Run a deployable ONNX model folder: tokenize, batch by length, score with ONNX Runtime.
 
-A deployable folder (written by the `export` and `compress` stages, see `tunery.onnx_export`)
+A deployable folder (written by the `export` and `compress` stages, see `tunery.onnx.export`)
 holds `model.onnx`, the tokenizer files, `labels.json` and `tunery_model.json`. `Predictor` loads
 only such folders: the manifest must be there and the model's sha256 must match it, and ONNX
 external-data paths may not point outside the folder.
@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from tunery.errors import TuneryError
-from tunery.onnx_export import LABELS_FILE, MODEL_FILE, verify_model_dir
+from tunery.onnx.export import LABELS_FILE, MODEL_FILE, verify_model_dir
 from tunery.registry.refs import REGISTRY_FILE
 
 log = logging.getLogger("tunery.inference")
 
 PROBABILITIES = (
-    "probabilities"  # the calibrated output the compress stage adds (tunery.calibration)
+    "probabilities"  # the calibrated output the compress stage adds (tunery.onnx.calibration)
 )
 
 CPU = "CPUExecutionProvider"
@@ -42,11 +42,13 @@ TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 # --------------------------------------------------------------------------- model sources
 # A model source is a folder, or a URI whose scheme has a resolver that turns it into a local
-# folder. `models:/name@alias` is the registry's (tunery.registration, named here rather than
+# folder. `models:/name@alias` is the registry's (tunery.registry.registration, named here rather than
 # imported: the runtime sits below the registry, which imports it through the MLflow pyfunc);
 # `register_resolver` adds others. The folder is then verified exactly like a local one.
 Resolver = Callable[[str], Path]
-PLUGINS = {"models": "tunery.registration:resolve_registry_uri"}  # mlflow only when one is used
+PLUGINS = {
+    "models": "tunery.registry.registration:resolve_registry_uri"
+}  # mlflow only when one is used
 
 
 def _plugin(scheme: str) -> Resolver | None:

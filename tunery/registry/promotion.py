@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tunery import gate, tracking
+from tunery import tracking
 from tunery.config import Params
 from tunery.errors import InputError, Refused, TuneryError
+from tunery.registry import gate
 from tunery.registry.gate_report import compared_version
 from tunery.registry.refs import CHALLENGER, CHAMPION, Registry
 
@@ -121,7 +122,7 @@ def gate_challenger(
             "gate.reason": decision.reason,
             # The champion when the gate ran, and the one the evaluation's numbers compared
             # against: they differ when the gate refused a stale comparison. Registration re-gates
-            # an unchanged model only when this pair changes (tunery/registration.py).
+            # an unchanged model only when this pair changes (tunery/registry/registration.py).
             "gate.champion_version": current or "none",
             "gate.compared_version": compared or "none",
             **{f"gate.check.{k}": v for k, v in decision.checks.items()},

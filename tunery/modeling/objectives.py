@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunery.training import length_sorted_batches
+from tunery.modeling.training import length_sorted_batches
 
 log = logging.getLogger("tunery.pretraining")
 

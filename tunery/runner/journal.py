@@ -4,7 +4,7 @@ Every stage process would pay about three seconds to import mlflow and open the 
 logs a single number. Under `tunery run` the flow process already has both, so the stage appends
 what it would have logged (params, metrics with steps and times, tags, artifacts, models,
 datasets) as JSON lines to `<journal>.jsonl`, flushed line by line, and the flow applies them to
-the stage's child run *while the stage runs* (`tunery.pipeline.LiveStageRun`): curves are live in
+the stage's child run *while the stage runs* (`tunery.runner.steps.LiveStageRun`): curves are live in
 the MLflow UI, and the run starts and ends at the stage's own times. Plain `dvc repro` sets no
 journal: stages then log directly.
 

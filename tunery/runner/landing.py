@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunery import pipeline
 from tunery.config import Params, WordnetSource
 from tunery.data import files, intake
 from tunery.errors import TuneryError
 from tunery.io import atomic_path
+from tunery.runner import steps as pipeline
 
 log = logging.getLogger("tunery.retrain")
 
@@ -73,7 +73,7 @@ def measure_drift(root: Path, params: Params, texts: list[str]) -> dict[str, Any
     if not (encoder / "config.json").is_file() or not train.is_file():
         log.info("drift not measured: no encoder (%s) or training split yet", encoder)
         return None
-    from tunery import drift
+    from tunery.evaluation import drift
 
     reference = pd.read_parquet(train)["text"].astype(str).tolist()
     result = drift.measure(

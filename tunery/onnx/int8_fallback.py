@@ -38,7 +38,7 @@ def _packed(model_path: Path) -> Any:
     """The fp32 graph as `quantize_int8_dynamic` quantizes it (tokens packed when it packs)."""
     import onnx
 
-    from tunery.onnx_export import pack_tokens
+    from tunery.onnx.export import pack_tokens
 
     model = onnx.load(str(model_path))
     pack_tokens(model)
@@ -79,7 +79,7 @@ def node_sensitivity(
     import onnx
     import onnxruntime as ort
 
-    from tunery.inference import session_options
+    from tunery.onnx.runtime import session_options
 
     source, quantized = _packed(fp32_path), onnx.load(str(int8_path))
     nodes = quantized_nodes(source, quantized)

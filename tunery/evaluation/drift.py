@@ -4,7 +4,7 @@ The score is a domain classifier's ROC AUC: logistic regression on frozen mean-p
 asked to tell new texts from a sample of training texts, scored out of fold (stratified k-fold).
 0.5 means the new data looks like the training data to the encoder; towards 1.0 it is separable,
 that is, it has drifted. A second, simpler number is the cosine distance between the two centroids.
-Both are logged; `retrain.drift.min_auc` can make drift a trigger condition (tunery/retrain.py).
+Both are logged; `retrain.drift.min_auc` can make drift a trigger condition (tunery/runner/landing.py).
 
 Why not a library: the usual drift packages (evidently, alibi-detect) are not in the dependency
 set, and this classifier test is a few lines of scikit-learn on embeddings we already compute.
@@ -57,8 +57,8 @@ def measure(
     """Embed both sets with `encoder` (a model folder) and score their drift."""
     import numpy as np
 
-    from tunery.models import load_encoder
-    from tunery.pretraining import embed
+    from tunery.modeling.factory import load_encoder
+    from tunery.modeling.objectives import embed
 
     if len(new_texts) < 2 or len(reference_texts) < 2:
         raise TuneryError("drift needs at least 2 new and 2 reference texts")

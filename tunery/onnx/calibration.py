@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tunery.evaluation import calibration as ece_bins
+from tunery.evaluation.metrics import calibration as ece_bins
 
 PROBABILITIES = "probabilities"
 # log T searched in [log 0.05, log 20]: far outside what a fine-tuned classifier needs.
@@ -42,7 +42,7 @@ def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def ece(
     logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, n_bins: int = 10
 ) -> float:
-    """Expected calibration error (`tunery.evaluation.calibration`) of softmax(logits / T)."""
+    """Expected calibration error (`tunery.evaluation.metrics.calibration`) of softmax(logits / T)."""
     return ece_bins(np.asarray(labels), probabilities(logits, temperature), n_bins)[0]
 
 

@@ -108,15 +108,15 @@ def dvc_command(
 
 
 class DvcWorker:
-    """One `python -m tunery.dvc_worker` process for a project: DVC imported once, commands run
-    one at a time through `dvc.cli.main` (see tunery/dvc_worker.py for why and the protocol)."""
+    """One `python -m tunery.runner.dvc_worker` process for a project: DVC imported once, commands run
+    one at a time through `dvc.cli.main` (see tunery/runner/dvc_worker.py for why and the protocol)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._lock = threading.Lock()
         self._ready = False
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "tunery.dvc_worker"],
+            [sys.executable, "-u", "-m", "tunery.runner.dvc_worker"],
             cwd=root,
             env=orphans.child_env(tool_env()),
             stdin=subprocess.PIPE,
@@ -128,7 +128,7 @@ class DvcWorker:
         )
 
     def _read_until_sentinel(self, on_line: Callable[[str], None]) -> tuple[str, list[str]]:
-        from tunery.dvc_worker import SENTINEL
+        from tunery.runner.dvc_worker import SENTINEL
 
         assert self.proc.stdout is not None
         lines: list[str] = []
@@ -252,9 +252,9 @@ def run_stage(
     on_line: Callable[[str], None] | None = None,
 ) -> StageTiming:
     """`repro_stage` with streamed tracking: the stage writes its tracking calls to a journal
-    (tunery/journal.py) that a thread here applies, while the stage runs, to a child of the active
+    (tunery/runner/journal.py) that a thread here applies, while the stage runs, to a child of the active
     pipeline run; each stage process is spared the import of mlflow and the opening of the store."""
-    from tunery import journal
+    from tunery.runner import journal
 
     path = root / JOURNAL_DIR / f"{stage}.json"
     stream = journal.stream_path(path)
@@ -319,7 +319,7 @@ class LiveStageRun(threading.Thread):
         self.join(timeout)
 
     def run(self) -> None:
-        from tunery.journal import read_stream
+        from tunery.runner.journal import read_stream
 
         offset = 0
         try:
@@ -337,7 +337,8 @@ class LiveStageRun(threading.Thread):
             self.error = exc
 
     def _apply(self, record: dict[str, Any]) -> None:
-        from tunery import journal, tracking
+        from tunery import tracking
+        from tunery.runner import journal
 
         method = record["method"]
         if method == journal.START:

@@ -10,7 +10,7 @@ with a message, never a dead server.
 import logging
 from typing import Any
 
-from tunery.inference import Predictor
+from tunery.onnx.runtime import Predictor
 
 log = logging.getLogger("tunery.serve")
 

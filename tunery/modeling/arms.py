@@ -100,7 +100,7 @@ def probe_arm(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tunery.pretraining import embed
+    from tunery.modeling.objectives import embed
 
     model, _ = load_base(encoder, labels, init=init, seed=cfg.seed)
     model.to(resolve_device(cfg))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tunery.errors import TuneryError
-from tunery.inference import OnnxRunner, create_session, length_batches
+from tunery.onnx.runtime import OnnxRunner, create_session, length_batches
 
 log = logging.getLogger("tunery.compress")
 
@@ -164,7 +164,7 @@ def quantize_int8_dynamic(
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from tunery.onnx_export import pack_tokens as pack
+    from tunery.onnx.export import pack_tokens as pack
 
     excluded = _matching_nodes(src, exclude, float_nodes) if exclude or float_nodes else []
     source = Path(src)
@@ -532,7 +532,7 @@ def build_pruned(
 
     Returns what was done: heads and FFN neurons kept per layer, the fused operators.
     """
-    from tunery import onnx_export as ox
+    from tunery.onnx import export as ox
 
     if not heads and not ffn_fraction:
         raise TuneryError("compress.prune: set heads and/or ffn_fraction to prune something")

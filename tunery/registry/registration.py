@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tunery import mlflow_model, promotion, tracking
+from tunery import mlflow_model, tracking
 from tunery.config import Params
 from tunery.errors import TuneryError
 from tunery.registry import gate_report as gates
-from tunery.registry import refs
+from tunery.registry import promotion, refs
 from tunery.registry.refs import CHALLENGER, CHAMPION, REGISTRY_FILE, Registry
 
 log = logging.getLogger("tunery.registry")

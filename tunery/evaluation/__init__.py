@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the stage-value table, drift."""
