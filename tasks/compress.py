@@ -28,6 +28,7 @@ from typing import Any
 
 from tunery.config import CompressConfig, Params
 from tunery.onnx import variants as vs
+from tunery.onnx.export import MANIFEST_FILE
 
 
 def run(
@@ -101,7 +102,7 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     tracking_run.log_artifact(report_dir, "compress")
     tracking_run.log_artifact(plot, "compress")
     tracking_run.log_dict(
-        json.loads((root / cfg.out_dir / "tunery_model.json").read_text()), "compress/deploy.json"
+        json.loads((root / cfg.out_dir / MANIFEST_FILE).read_text()), "compress/deploy.json"
     )
     tracking_run.set_tags({"tunery.compress.selected": metrics["selected"]})
     return metrics

@@ -35,6 +35,7 @@ from tunery.io import atomic_dir
 from tunery.modeling import finetune_dir as finetune_folder
 from tunery.modeling.finetune_dir import INFO_FILE, read_arms
 from tunery.modeling.predict import LoadedClassifier, load_classifier
+from tunery.onnx.export import MODEL_FILE
 from tunery.registry import gate_report, refs
 
 log = logging.getLogger("tunery.evaluate")
@@ -96,7 +97,7 @@ def load_champion(ref: str | None, root: Path) -> tuple[str, Any] | None:
         return str(path), load_classifier(path)
     if ":/" in ref and not path.exists():
         return ref, ServedModel(ref)
-    if (path / "model.onnx").is_file():
+    if (path / MODEL_FILE).is_file():
         return str(path), ServedModel(str(path))
     raise FinetuneError(
         f"evaluate.champion {ref!r}: neither a finetune output ({INFO_FILE}) nor a deployable "
@@ -196,7 +197,7 @@ def _served_challenger(cfg: EvaluateConfig, model_dir: Path, finetune_dir: Path)
         if finetune_folder.is_finetune_dir(finetune_dir)
         else None
     )
-    if not (model_dir / "model.onnx").is_file():
+    if not (model_dir / MODEL_FILE).is_file():
         raise FinetuneError(f"{model_dir}: no deployable model (model.onnx); run compress first")
     return ServedModel(str(model_dir), device=cfg.device, info=info)
 

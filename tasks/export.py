@@ -24,6 +24,7 @@ import pandas as pd
 from tunery.config import ExportConfig, Params
 from tunery.errors import TuneryError
 from tunery.io import atomic_dir
+from tunery.onnx.export import MANIFEST_FILE
 
 log = logging.getLogger("tunery.export")
 
@@ -107,7 +108,7 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
         data_dir=root / params.prepare.out_dir,
         out_dir=out_dir,
     )
-    tracking_run.log_artifact(out_dir / "tunery_model.json", "export")
+    tracking_run.log_artifact(out_dir / MANIFEST_FILE, "export")
     return metrics
 
 

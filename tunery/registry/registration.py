@@ -18,6 +18,7 @@ from typing import Any
 from tunery import mlflow_model, tracking
 from tunery.config import Params
 from tunery.errors import TuneryError
+from tunery.onnx.export import MANIFEST_FILE, MODEL_FILE
 from tunery.registry import gate_report as gates
 from tunery.registry import promotion, refs
 from tunery.registry.refs import CHALLENGER, CHAMPION, REGISTRY_FILE, Registry
@@ -40,8 +41,8 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     when its comparison changed (`_unchanged`)."""
     reg = Registry.of(params, root)
     deploy = root / params.compress.out_dir
-    meta = _read_json(deploy / "tunery_model.json")
-    if meta is None or not (deploy / "model.onnx").is_file():
+    meta = _read_json(deploy / MANIFEST_FILE)
+    if meta is None or not (deploy / MODEL_FILE).is_file():
         raise TuneryError(
             f"{deploy}: no deployable model to register (did the compress stage run?)"
         )
