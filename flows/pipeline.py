@@ -14,10 +14,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as prefect_flow_run
 
-from tunery import env, screen
+from tunery import env, run_summary, screen
 from tunery.config import load_params
-from tunery.evaluation import stage_value
 from tunery.runner import steps as pipeline
 
 
@@ -58,8 +58,9 @@ def _summary(
     timing: dict[str, float],
     run_id: str,
     uri: str,
-    stage_table: dict[str, Any] | None = None,
+    end: dict[str, Any],
 ) -> str:
+    """The flow's Prefect artifact: the stages' times, then the end of the run (run_summary)."""
     lines = [
         "# Tunery pipeline",
         "",
@@ -83,8 +84,7 @@ def _summary(
     ]
     if registry:
         lines += ["", f"**Registry:** {registry.get('summary', '')}"]
-    if stage_table is not None:
-        lines += ["", stage_value.markdown(stage_table)]
+    lines += ["", run_summary.markdown(end)]
     return "\n".join(lines)
 
 
@@ -154,15 +154,16 @@ def pipeline_flow(
         timing["wall_seconds"],
         100 * timing["overhead_share"],
     )
+    out = {
+        "run_id": run.run_id,
+        "flow_run_id": str(prefect_flow_run.id),
+        "stages": results,
+        "registry": registry,
+        "timing": timing,
+    }
+    end = run_summary.build(root, params, out, partial=stages is not None)
     create_markdown_artifact(
-        _summary(
-            results,
-            registry,
-            timing,
-            run.run_id,
-            tracking.tracking_uri(root),
-            stage_value.read(root / params.evaluate.report_dir),
-        ),
+        _summary(results, registry, timing, run.run_id, tracking.tracking_uri(root), end),
         key="tunery-pipeline",
     )
-    return {"run_id": run.run_id, "stages": results, "registry": registry, "timing": timing}
+    return out

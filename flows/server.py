@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from tunery import orphans
+from tunery import orphans, ui
 from tunery.env import restored
 from tunery.errors import TuneryError
 
@@ -80,6 +80,8 @@ class TemporaryServer:
             },
         )
         os.environ["PREFECT_API_URL"] = self.api_url
+        # Its UI is off; the run's "View at" link opens where `tunery ui` serves this database.
+        os.environ.setdefault("PREFECT_UI_URL", ui.prefect_ui_url())
 
     def wait(self, timeout: float | None = None) -> None:
         import httpx
@@ -122,9 +124,16 @@ class TemporaryServer:
 
 def start_temporary_server() -> TemporaryServer | None:
     """Launch the temporary server now, before anything imports prefect (Prefect reads
-    PREFECT_API_URL when it first needs a client); None when PREFECT_API_URL names a server."""
+    PREFECT_API_URL when it first needs a client); None when PREFECT_API_URL names a server,
+    or when `tunery ui` serves this project's Prefect database (the run then goes there, live in
+    its UI, instead of a second server writing the same SQLite file)."""
     if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None  # a server is named, or prefect is set up already (and starts its own)
+    api_url = ui.running_prefect_api()
+    if api_url is not None:
+        os.environ["PREFECT_API_URL"] = api_url
+        os.environ.setdefault("PREFECT_UI_URL", api_url.removesuffix("/api"))
+        return None
     return TemporaryServer()
 
 
@@ -135,7 +144,7 @@ def init_server_database() -> str | None:
     names a server (it has its own database)."""
     if os.environ.get("PREFECT_API_URL"):
         return None
-    with restored(["PREFECT_API_URL"]):  # the server sets it for its own lifetime only
+    with restored(["PREFECT_API_URL", "PREFECT_UI_URL"]):  # set for the server's lifetime only
         server = TemporaryServer()
         try:
             server.wait()

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -193,8 +194,10 @@ def test_dvc_worker_is_stopped_with_its_stage_when_the_caller_gives_up(tmp_path)
 
 def test_init_creates_the_stores_and_run_stops_its_prefect_server(project):
     import re
-    import socket
-    from pathlib import Path
+
+    import psutil
+
+    from tunery import ui
 
     init_repo(project)
     result = tunery(project, "init")
@@ -204,11 +207,21 @@ def test_init_creates_the_stores_and_run_stops_its_prefect_server(project):
     assert tunery(project, "init").returncode == 0  # idempotent
     result = tunery(project, "run", "ingest")
     assert "stages run: ingest" in result.stdout
-    # The temporary server this run launched itself (flows/server.py) answered the flow, and
-    # is gone after the command ends.
-    port = int(re.search(r"127\.0\.0\.1:(\d+)/runs/", result.stdout + result.stderr).group(1))
-    with socket.socket() as sock:
-        assert sock.connect_ex(("127.0.0.1", port)) != 0
+    # The printed link opens where `tunery ui` serves this database (the temporary server's UI
+    # is off), and the temporary server this run launched (flows/server.py) is gone afterwards.
+    link = re.search(r"View at (\S+)", result.stdout + result.stderr).group(1)
+    assert link.startswith(f"{ui.prefect_ui_url()}/runs/flow-run/"), link
+    left = [p.cmdline() for p in psutil.process_iter() if _cwd(p) == project.resolve()]
+    assert not left, left
+
+
+def _cwd(proc):
+    import psutil
+
+    try:
+        return Path(proc.cwd())
+    except (psutil.Error, OSError):
+        return None
 
 
 def test_a_taken_in_file_can_be_withdrawn_and_is_recorded(project):

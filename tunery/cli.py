@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from tunery import __version__, env
+from tunery import __version__, env, run_summary, ui
 from tunery.errors import EXIT_CODES, InputError, TuneryError
 
 log = logging.getLogger("tunery")
@@ -210,8 +209,8 @@ def cmd_check(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_init(args: argparse.Namespace, root: Path) -> int:
-    """Create the project's local state once, at set-up: the MLflow store and experiment, and
-    Prefect's server database. `tunery run` would create them too, but on a fresh clone that adds
+    """Create the project's local state once, at set-up: the MLflow store and experiment,
+    Prefect's server database and the offline page template of `dvc plots show`. `tunery run` would create them too, but on a fresh clone that adds
     ~10 s of database migrations to the first run. Safe to repeat (it upgrades, never resets)."""
     from flows.server import init_server_database
     from tunery import tracking
@@ -226,6 +225,12 @@ def cmd_init(args: argparse.Namespace, root: Path) -> int:
         f"Prefect database ready in {home}"
         if home
         else "Prefect: PREFECT_API_URL names a server; nothing to create"
+    )
+    from tunery import dvc_plots
+
+    template = dvc_plots.install(root)
+    print(
+        f"DVC plots: `dvc plots show` renders offline (Vega inlined: {template.relative_to(root)})"
     )
     return 0
 
@@ -255,118 +260,6 @@ def _check_stage_names(root: Path, stages: list[str]) -> None:
         raise InputError(f"unknown stage(s) {', '.join(unknown)}: dvc.yaml has {', '.join(known)}")
 
 
-def _declared(root: Path, kind: str) -> list[str]:
-    """The `plots` or `metrics` paths dvc.yaml declares (the DAG is where they are named), with
-    `${section.key}` filled in from params.yaml; only those that exist, in dvc.yaml order."""
-    from tunery.config import load_raw
-
-    dag = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
-    entries: list[Any] = []
-    for stage in (dag.get("stages") or {}).values():
-        entries += stage.get(kind) or []
-    if kind == "plots":
-        entries += dag.get("plots") or []
-    raw = load_raw(root / PARAMS_FILE)
-
-    def lookup(match: re.Match) -> str:
-        node: Any = raw
-        for part in match.group(1).strip().split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return str(node) if node is not None else match.group(0)
-
-    out: list[str] = []
-    for entry in entries:
-        for name in entry if isinstance(entry, dict) else [entry]:
-            path = re.sub(r"\$\{([^}]+)\}", lookup, str(name))
-            if (root / path).exists() and path not in out:
-                out.append(path)
-    return out
-
-
-def _gate(registry: dict[str, Any] | None, params: Any, partial: bool) -> dict[str, Any]:
-    """The gate's decision in a fixed shape, from the registry step's result."""
-    if not registry:
-        reason = (
-            "only some stages were asked for: the registry step runs after a full run"
-            if partial
-            else "the registry step is off (pipeline.register_model: false)"
-        )
-        return {"decision": "not gated", "reason": reason, "version": None}
-    if "promoted" in registry:
-        decision = "promoted to champion" if registry["promoted"] else "champion kept"
-        reason = registry.get("reason") or registry.get("summary", "")
-    else:
-        decision, reason = "unchanged", registry.get("summary", "")
-    return {"decision": decision, "reason": reason, "version": registry.get("version")}
-
-
-def _next_commands(params: Any, gate: dict[str, Any]) -> list[dict[str, str]]:
-    deploy = params.compress.out_dir
-    out = [
-        {"command": "tunery ui", "what": "runs, metrics and the registry in the MLflow UI"},
-        {"command": "tunery predict FILE -o scored.csv", "what": "score a file with the champion"},
-        {"command": "tunery serve-model", "what": "the champion over HTTP (127.0.0.1:8000)"},
-    ]
-    if gate["decision"] == "champion kept":
-        out.append(
-            {
-                "command": f"tunery predict FILE -o scored.csv --model {deploy}",
-                "what": "try the candidate the gate did not promote",
-            }
-        )
-    out.append({"command": "tunery models --log", "what": "every version and promotion"})
-    return out
-
-
-def _summary(root: Path, params: Any, result: dict[str, Any], partial: bool) -> dict[str, Any]:
-    """The end of a run as data: gate decision, where the results are, what to do next. Every
-    path comes from params.yaml or dvc.yaml."""
-    from tunery.evaluation import stage_value
-
-    report_dir = params.evaluate.report_dir
-    gate = _gate(result.get("registry"), params, partial)
-    paths = {
-        "deployable_model": params.compress.out_dir,
-        "stage_value": f"{report_dir}/{stage_value.MARKDOWN_FILE}",
-        "reports": [d for d in (report_dir, params.compress.report_dir) if (root / d).is_dir()],
-        "plots": _declared(root, "plots"),
-        "metrics": _declared(root, "metrics"),
-    }
-    return {
-        "gate": gate,
-        "stage_value": stage_value.read(root / report_dir),
-        "paths": paths,
-        "next": _next_commands(params, gate),
-    }
-
-
-def _print_stage_value(root: Path, params: Any) -> None:
-    """The evaluate stage's table of what each stage bought (reports/evaluate/stage_value.md)."""
-    from tunery.evaluation import stage_value
-
-    report_dir = root / params.evaluate.report_dir
-    table = stage_value.read(report_dir)
-    if table is not None:
-        print(
-            f"\n{stage_value.terminal(table)}\n  (table: {report_dir / stage_value.MARKDOWN_FILE})"
-        )
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    gate, paths = summary["gate"], summary["paths"]
-    version = f" (version {gate['version']})" if gate.get("version") else ""
-    print(f"\ngate: {gate['decision']}{version}: {gate['reason']}")
-    print(f"deployable model: {paths['deployable_model']}")
-    if paths["reports"]:
-        print(f"reports: {', '.join(paths['reports'])}")
-    if paths["plots"]:
-        print(f"plots: {', '.join(paths['plots'])}  (`dvc plots show` renders them)")
-    print("next:")
-    width = max(len(n["command"]) for n in summary["next"])
-    for n in summary["next"]:
-        print(f"  {n['command']:<{width}}  {n['what']}")
-
-
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
     from tunery.stage import process_start
 
@@ -384,7 +277,7 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
         force=args.force,
         started_at=process_start(),
     )
-    summary = _summary(root, params, result, partial=bool(args.stages))
+    summary = run_summary.build(root, params, result, partial=bool(args.stages))
     ran = [r["stage"] for r in result["stages"] if r["ran"]]
     if args.json:
         _emit(
@@ -406,13 +299,13 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
         f"\npipeline run {result['run_id']}: stages run: "
         + (", ".join(ran) or "none (everything up to date)")
     )
-    _print_stage_value(root, params)
+    print(run_summary.stage_value_lines(root, params))
     t = result["timing"]
     print(
         f"wall {t['wall_seconds']:.0f} s; orchestration + tracking overhead "
         f"{t['overhead_seconds']:.1f} s ({100 * t['overhead_share']:.1f} %)"
     )
-    _print_summary(summary)
+    print(run_summary.terminal(summary))
     return 0
 
 
@@ -426,7 +319,7 @@ def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
 
     result = retrain_flow(project=str(root), ignore_drift=args.ignore_drift)
     retrained = result["status"] == "retrained"
-    summary = _summary(root, params, result, partial=False) if retrained else {}
+    summary = run_summary.build(root, params, result, partial=False) if retrained else {}
     if args.json:
         _emit(
             args,
@@ -469,8 +362,8 @@ def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
                 else ""
             )
         )
-    _print_stage_value(root, params)
-    _print_summary(summary)
+    print(run_summary.stage_value_lines(root, params))
+    print(run_summary.terminal(summary))
     return 0
 
 
@@ -610,35 +503,45 @@ def cmd_demo_shard(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_ui(args: argparse.Namespace, root: Path) -> int:
+    from tunery.orphans import run_groups
+    from tunery.runner.steps import tool_env
     from tunery.tracking import ARTIFACT_DIR, tracking_uri
 
-    uri = tracking_uri(root)
-    if not uri.startswith("sqlite:"):
-        # A tracking server already has its UI; starting a local one on its URI would be wrong.
-        print(f"MLFLOW_TRACKING_URI points at a tracking server: open {uri} in a browser")
+    uri, commands, lines = tracking_uri(root), [], []
+    if uri.startswith("sqlite:"):
+        commands.append(ui.mlflow_command(uri, root / ARTIFACT_DIR, args.host, args.port))
+        lines.append(
+            f"MLflow UI on http://{args.host}:{args.port}: MLflow 3 may open on its GenAI view: "
+            "switch to 'Model training', open the experiment: Runs (the pipeline, its stages "
+            "nested), Models (their LoggedModels); the registry is under Models."
+        )
+    else:  # a tracking server has its UI; a local one on its URI would be wrong
+        lines.append(f"MLflow: MLFLOW_TRACKING_URI names a tracking server: open {uri}")
+    prefect = os.environ.get("PREFECT_API_URL")
+    if prefect:
+        lines.append(
+            f"Prefect: PREFECT_API_URL names a server: open {prefect.removesuffix('/api')}"
+        )
+    elif args.no_prefect:
+        lines.append("Prefect UI: off (--no-prefect)")
+    else:
+        commands.append(ui.prefect_command(args.host, args.prefect_port))
+        lines.append(
+            f"Prefect UI on {ui.prefect_ui_url(args.host, args.prefect_port)}: Runs (each "
+            "`tunery run`/`retrain` flow run, its stages as task runs, logs, the summary "
+            "artifact); a run started meanwhile shows up live."
+        )
+    print("\n".join(lines))
+    if not commands:
         return 0
-    args_ = [
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--default-artifact-root",
-        str(root / ARTIFACT_DIR),
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    url = f"http://{args.host}:{args.port}"
-    print(
-        f"MLflow UI on {url} (Ctrl-C to stop). MLflow 3 may open on its GenAI view: switch to "
-        "'Model training', open the experiment: Runs (the pipeline, its stages nested), Models "
-        "(their LoggedModels); the registry is under Models (README: 'MLflow')."
+    print("(Ctrl-C to stop)")
+    env = ui.prefect_env(tool_env(), args.host, args.prefect_port)
+    serves_prefect = any(module == "prefect" for module, _ in commands)
+    record = (
+        ui.recorded(args.host, args.prefect_port) if serves_prefect else contextlib.nullcontext()
     )
-    from tunery.orphans import run_in_group
-    from tunery.runner.steps import tool_env
-
-    # Its own process group, signals forwarded: a SIGTERM leaves no server or worker behind.
-    return run_in_group("mlflow", args_, cwd=str(root), env=tool_env())
+    with record:  # own process groups, signals forwarded: a SIGTERM leaves nothing running
+        return run_groups(commands, cwd=str(root), env=env)
 
 
 CHAMPION_MODEL = "champion"
@@ -932,9 +835,18 @@ def build_parser() -> argparse.ArgumentParser:
     _params_args(p)
     p.set_defaults(fn=cmd_serve_model)
 
-    p = sub.add_parser("ui", help="open the MLflow UI on this project's store")
+    p = sub.add_parser("ui", help="the MLflow and Prefect UIs on this project's stores")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    p.add_argument("--port", type=int, default=5000, help="port of the UI (default: 5000)")
+    p.add_argument(
+        "--port", type=_port, default=ui.MLFLOW_PORT, help="MLflow UI port (default: %(default)s)"
+    )
+    p.add_argument(
+        "--prefect-port",
+        type=_port,
+        default=ui.PREFECT_PORT,
+        help="Prefect UI port (default: %(default)s)",
+    )
+    p.add_argument("--no-prefect", action="store_true", help="the MLflow UI only")
     p.set_defaults(fn=cmd_ui)
     return parser
 

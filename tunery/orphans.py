@@ -16,6 +16,8 @@ import runpy
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 PARENT_ENV = "TUNERY_PARENT_PID"  # the pid the helper must outlive not
@@ -65,31 +67,64 @@ def stop_group(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
 
 
 def run_in_group(module: str, args: list[str], *, cwd: str, env: dict[str, str]) -> int:
-    """`python -m MODULE ARGS` in its own process group until it exits; SIGINT or SIGTERM to us
-    stops the whole group (the server and its workers) before we return, and a SIGKILL of us
-    still ends it (PR_SET_PDEATHSIG). Returns its exit code; 0 when we stopped it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tunery.orphans", module, *args],
-        cwd=cwd,
-        env=child_env(env),
-        start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop the group in order
-    )
+    """`python -m MODULE ARGS` in its own process group until it exits (`run_groups` of one)."""
+    return run_groups([(module, args)], cwd=cwd, env=env)
+
+
+POLL_S = 0.5
+
+
+def run_groups(
+    commands: list[tuple[str, list[str]]],
+    *,
+    cwd: str,
+    env: dict[str, str],
+    started: Callable[[], None] | None = None,
+) -> int:
+    """Each `python -m MODULE ARGS` in its own process group until one of them exits; SIGINT or
+    SIGTERM to us stops every group (each server and its workers) before we return, and a SIGKILL
+    of us still ends them (PR_SET_PDEATHSIG). `started` runs once all are launched. Returns the
+    exit code of the one that ended first; 0 when we stopped them."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tunery.orphans", module, *args],
+            cwd=cwd,
+            env=child_env(env),
+            start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the groups in order
+        )
+        for module, args in commands
+    ]
     stopped: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
         stopped.append(signum)
-        raise KeyboardInterrupt  # leaves proc.wait() below
+        raise KeyboardInterrupt  # leaves the wait below
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
     try:
-        code = proc.wait()
+        if started is not None:
+            started()
+        code = _first_exit(procs)
     except KeyboardInterrupt:
         code = 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        stop_group(proc)
+        for proc in procs:
+            stop_group(proc)
     return 0 if stopped else code
+
+
+def _first_exit(procs: list[subprocess.Popen]) -> int:
+    """Wait until one of `procs` exits; its exit code. Polling, because the standard library has
+    no wait-for-any on chosen children that also lets a signal handler interrupt it."""
+    while True:
+        for proc in procs:
+            code = proc.poll()
+            if code is not None:
+                return code
+        time.sleep(POLL_S)
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def test_sigkill_of_the_caller_ends_the_dvc_worker_and_its_stage(tmp_path):
     }
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"slow": stage}}))
     caller = (
-        "import sys; from pathlib import Path; from tunery import pipeline; "
+        "import sys; from pathlib import Path; from tunery.runner import steps as pipeline; "
         "root = Path(sys.argv[1]); pipeline.start_dvc_worker(root); "
         "pipeline.dvc_command(root, 'repro', 'slow')"
     )
