@@ -231,7 +231,7 @@ def test_not_a_model_dir_fails_and_writes_nothing(trained, tmp_path):
 
 # --------------------------------------------------------------------------- the newest data
 def test_newest_origins_rule():
-    from tasks.evaluate import newest_origins
+    from tunery.evaluation.served import newest_origins
 
     test = ["source:a.csv", "incoming:w1.csv", "incoming:w2.csv", "incoming:w2.csv"]
     # A champion that recorded what it trained on: everything it has not seen.

@@ -253,11 +253,13 @@ def plot_reliability(
     _save(fig, dest)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
-        text = f"{v:.4g}" if isinstance(v, float) else str(v)
-        return text.replace("|", "\\|").replace("\n", " ")
+def _cell(v: Any) -> str:
+    text = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return text.replace("|", "\\|").replace("\n", " ")
 
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    cell = _cell
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"

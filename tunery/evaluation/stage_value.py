@@ -168,12 +168,14 @@ def verdicts(
     return out
 
 
-def markdown(table: Mapping[str, Any]) -> str:
-    def num(v: Any, fmt: str = ".4f", signed: bool = False) -> str:
-        if v is None:
-            return "-"
-        return f"{v:+{fmt}}" if signed else f"{v:{fmt}}"
+def _num(v: Any, fmt: str = ".4f", signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+{fmt}}" if signed else f"{v:{fmt}}"
 
+
+def markdown(table: Mapping[str, Any]) -> str:
+    num = _num
     lines = [
         f"# What each stage bought (frozen holdout{_texts(table)}, macro-F1)",
         "",

@@ -74,6 +74,15 @@ class SparseMLMMixin:
         return MaskedLMOutput(loss=loss / denom)
 
 
+def _pair(t: Any, view: Any) -> Any:
+    """The batch and its second view stacked (the batch twice where there is no view)."""
+    import torch
+
+    if t is None:
+        return None
+    return torch.cat([t, t if view is None else view])
+
+
 class SimCSEMixin:
     """`forward` returns the unsupervised SimCSE loss of the batch."""
 
@@ -96,19 +105,13 @@ class SimCSEMixin:
 
         kwargs.pop("num_items_in_batch", None)
         n = input_ids.shape[0]
-
-        def pair(t, view):
-            if t is None:
-                return None
-            return torch.cat([t, t if view is None else view])
-
         # One pass over both views: each copy gets its own dropout mask; the second view is the
         # collator's augmented copy where there is one (padded to the same width).
-        mask = pair(attention_mask, view_attention_mask)
+        mask = _pair(attention_mask, view_attention_mask)
         out = super().forward(
-            input_ids=pair(input_ids, view_input_ids),
+            input_ids=_pair(input_ids, view_input_ids),
             attention_mask=mask,
-            token_type_ids=pair(token_type_ids, view_token_type_ids),
+            token_type_ids=_pair(token_type_ids, view_token_type_ids),
         )
         z = pool(out[0], mask, self.simcse_pooling).float()
         z = F.normalize(z, dim=-1)
@@ -214,12 +217,18 @@ def mlm_collator(
         pad_to_multiple_of=pad_to_multiple_of,
         seed=seed,
     )
-    if not cfg.whole_word:
-        return collate
+    return _WithOffsets(collate, pad_to_multiple_of) if cfg.whole_word else collate
 
-    def with_offsets(features: list[dict[str, Any]]) -> Any:
+
+class _WithOffsets:
+    """Pads each feature's `offset_mapping` to the batch width, then collates."""
+
+    def __init__(self, collate: Any, pad_to_multiple_of: int) -> None:
+        self.collate, self.multiple = collate, pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
         longest = max(len(f["input_ids"]) for f in features)
-        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        width = -(-longest // self.multiple) * self.multiple
         padded = [
             {
                 **f,
@@ -230,9 +239,10 @@ def mlm_collator(
             }
             for f in features
         ]
-        return collate(padded)
+        return self.collate(padded)
 
-    return with_offsets
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def simcse_collator(tok: Any, *, deletion: float, pad_to_multiple_of: int = 8) -> Any:
@@ -240,48 +250,54 @@ def simcse_collator(tok: Any, *, deletion: float, pad_to_multiple_of: int = 8) -
     non-special tokens deleted (at least one kept), padded to the same width as the originals.
     The draws use torch's global generator, which `Trainer` seeds and restores on resume."""
     pad = padding_collator(tok, pad_to_multiple_of=pad_to_multiple_of)
-    if deletion <= 0.0:
-        return pad
+    return _DeletionViews(pad, deletion) if deletion > 0.0 else pad
 
-    import torch
 
-    keep_keys = ("input_ids", "attention_mask", "token_type_ids")
+class _DeletionViews:
+    """Collates the features and, as `view_*`, copies with a share of their tokens deleted."""
 
-    def delete(feature: dict[str, Any]) -> dict[str, Any]:
+    def __init__(self, pad: Any, deletion: float) -> None:
+        self.pad, self.deletion = pad, deletion
+
+    def delete(self, feature: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
         special = feature["special_tokens_mask"]
         inner = [i for i, s in enumerate(special) if not s]
         if len(inner) < 2:
-            return {k: feature[k] for k in keep_keys if k in feature}
-        dropped = torch.rand(len(inner)) < deletion
+            return {k: feature[k] for k in TOKEN_KEYS if k in feature}
+        dropped = torch.rand(len(inner)) < self.deletion
         if bool(dropped.all()):
             dropped[int(torch.randint(len(inner), ()))] = False
         gone = {i for i, d in zip(inner, dropped.tolist(), strict=True) if d}
         return {
             k: [v for i, v in enumerate(feature[k]) if i not in gone]
-            for k in keep_keys
+            for k in TOKEN_KEYS
             if k in feature
         }
 
-    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         n = len(features)
-        both = pad([*features, *[delete(f) for f in features]])
+        both = self.pad([*features, *[self.delete(f) for f in features]])
         batch = {k: v[:n] for k, v in both.items()}
         batch.update({f"view_{k}": v[n:] for k, v in both.items()})
         return batch
-
-    return collate
 
 
 def padding_collator(tok: Any, *, pad_to_multiple_of: int = 8) -> Any:
     from transformers import DataCollatorWithPadding
 
-    pad = DataCollatorWithPadding(tok, pad_to_multiple_of=pad_to_multiple_of)
+    return _TokenInputs(DataCollatorWithPadding(tok, pad_to_multiple_of=pad_to_multiple_of))
 
-    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
-        keep = ("input_ids", "attention_mask", "token_type_ids")
-        return pad([{k: f[k] for k in keep if k in f} for f in features])
 
-    return collate
+class _TokenInputs:
+    """Pads the token inputs only (a feature's other keys, e.g. the special-tokens mask, dropped)."""
+
+    def __init__(self, pad: Any) -> None:
+        self.pad = pad
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.pad([{k: f[k] for k in TOKEN_KEYS if k in f} for f in features])
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -14,6 +14,7 @@ Heavy imports (torch, onnx, onnxruntime, sklearn) happen inside functions.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,14 +52,16 @@ def run_batches(
 
 
 def torch_forward(model: Any) -> Forward:
+    """A PyTorch classifier as a `Forward` (numpy feeds in, float logits out)."""
+    return functools.partial(_torch_logits, model)
+
+
+def _torch_logits(model: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
     import torch
 
-    def forward(feed: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            logits = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits
-        return logits.float().numpy()
-
-    return forward
+    with torch.inference_mode():
+        logits = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits
+    return logits.float().numpy()
 
 
 def task_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
@@ -653,12 +656,14 @@ def select(
         raise TuneryError(
             f"no variant for {target} is within compress.max_f1_drop={max_f1_drop} ({summary})"
         )
-
-    def speed(name: str) -> float:
-        timed = variants[name]["bench"][target]
-        return timed["throughput"] if rank_by == "throughput" else -timed["latency_p50_ms"]
-
+    speed = functools.partial(_speed, variants, target, rank_by)
     return max(eligible, key=speed), sorted(eligible, key=speed, reverse=True)
+
+
+def _speed(variants: dict[str, dict[str, Any]], target: str, rank_by: str, name: str) -> float:
+    """Higher is faster: throughput, or minus the batch-1 p50 latency."""
+    timed = variants[name]["bench"][target]
+    return timed["throughput"] if rank_by == "throughput" else -timed["latency_p50_ms"]
 
 
 # --------------------------------------------------------------------------- report

@@ -359,17 +359,20 @@ class LiveStageRun(threading.Thread):
         self._ended = True
 
 
-def git_state(root: Path) -> dict[str, str]:
-    def git(*argv: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *argv], cwd=root, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
+def _git(root: Path, *argv: str) -> str:
+    """A git command's output in `root`; empty when git is missing or fails (not a repository)."""
+    try:
+        return subprocess.run(
+            ["git", *argv], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
-    commit = git("rev-parse", "HEAD")
-    return {"git.commit": commit or "unknown", "git.dirty": str(bool(git("status", "--porcelain")))}
+
+def git_state(root: Path) -> dict[str, str]:
+    commit = _git(root, "rev-parse", "HEAD")
+    dirty = bool(_git(root, "status", "--porcelain"))
+    return {"git.commit": commit or "unknown", "git.dirty": str(dirty)}
 
 
 def data_version(root: Path, labelled_path: str) -> str | None:
