@@ -255,6 +255,20 @@ def test_duplicates_dropped_and_conflicting_labels_refused(tmp_path):
     assert stats["conflicts_dropped"] == 2 and "cat/1.png" not in set(kept["image"])
 
 
+def test_combine_keeps_the_first_copy_and_checks_classes(tmp_path):
+    source = images.read_folder(class_folder(tmp_path / "src"))
+    drop = tmp_path / "drop"
+    png(drop / "dog" / "new.png", seed=5000)
+    (drop / "cat").mkdir()
+    (drop / "cat" / "again.png").write_bytes((tmp_path / "src" / "cat" / "0.png").read_bytes())
+    incoming = images.read_folder(drop, origin="incoming:drop")
+    data, stats = images.combine([source, incoming], ImageChecks(), "src")
+    assert stats["duplicates_dropped"] == 1 and len(data) == 7
+    assert data.loc[data["sha256"] == source["sha256"][0], "origin"].tolist() == ["source:src"]
+    err = rule_of(lambda: images.combine([incoming], ImageChecks(min_per_class=2), "drop"))
+    assert err.rule == "too_few_examples"
+
+
 # --------------------------------------------------------------------------- splits
 def test_splits_stable_under_appends_and_duplicates_share_a_split(tmp_path):
     old = images.read_folder(class_folder(tmp_path / "old", per_class=60))
@@ -329,8 +343,13 @@ def test_materialised_subset_reads_back_through_the_manifest_source(fake_fmnist,
     not (fashion_mnist.DEFAULT_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist not installed (make fashion-mnist)",
 )
-def test_installed_fashion_mnist():
+def test_installed_fashion_mnist(tmp_path):
     x, y = fashion_mnist.load("train")
     xt, yt = fashion_mnist.load("test")
     assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28)
     assert np.bincount(y).tolist() == [6000] * 10 and np.bincount(yt).tolist() == [1000] * 10
+    chosen = fashion_mnist.labelled_subset(y, per_class=5)
+    manifest = fashion_mnist.materialise(tmp_path / "fm", x, chosen, labels=y)
+    df, _ = images.combine([images.read_manifest(manifest)], ImageChecks(), manifest)
+    assert df["label"].value_counts().tolist() == [5] * 10
+    assert set(images.assign_splits(df, CFG)) <= {"train", "val", "test", "holdout"}

@@ -378,6 +378,17 @@ def check_classes(df: pd.DataFrame, checks: ImageChecks, source: str | Path) -> 
         )
 
 
+def combine(
+    frames: list[pd.DataFrame], checks: ImageChecks, source: str | Path
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The labelled dataset: the source's frames first, then later drops in arrival order,
+    de-duplicated on the bytes (so a re-sent image keeps its first origin and split), then the
+    class rules on the whole."""
+    data, stats = deduplicate(pd.concat(frames, ignore_index=True), checks)
+    check_classes(data, checks, source)
+    return data, stats
+
+
 def assign_splits(df: pd.DataFrame, cfg: PrepareConfig) -> pd.Series:
     """The split of every image (columns sha256, origin): the text rules, keyed on the bytes."""
     return split.assign_by_key(df["sha256"], df["origin"], cfg)
