@@ -63,6 +63,15 @@ def test_folder_source_reads_labels_hashes_and_keeps_pixels_on_disk(tmp_path):
     assert df["sha256"].str.len().eq(64).all() and df.memory_usage(deep=True).sum() < 10_000
 
 
+def test_folder_layout_rules(tmp_path):
+    assert rule_of(lambda: images.read_folder(tmp_path / "none")).rule == "missing_file"
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    assert rule_of(lambda: images.read_folder(tmp_path / "empty")).rule == "missing_file"
+    root = class_folder(tmp_path / "data")
+    png(root / "loose.png", 1)
+    assert rule_of(lambda: images.read_folder(root)).rule == "no_label"
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_manifest_source_paths_relative_to_the_manifest(tmp_path, suffix):
     for i in range(4):
@@ -229,7 +238,7 @@ def test_unknown_label_names_its_rows(tmp_path):
     assert (err.rule, err.rows) == ("unknown_label", [2]) and "cow" in err.detail
     root = class_folder(tmp_path / "f", classes=("cat", "emu"))
     err = rule_of(lambda: images.read_folder(root, ImageChecks(labels=["cat", "dog"])))
-    assert err.rule == "unknown_label"
+    assert (err.rule, err.file) == ("unknown_label", str(root / "emu"))
 
 
 def test_too_few_examples_and_classes(tmp_path):

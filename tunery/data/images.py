@@ -241,8 +241,17 @@ def read_folder(
             "an image directly in the data folder has no class; "
             "move it into a folder named after its label",
         )
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] != ".")
+    unknown = [d for d in class_dirs if checks.labels is not None and d.name not in checks.labels]
+    if unknown:
+        raise DataValidationError(
+            unknown[0],
+            "unknown_label",
+            f"class folder(s) {[d.name for d in unknown][:5]} not in the declared set "
+            f"{checks.labels[:12]}; rename the folder or declare the class",
+        )
     paths, labels, skipped = [], [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] != "."):
+    for class_dir in class_dirs:
         found, skip = _walk(class_dir)
         paths += found
         labels += [class_dir.name] * len(found)
@@ -253,7 +262,6 @@ def read_folder(
         )
     df = _frame(root, paths, origin or f"source:{root.name}", labels)
     df = check_images(df, checks)
-    check_labels(df, checks, root)
     df.attrs["skipped"] = skipped
     return df
 
