@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,dev
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-all lint wordnet clean-state
+.PHONY: setup demo test test-all lint wordnet fashion-mnist clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,9 @@ setup: $(STAMP)  ## create .venv and install tunery with its pinned dependencies
 
 wordnet:  ## the demo data source: Debian's wordnet-base
 	@bash scripts/install-wordnet.sh
+
+fashion-mnist:  ## the image demo data source: Debian's dataset-fashion-mnist
+	@bash scripts/install-fashion-mnist.sh
 
 demo: setup wordnet  ## the whole pipeline on the embedded default (offline, CPU)
 	$(VENV)/bin/tunery init
