@@ -231,3 +231,48 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path):
     assert got.shape == (5, 10)
     assert np.allclose(got, logits(model, x).numpy(), atol=1e-4)
     assert encoder_of(model) is model.vit
+
+
+def test_base_folder_must_take_the_processor_images(tmp_path):
+    model = build_classifier(GREY, ["a", "b"], spec=TINY)
+    model.save_pretrained(tmp_path / "base")
+    loaded = build_classifier(GREY, ["x", "y", "z"], base_dir=tmp_path / "base")
+    assert loaded.config.num_labels == 3
+    assert torch.equal(loaded.vit.embeddings.cls_token, model.vit.embeddings.cls_token)
+    with pytest.raises(ValueError, match="1x32px"):
+        build_classifier(ProcessorConfig(size=32), ["a"], base_dir=tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_classifier(GREY, ["a"], base_dir=tmp_path / "nowhere")
+
+
+def test_bench_runs_on_a_fake_fashion_mnist(tmp_path):
+    """40 images per split, 4 per class, with the package's file names."""
+    import gzip
+    import importlib.util
+    import json
+
+    from tunery.data.fashion_mnist import FILES
+
+    rng = np.random.default_rng(0)
+    for image_file, label_file in FILES.values():
+        for name, array in (
+            (image_file, rng.integers(0, 256, (40, 28, 28))),
+            (label_file, np.arange(40) % 10),
+        ):
+            header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+            (tmp_path / name).write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    spec = importlib.util.spec_from_file_location("simclr_value", "bench/simclr_value.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    argv = f"--data {tmp_path} --fractions 0.0003 --pool 16 --test 20 --patch 7 --hidden 32"
+    argv += " --layers 1 --heads 2 --batch 8 --pretrain-steps 2 --finetune-steps 2"
+    bench.main([*argv.split(), "--methods", "full,lora", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["sizes"] == {"pool": 16, "test": 20, "labelled": {"0.0003": 20}}
+    assert set(result["simclr_vs_random"]) == {
+        "probe@0.0003",
+        "finetune_full@0.0003",
+        "finetune_lora@0.0003",
+    }
+    assert result["pretrain"]["images_per_s"] > 0
