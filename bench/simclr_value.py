@@ -9,13 +9,14 @@ steps, schedule, seed and classifier initialisation; only the encoder weights di
 on a class-balanced subset of the test split, plus logistic regression on raw pixels as the
 floor. Nothing is tuned on the test split: settings are fixed before the run.
 
-    # smoke (about a minute on 2 cores)
+    # smoke (the defaults: ~4 min on 2 shared cores)
     PYTHONPATH=. python bench/simclr_value.py --out /tmp/simclr_value.json
-    # the recorded CPU run (~10 min niced on 2 shared cores)
-    PYTHONPATH=. nice -n 15 python bench/simclr_value.py --pool 20000 --pretrain-steps 600 \\
-        --pretrain-minutes 5 --finetune-steps 150 --test 5000 \\
+    # the recorded CPU run (bench/results/simclr_value-cpu.json: ~11 min niced on 2 shared cores)
+    PYTHONPATH=. nice -n 15 python bench/simclr_value.py --patch 7 --pool 20000 --batch 256 \\
+        --pretrain-steps 200 --pretrain-minutes 5 --finetune-steps 150 --test 5000 \\
         --out bench/results/simclr_value-cpu.json
-    # "full" settings (a GPU, or hours on CPU): SimCLR wants long schedules and big batches
+    # "full" settings (not run yet; a GPU, or many hours on CPU): SimCLR's usual regime is
+    # hundreds of epochs with big batches; 20,000 steps x 512 is ~175 epochs of the 58k pool
     PYTHONPATH=. python bench/simclr_value.py --pool 58000 --batch 512 --pretrain-steps 20000 \\
         --hidden 192 --layers 6 --heads 3 --finetune-steps 1000 --test 10000 --methods full,lora \\
         --out bench/results/simclr_value-full.json
