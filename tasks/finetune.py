@@ -67,7 +67,7 @@ from tunery.finetuning import (
 )
 from tunery.io import atomic_dir, atomic_path
 from tunery.progress import trainer_callback
-from tunery.training import drop_resume_points
+from tunery.training import drop_resume_points, is_main_process, worker_main, world_size
 
 log = logging.getLogger("tunery.finetune")
 
@@ -384,6 +384,8 @@ def run(
     report = {"chosen": chosen, "pretrain_gate": gate, "arms": arms}
     log.info("arms (test and holdout splits; chosen: %s):\n%s", chosen, arms_table_text(arms))
 
+    if not is_main_process():
+        return {}  # torchrun: every collective is behind us; rank 0 alone writes the outputs
     parity_texts = val_split.texts[:PARITY_BATCH]
     with atomic_dir(out_dir) as tmp:
         saved_encoder, final_encoder = chosen_encoder, chosen_encoder
@@ -439,6 +441,7 @@ def run(
     metrics: dict[str, Any] = {
         **{k: v for k, v in stats.items() if k != "resumed_from"},
         "resumed": stats["resumed_from"] is not None,
+        "world_size": world_size(),  # training processes (torchrun), as pretrain records it
         "merge_max_abs_logit_diff": checks["merge"],
         "adapter_reload_max_abs_logit_diff": checks["adapter_reload"],
         "train_rows": len(train_split),
@@ -574,13 +577,18 @@ def pretrain_input(params: Params, root: Path) -> BaseArm:
     return BaseArm(encoder=encoder_path(params, root), init="random")
 
 
-def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
+def _config(params: Params, root: Path) -> FinetuneConfig:
     cfg = params.finetune
     if cfg.warm_start == "champion":
         from tunery.registration import champion_finetune_dir
 
         champion = champion_finetune_dir(root, params)
         cfg = cfg.model_copy(update={"warm_start": str(champion) if champion else None})
+    return cfg
+
+
+def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
+    cfg = _config(params, root)
     plot_dir = root / "plots" / "finetune"
     metrics = run(
         cfg,
@@ -601,10 +609,34 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     return metrics
 
 
+def _rank_stage(params: Params, root: Path) -> None:
+    """A torchrun rank other than 0: trains its share of every arm in step with rank 0, which
+    alone writes the outputs, plots, metrics and tracking run (this rank's go to a scratch dir)."""
+    import tempfile
+
+    cfg = _config(params, root)
+    with tempfile.TemporaryDirectory(prefix="tunery-finetune-rank-") as scratch:
+        run(
+            cfg,
+            encoder=encoder_path(params, root),
+            base=pretrain_input(params, root),
+            data_dir=root / params.prepare.out_dir,
+            out_dir=Path(scratch) / "out",
+            checkpoint_root=root / cfg.checkpoint_dir,
+            plot_dir=Path(scratch) / "plots",
+            root=root,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     from tunery.stage import stage_main
+    from tunery.training import shutdown_distributed
 
-    stage_main("finetune", _stage, argv)
+    if is_main_process():
+        stage_main("finetune", _stage, argv)
+    else:
+        worker_main("tasks.finetune", _rank_stage, argv)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

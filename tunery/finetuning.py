@@ -31,10 +31,12 @@ from tunery.errors import DataValidationError, TuneryError
 # file contents) keys the resume folder and ties an adapter to its encoder.
 from tunery.training import fingerprint_files as fingerprint
 from tunery.training import (
+    is_main_process,
     last_complete_checkpoint,
     length_sorted_batches,
     trainer_callbacks,
     training_args,
+    world_size,
 )
 
 if TYPE_CHECKING:  # pydantic is not on the GPU machine; the bench passes a look-alike there
@@ -708,6 +710,12 @@ def train(
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=fast["pad_to_multiple_of"])
     counter = _TokenCounter()
     steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
+    processes = world_size()
+    if cfg.batch_size % processes:
+        raise FinetuneError(
+            f"finetune.batch_size {cfg.batch_size} is the global batch and must divide evenly "
+            f"among the {processes} training processes"
+        )
 
     loss_func = None
     if cfg.class_weights == "balanced":
@@ -782,14 +790,21 @@ def train(
     else:
         out = Path(checkpoint_dir)
         out.mkdir(parents=True, exist_ok=True)
-    resume = last_complete_checkpoint(out) if checkpoint_dir is not None else None
+    # Under torchrun the main process alone removes half-written checkpoints.
+    resume = (
+        last_complete_checkpoint(out, main=is_main_process())
+        if checkpoint_dir is not None
+        else None
+    )
     if resume is not None:
         log.info("resuming from %s", resume)
 
     settings = dict(
         output_dir=str(out),
         num_train_epochs=epochs,
-        per_device_train_batch_size=cfg.batch_size,
+        # `batch_size` is the global batch: under torchrun each process takes its share, so the
+        # steps, the schedule and the metrics do not depend on the number of processes.
+        per_device_train_batch_size=cfg.batch_size // processes,
         per_device_eval_batch_size=cfg.eval_batch_size,
         learning_rate=lr,
         weight_decay=cfg.weight_decay,
