@@ -8,7 +8,9 @@ Credentials are fake ones for the local stand-ins, given through the environment
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -222,3 +225,127 @@ def s3_keys(endpoint: str, prefix: str, bucket: str = BUCKET) -> list[str]:
     s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_creds())
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+# --------------------------------------------------------------------------- MLflow and Prefect servers
+@contextlib.contextmanager
+def mlflow_server(
+    work: Path, backend: str, artifacts: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, Proc]]:
+    """`mlflow server` on 127.0.0.1 with proxied artifacts; yields its URI and process."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environ.update(QUIET_ENV, **(env or {}))
+    port = free_port()
+    proc = Proc(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+            *("--backend-store-uri", backend),
+            *("--serve-artifacts", "--artifacts-destination", artifacts),
+        ],
+        work / "mlflow-server.log",
+        environ,
+        cwd=work,
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        wait_until(lambda: http_ok(f"{uri}/health"), proc, "mlflow server")
+        print(f"mlflow server up in {time.monotonic() - started:.1f} s")
+        yield uri, proc
+    finally:
+        proc.stop()
+
+
+def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    environ.update(
+        PATH=os.pathsep.join([str(BIN), environ["PATH"]]),
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        **extra,
+    )
+    return environ
+
+
+def prefect(*args: str, env: dict[str, str], cwd: Path) -> str:
+    done = subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@contextlib.contextmanager
+def prefect_server(work: Path):
+    """`prefect server start` on 127.0.0.1 with its own home and sqlite database; yields the API URL."""
+    port = free_port()
+    home = work / "server-home"
+    env = prefect_env("", home)
+    env.pop("PREFECT_API_URL")
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{work / 'server.db'}"
+    proc = Proc(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        work / "server.log",
+        env,
+        cwd=work,
+    )
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        started = time.monotonic()
+        wait_until(lambda: http_ok(f"{api}/health"), proc, "prefect server", timeout=180)
+        print(f"prefect server up in {time.monotonic() - started:.1f} s")
+        yield api, proc
+    finally:
+        proc.stop()
+
+
+def flow_run_id(output: str) -> str:
+    found = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert found, output
+    return found.group(1)
+
+
+def when(run: dict, key: str) -> datetime:
+    return datetime.fromisoformat(run[key])
+
+
+def api_get(api: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{api}/{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def wait_flow_run(api: str, run_id: str, procs: list[Proc], timeout: float) -> dict:
+    """Poll a flow run until it is final; fail at once when one of `procs` dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = api_get(api, f"flow_runs/{run_id}")
+        if run["state"]["type"] in FINAL:
+            return run
+        for proc in procs:
+            if not proc.alive():
+                pytest.fail(f"{proc.log.name}: exited\n{proc.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"flow run {run_id} not done after {timeout:.0f} s: {run['state']}")
+        time.sleep(1.0)
+
+
+def aws_env(folder: Path) -> dict[str, str]:
+    """S3_ENV with empty AWS config files in `folder` (s3fs, DVC's S3 filesystem, wants real files
+    where botocore takes /dev/null)."""
+    empty = folder / "aws-empty"
+    empty.touch()
+    return {**S3_ENV, "AWS_CONFIG_FILE": str(empty), "AWS_SHARED_CREDENTIALS_FILE": str(empty)}

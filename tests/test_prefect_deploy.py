@@ -14,92 +14,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
 import shutil
-import subprocess
 import time
-import urllib.request
-from datetime import datetime
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, init_repo
-from tests.services import BIN, Proc, free_port, http_ok, wait_until
+from tests.services import (
+    BIN,
+    FINAL,
+    Proc,
+    api_get,
+    flow_run_id,
+    prefect,
+    prefect_env,
+    prefect_server,
+    when,
+)
 from tests.test_end_to_end import tiny_params
 
 POOL = "tunery"
 DEPLOYMENT = "tunery-retrain/tunery-retrain"
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 RUN_TIMEOUT = 1200.0  # the tiny pipeline takes 2-4 min on 2 busy cores
-
-
-def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    environ.update(
-        PATH=os.pathsep.join([str(BIN), environ["PATH"]]),
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api_url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-        **extra,
-    )
-    return environ
-
-
-def prefect(*args: str, env: dict[str, str], cwd: Path) -> str:
-    done = subprocess.run(
-        [str(BIN / "prefect"), "--no-prompt", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-@contextlib.contextmanager
-def prefect_server(work: Path):
-    """`prefect server start` on 127.0.0.1 with its own home and sqlite database; yields the API URL."""
-    port = free_port()
-    home = work / "server-home"
-    env = prefect_env("", home)
-    env.pop("PREFECT_API_URL")
-    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{work / 'server.db'}"
-    proc = Proc(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        work / "server.log",
-        env,
-        cwd=work,
-    )
-    try:
-        api = f"http://127.0.0.1:{port}/api"
-        started = time.monotonic()
-        wait_until(lambda: http_ok(f"{api}/health"), proc, "prefect server", timeout=180)
-        print(f"prefect server up in {time.monotonic() - started:.1f} s")
-        yield api, proc
-    finally:
-        proc.stop()
-
-
-def flow_run_id(output: str) -> str:
-    found = re.search(r"UUID: ([0-9a-f-]{36})", output)
-    assert found, output
-    return found.group(1)
-
-
-def when(run: dict, key: str) -> datetime:
-    return datetime.fromisoformat(run[key])
-
-
-def api_get(api: str, path: str) -> dict:
-    with urllib.request.urlopen(f"{api}/{path}", timeout=10) as r:
-        return json.loads(r.read())
 
 
 @pytest.mark.slow
