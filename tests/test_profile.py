@@ -3,13 +3,14 @@ default remote; `tunery check` shows it and asks each store whether it answers; 
 not is a named error (the store and its URL), exit 1, and nothing is run or written.
 
 Fast: refused ports on 127.0.0.1 (nothing listens), no servers. The stores themselves answering
-are in the slow tests (tests/test_scale_out.py).
+are in the slow tests: the S3 remote here, all of them in tests/test_scale_out.py.
 """
 
 from __future__ import annotations
 
 import configparser
 import json
+import os
 import shutil
 import types
 
@@ -158,3 +159,34 @@ def test_a_password_in_a_url_is_never_shown():
     assert profile.shown("http://u:hunter2@h:5000/x") == "http://u:***@h:5000/x"
     err = profile.StoreUnavailable("MLflow", profile.shown("http://u:pw@h"), "refused")
     assert "pw" not in str(err)
+
+
+def use_remote(project, url: str, endpoint: str) -> None:
+    """A profile with this DVC remote, applied afresh (what the last one put in the environment
+    would win over the file otherwise)."""
+    for key in ("TUNERY_DVC_REMOTE", "TUNERY_DVC_ENDPOINT"):
+        os.environ.pop(key, None)
+    (project / ".env").write_text(f"TUNERY_DVC_REMOTE={url}\nTUNERY_DVC_ENDPOINT={endpoint}\n")
+    profile.apply(project)
+
+
+@pytest.mark.slow
+def test_an_s3_remote_that_answers_and_one_that_refuses_the_credentials(project, monkeypatch):
+    from tests.services import BUCKET, S3_ENV, s3_server
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    # moto checks credentials after its first action (the test's create_bucket): these fake
+    # keys are unknown to it from then on, as wrong keys are to a real store
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "1")
+    with s3_server(project) as endpoint:
+        use_remote(project, f"s3://{BUCKET}/dvc", endpoint)
+        with pytest.raises(profile.StoreUnavailable, match="access denied: check the credentials"):
+            profile.verify(project)
+    monkeypatch.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
+    with s3_server(project) as endpoint:
+        use_remote(project, f"s3://{BUCKET}/dvc", endpoint)
+        assert profile.verify(project)["dvc_remote"] == f"s3://{BUCKET}/dvc answers"
+        use_remote(project, "s3://no-such-bucket/dvc", endpoint)
+        with pytest.raises(profile.StoreUnavailable, match="no bucket 'no-such-bucket'"):
+            profile.verify(project)
