@@ -107,7 +107,17 @@ def stage(root: Path, argv: list[str]) -> dict:
         argv, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((root / "metrics" / "finetune.json").read_text())
+    return stage_metrics(root, "finetune")
+
+
+def stage_metrics(root: Path, stage: str) -> dict:
+    """Every number the stage wrote: reports/metrics/<stage>.json where the headline file
+    metrics/<stage>.json keeps only some (tunery/metrics_files.py), else metrics/<stage>.json."""
+    for folder in ("reports/metrics", "metrics"):
+        path = root / folder / f"{stage}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise AssertionError(f"{root}: no metrics of {stage}")
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ from tests.services import (
     wait_flow_run,
 )
 from tests.test_end_to_end import tiny_params
+from tests.test_finetune_ddp import stage_metrics
 
 DVC_BUCKET = "tunery-dvc"
 RUN_TIMEOUT = 1500.0
@@ -204,8 +205,7 @@ def test_the_whole_profile_at_once_against_the_embedded_default(project, tmp_pat
         keys = s3_keys(endpoint, "proxied/")
         assert any(k.endswith("/deploy/model.onnx") for k in keys), keys[:20]
         assert s3_keys(endpoint, "store/", bucket=DVC_BUCKET), "the new data version was pushed"
-        finetune = json.loads((project / "metrics" / "finetune.json").read_text())
-        assert finetune["world_size"] == 2
+        assert stage_metrics(project, "finetune")["world_size"] == 2
         assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
         assert not (project.parent / "remote").exists()  # the local DVC remote was not used
         assert "new.csv" in worker.log.read_text(errors="replace")
