@@ -36,7 +36,13 @@ from tunery.io import atomic_path
 from tunery.modeling import finetune_dir
 from tunery.modeling.arms import BaseArm, Inputs, flat_summary, train_arms
 from tunery.modeling.save import write_finetune
-from tunery.modeling.training import drop_resume_points, model_files
+from tunery.modeling.training import (
+    drop_resume_points,
+    is_main_process,
+    model_files,
+    worker_main,
+    world_size,
+)
 from tunery.modeling.training import fingerprint_files as fingerprint
 
 log = logging.getLogger("tunery.finetune")
@@ -131,6 +137,8 @@ def run(
         on_log=functools.partial(_log_to, tracker),
         callbacks=callbacks,
     )
+    if not is_main_process():
+        return {}  # torchrun: every collective is behind us; rank 0 alone writes the outputs
     _write_curves(outcome.chosen.result.history, plot_dir)
     checks = write_finetune(out_dir, cfg, outcome, inputs, data_dir=data_dir, warm=warm)
     log.info(
@@ -145,6 +153,7 @@ def run(
     metrics: dict[str, Any] = {
         **{k: v for k, v in stats.items() if k != "resumed_from"},
         "resumed": stats["resumed_from"] is not None,
+        "world_size": world_size(),  # training processes (torchrun), as pretrain records it
         "merge_max_abs_logit_diff": checks["merge"],
         "adapter_reload_max_abs_logit_diff": checks["adapter_reload"],
         "train_rows": len(inputs.train_split),
@@ -191,13 +200,18 @@ def pretrain_input(params: Params, root: Path) -> BaseArm:
     return BaseArm(encoder=encoder_path(params, root), init="random")
 
 
-def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
+def _config(params: Params, root: Path) -> FinetuneConfig:
     cfg = params.finetune
     if cfg.warm_start == "champion":
         from tunery.registry.registration import champion_finetune_dir
 
         champion = champion_finetune_dir(root, params)
         cfg = cfg.model_copy(update={"warm_start": str(champion) if champion else None})
+    return cfg
+
+
+def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
+    cfg = _config(params, root)
     plot_dir = root / "plots" / "finetune"
     metrics = run(
         cfg,
@@ -218,10 +232,34 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
     return metrics
 
 
+def _rank_stage(params: Params, root: Path) -> None:
+    """A torchrun rank other than 0: trains its share of every arm in step with rank 0, which
+    alone writes the outputs, plots, metrics and tracking run (this rank's go to a scratch dir)."""
+    import tempfile
+
+    cfg = _config(params, root)
+    with tempfile.TemporaryDirectory(prefix="tunery-finetune-rank-") as scratch:
+        run(
+            cfg,
+            encoder=encoder_path(params, root),
+            base=pretrain_input(params, root),
+            data_dir=root / params.prepare.out_dir,
+            out_dir=Path(scratch) / "out",
+            checkpoint_root=root / cfg.checkpoint_dir,
+            plot_dir=Path(scratch) / "plots",
+            root=root,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
+    from tunery.modeling.training import shutdown_distributed
     from tunery.stage import stage_main
 
-    stage_main("finetune", _stage, argv)
+    if is_main_process():
+        stage_main("finetune", _stage, argv)
+    else:
+        worker_main("tasks.finetune", _rank_stage, argv)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.services import QUIET_ENV, Proc, free_port, http_ok, wait_until
 from tests.test_export import make_data_dir, make_finetune_dir
-from tests.test_mlflow_server import QUIET_ENV, Proc, free_port, http_ok, wait_until
 from tunery import mlflow_model, tracking
 from tunery.config import ExportConfig
 from tunery.errors import TuneryError

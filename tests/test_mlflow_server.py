@@ -21,20 +21,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.services import (
+    BIN,
+    BUCKET,
+    QUIET_ENV,
+    S3_ENV,
+    Proc,
+    free_port,
+    http_ok,
+    postgres_server,
+    s3_keys,
+    s3_server,
+    wait_until,
+)
 from tests.test_registry import stage_deployable
 from tunery import mlflow_model, tracking
 from tunery.config import load_params
@@ -42,193 +49,6 @@ from tunery.registry import promotion, registration
 from tunery.runner import steps as pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-BUCKET = "tunery-artifacts"
-S3_ENV = {
-    # Fake credentials for the local S3 stand-in; a real setup exports its own the same way.
-    "AWS_ACCESS_KEY_ID": "tunery-test",
-    "AWS_SECRET_ACCESS_KEY": "tunery-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
-QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no background job runner process
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
-
-
-# --------------------------------------------------------------------------- processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A background process in its own process group, its output in a log file."""
-
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str], **kw) -> None:
-        self.log = log
-        self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(
-            argv, stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True, **kw
-        )
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.p.pid, sig)
-        try:
-            self.p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.p.pid, signal.SIGKILL)
-            self.p.wait(timeout=15)
-        # uvicorn's worker and postgres' backends share the group: make sure none is left
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.p.pid, signal.SIGKILL)
-        self._out.close()
-
-
-def wait_until(ready, proc: Proc, what: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            pytest.fail(f"{what} exited with {proc.p.returncode}:\n{proc.tail()}")
-        with contextlib.suppress(Exception):
-            if ready():
-                return
-        time.sleep(0.25)
-    pytest.fail(f"{what} not ready after {timeout:.0f} s:\n{proc.tail()}")
-
-
-def http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as r:
-        return r.status == 200
-
-
-# --------------------------------------------------------------------------- PostgreSQL and S3
-INITDB_ARGS = ["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]
-POSTGRES_ARGS = ["-h", "127.0.0.1", "-k", ".", "-c", "fsync=off", "-c", "full_page_writes=off"]
-
-
-def _pg_binaries() -> tuple[Path, Path] | None:
-    found = shutil.which("initdb"), shutil.which("postgres")
-    if all(found):
-        return Path(found[0]), Path(found[1])
-    for bindir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file():
-            return bindir / "initdb", bindir / "postgres"
-    return None
-
-
-@contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1; yields its `postgresql://` URL."""
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary (dev extra) not installed")
-    binaries = _pg_binaries()
-    if binaries is None:
-        pytest.skip(
-            "PostgreSQL server binaries (initdb, postgres) not found: apt-get install postgresql"
-        )
-    initdb, postgres = binaries
-    as_user: list[str] = []
-    # The cluster lives outside pytest's tmp folders: those are private to root, and PostgreSQL
-    # refuses to run as root, so as root it runs as the `postgres` user in a folder it owns.
-    base = Path(tempfile.mkdtemp(prefix="tunery-pg-"))
-    if os.geteuid() == 0:
-        import pwd
-
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(base)
-            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
-        os.chown(base, user.pw_uid, user.pw_gid)
-        as_user = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", "postgres", "--"]
-    env = {**os.environ, "LC_ALL": "C.UTF-8"}
-    proc = None
-    try:
-        subprocess.run(
-            [*as_user, str(initdb), "-D", str(base / "data"), *INITDB_ARGS],
-            check=True,
-            capture_output=True,
-            env=env,
-            cwd=base,
-        )
-        port = free_port()
-        proc = Proc(
-            [*as_user, str(postgres), "-D", str(base / "data"), "-p", str(port), *POSTGRES_ARGS],
-            base.parent / f"{base.name}.log",
-            env,
-            cwd=base,
-        )
-
-        def connect():
-            conn = psycopg2.connect(
-                host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2
-            )
-            conn.autocommit = True
-            return conn
-
-        wait_until(lambda: connect().close() or True, proc, "postgres", timeout=60)
-        conn = connect()
-        conn.cursor().execute("CREATE DATABASE mlflow")
-        conn.close()
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
-    finally:
-        if proc is not None:
-            proc.stop(signal.SIGINT)  # PostgreSQL's "fast" shutdown
-            with contextlib.suppress(OSError):
-                proc.log.unlink()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def s3_server(workdir: Path) -> Iterator[str]:
-    """moto's S3-compatible server on 127.0.0.1 with an empty bucket; yields its endpoint URL."""
-    pytest.importorskip("moto", reason="moto (dev extra) not installed")
-    boto3 = pytest.importorskip("boto3", reason="boto3 (dev extra, with moto) not installed")
-    port = free_port()
-    proc = Proc(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        workdir / "moto.log",
-        {**os.environ, **QUIET_ENV},
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_ok(f"{endpoint}/moto-api/"), proc, "moto server", timeout=60)
-        s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_creds())
-        s3.create_bucket(Bucket=BUCKET)
-        yield endpoint
-    finally:
-        proc.stop()
-
-
-def _boto_creds() -> dict[str, str]:
-    return {
-        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
-        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
-    }
-
-
-def s3_keys(endpoint: str, prefix: str) -> list[str]:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_creds())
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 # --------------------------------------------------------------------------- the MLflow server

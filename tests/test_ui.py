@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_mlflow_server import QUIET_ENV, free_port, http_ok
+from tests.services import QUIET_ENV, free_port, http_ok
 from tunery import orphans, ui
 
 REPO = Path(__file__).resolve().parents[1]

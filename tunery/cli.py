@@ -82,8 +82,10 @@ def _load_for_stages(args: argparse.Namespace, root: Path):
     """Params for a command that runs DVC stages: `-p`/`--set` are validated, then written into
     params.yaml (atomically, comments kept) before anything starts, and the change is said on
     stderr. DVC then records exactly what ran in dvc.lock; see config.write_params for why."""
+    from tunery import profile
     from tunery.config import load_params, write_params
 
+    profile.verify(root)  # a store that does not answer: a named error, nothing run or written
     dest = root / PARAMS_FILE
     changes = write_params(dest, args.set, source=_params_path(args, root))
     args.params_changed = changes
@@ -174,12 +176,15 @@ def _stores(root: Path, params: Any) -> dict[str, str]:
 
 
 def cmd_check(args: argparse.Namespace, root: Path) -> int:
+    from tunery import profile
     from tunery.runner.steps import stage_names
 
     params = _load(args, root)
     source = _check_source(params, root)
     stages = stage_names(root)
     stores = _stores(root, params)
+    in_force, _ = profile.load(root)
+    answers = profile.verify(root)
     overrides = f" (with {len(args.set)} override(s))" if args.set else ""
     if args.json:
         doc: dict[str, Any] = {
@@ -189,6 +194,7 @@ def cmd_check(args: argparse.Namespace, root: Path) -> int:
             "source": source,
             "stages": stages,
             "stores": stores,
+            "profile": {"name": in_force.name, "file": in_force.source, "answers": answers},
         }
         if args.show:
             doc["params"] = params.model_dump(mode="json")
@@ -196,11 +202,13 @@ def cmd_check(args: argparse.Namespace, root: Path) -> int:
         return 0
     if args.show:
         print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip() + "\n")
+    print(f"profile: {in_force.name}" + (f" ({in_force.source})" if in_force.source else ""))
     print(f"source:  {source}")
     print(f"stages:  {' -> '.join(stages)}")
     print(f"MLflow:  {stores['mlflow']}")
     print(f"DVC:     remote {stores['dvc_remote']}")
     print(f"Prefect: {stores['prefect']}")
+    print("stores:  " + "; ".join(f"{k}: {v}" for k, v in answers.items()))
     print(
         f"OK: {args.params} is valid{overrides}"
         + ("" if args.show else " (`tunery check --show` prints the full config)")
@@ -856,10 +864,10 @@ def main(argv: list[str] | None = None) -> None:
     from tunery.stage import setup_logging
 
     setup_logging(args.verbose)
-    root = env.configure()
     as_json = getattr(args, "json", False)
     args.json_doc, args.params_changed = None, []
     try:
+        root = env.configure()  # a bad store profile (.env) is a named error too
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
             code = args.fn(args, root)
     except TuneryError as exc:

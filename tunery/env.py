@@ -2,7 +2,7 @@
 
 `configure()` is called by the CLI and by every stage entry point (never at import time). It only
 sets variables the user has not set, so an explicit `MLFLOW_TRACKING_URI` or `PREFECT_API_URL`
-still wins.
+still wins; so does one from the project's store profile (`.env`, tunery/profile.py).
 """
 
 from __future__ import annotations
@@ -50,8 +50,12 @@ def project_defaults(root: Path) -> dict[str, str]:
 
 
 def configure(root: Path | None = None) -> Path:
-    """Apply `project_defaults` to this process (and so its children); return the project root."""
+    """Apply the store profile (`.env`, see tunery/profile.py) and `project_defaults` to this
+    process (and so its children); return the project root."""
+    from tunery import profile
+
     root = find_root(root)
+    profile.apply(root)
     for key, value in project_defaults(root).items():
         os.environ.setdefault(key, value)
     return root

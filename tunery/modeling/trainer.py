@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunery.data.labelled import Split
+from tunery.errors import FinetuneError
 from tunery.modeling.devices import PeakMemory, resolve_device, resolve_precision
-from tunery.modeling.training import last_complete_checkpoint, training_args
+from tunery.modeling.training import (
+    is_main_process,
+    last_complete_checkpoint,
+    training_args,
+    world_size,
+)
 
 if TYPE_CHECKING:
     from tunery.config import FinetuneConfig
@@ -152,10 +158,18 @@ def _trainer_settings(
 ) -> dict[str, Any]:
     """The TrainingArguments of a fine-tune: evaluation and a checkpoint every epoch."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    processes = world_size()
+    if cfg.batch_size % processes:
+        raise FinetuneError(
+            f"finetune.batch_size {cfg.batch_size} is the global batch and must divide evenly "
+            f"among the {processes} training processes"
+        )
     return dict(
         output_dir=str(out),
         num_train_epochs=epochs,
-        per_device_train_batch_size=cfg.batch_size,
+        # `batch_size` is the global batch: under torchrun each process takes its share, so the
+        # steps, the schedule and the metrics do not depend on the number of processes.
+        per_device_train_batch_size=cfg.batch_size // processes,
         per_device_eval_batch_size=cfg.eval_batch_size,
         learning_rate=getattr(cfg, method).learning_rate,
         weight_decay=cfg.weight_decay,
@@ -191,7 +205,8 @@ def _output_dir(checkpoint_dir: Path | None) -> tuple[Path, Path | None, Path | 
         return temp, temp, None
     out = Path(checkpoint_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume = last_complete_checkpoint(out)
+    # Under torchrun the main process alone removes half-written checkpoints.
+    resume = last_complete_checkpoint(out, main=is_main_process())
     if resume is not None:
         log.info("resuming from %s", resume)
     return out, None, resume

@@ -316,6 +316,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+def worker_main(prog: str, fn: Any, argv: list[str] | None) -> None:
+    """A stage's entry point on a torchrun rank other than 0: the stage's command line, then
+    `fn(params, root)`; no tracking run and no metrics file (rank 0 writes those)."""
+    import argparse
+    import sys
+
+    from tunery import env
+    from tunery.config import load_params
+    from tunery.stage import setup_logging
+
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}")
+    parser.add_argument("-p", "--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    root = env.configure()
+    try:
+        fn(load_params(root / args.params, args.set), root)
+    except TuneryError as exc:
+        print(f"tunery {prog} (rank {rank()}): error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
 def shutdown_distributed() -> None:
     """Leave the process group cleanly (torchrun warns about a group left open)."""
     if dist_ready():
