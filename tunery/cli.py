@@ -702,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    for add in (_pipeline_commands, _data_commands, _registry_commands, _serving_commands):
+        add(sub)
+    return parser
+
+
+def _pipeline_commands(sub: Any) -> None:
+    """check, init, run, retrain, schedule: the commands that validate or run the stages."""
     p = sub.add_parser(
         "check",
         help="validate params.yaml (and overrides) and the data source; print a short summary",
@@ -735,6 +742,30 @@ def build_parser() -> argparse.ArgumentParser:
     _json_arg(p)
     p.set_defaults(fn=cmd_run)
 
+    p = sub.add_parser(
+        "retrain", help="re-fine-tune now: take in new data, re-run stale stages, gate"
+    )
+    p.add_argument(
+        "--ignore-drift",
+        action="store_true",
+        help="retrain even when the new data's drift is below retrain.drift.min_auc",
+    )
+    _params_args(p, writes=True)
+    _json_arg(p)
+    p.set_defaults(fn=cmd_retrain)
+
+    p = sub.add_parser(
+        "schedule", help="serve the retrain flow on a schedule (embedded Prefect server)"
+    )
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
+    when.add_argument("--interval", type=_positive_float, help="seconds between runs")
+    _params_args(p, writes=True)
+    p.set_defaults(fn=cmd_schedule)
+
+
+def _data_commands(sub: Any) -> None:
+    """data add/withdraw, demo-shard: what goes into the dataset."""
     data = sub.add_parser("data", help="manage the dataset").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
@@ -761,27 +792,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_data_withdraw)
 
     p = sub.add_parser(
-        "retrain", help="re-fine-tune now: take in new data, re-run stale stages, gate"
-    )
-    p.add_argument(
-        "--ignore-drift",
-        action="store_true",
-        help="retrain even when the new data's drift is below retrain.drift.min_auc",
-    )
-    _params_args(p, writes=True)
-    _json_arg(p)
-    p.set_defaults(fn=cmd_retrain)
-
-    p = sub.add_parser(
-        "schedule", help="serve the retrain flow on a schedule (embedded Prefect server)"
-    )
-    when = p.add_mutually_exclusive_group(required=True)
-    when.add_argument("--cron", help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
-    when.add_argument("--interval", type=_positive_float, help="seconds between runs")
-    _params_args(p, writes=True)
-    p.set_defaults(fn=cmd_schedule)
-
-    p = sub.add_parser(
         "demo-shard", help="release the next shard of WordNet demo data into the landing folder"
     )
     p.add_argument(
@@ -790,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
     _params_args(p)
     p.set_defaults(fn=cmd_demo_shard)
 
+
+def _registry_commands(sub: Any) -> None:
+    """models, promote, rollback: the MLflow registry."""
     p = sub.add_parser(
         "models", help="list registered model versions with aliases, key metrics and gate decisions"
     )
@@ -818,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     _params_args(p)
     p.set_defaults(fn=cmd_rollback)
 
+
+def _serving_commands(sub: Any) -> None:
+    """predict, serve-model, ui: using the models and seeing the runs."""
     p = sub.add_parser(
         "predict", help="score a CSV/JSONL/Parquet file with a deployable ONNX model"
     )
@@ -856,7 +872,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-prefect", action="store_true", help="the MLflow UI only")
     p.set_defaults(fn=cmd_ui)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
