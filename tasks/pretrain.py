@@ -107,33 +107,13 @@ def main(argv: list[str] | None = None) -> None:
 
         stage_main("pretrain", _stage, argv)
     else:
-        _worker(argv)
+        training.worker_main("tasks.pretrain", _rank_stage, argv)
     training.shutdown_distributed()
 
 
-def _worker(argv: list[str] | None) -> None:
+def _rank_stage(params: Params, root: Path) -> None:
     """A DDP rank other than 0: trains its share; rank 0 evaluates, writes and logs."""
-    import argparse
-    import sys
-
-    from tunery import env
-    from tunery.config import load_params
-    from tunery.errors import TuneryError
-    from tunery.modeling import training
-    from tunery.stage import setup_logging
-
-    parser = argparse.ArgumentParser(prog="python -m tasks.pretrain")
-    parser.add_argument("-p", "--params", default="params.yaml")
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    root = env.configure()
-    try:
-        _stage(load_params(root / args.params, args.set), root, None)
-    except TuneryError as exc:
-        print(f"tunery pretrain (rank {training.rank()}): error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    _stage(params, root, None)
 
 
 if __name__ == "__main__":

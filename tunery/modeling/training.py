@@ -336,7 +336,8 @@ def worker_main(prog: str, fn: Any, argv: list[str] | None) -> None:
     try:
         fn(load_params(root / args.params, args.set), root)
     except TuneryError as exc:
-        print(f"tunery {prog} (rank {rank()}): error: {exc}", file=sys.stderr)
+        stage = prog.rsplit(".", 1)[-1]  # tasks.pretrain -> pretrain, as stage_main says it
+        print(f"tunery {stage} (rank {rank()}): error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
 
 
