@@ -5,10 +5,10 @@ Without PREFECT_API_URL, Prefect starts a temporary server when the first flow r
 (`prefect.server.api.server.SubprocessASGIServer`): the flow waits for it, and the caller process
 first imports `prefect.server` (FastAPI, SQLAlchemy, every server model) only to launch it. On
 2 cores that put ~13 s of start-up before the first stage (measured; the flow itself then spends
-~2.5 s on nine stages). `start_temporary_server` launches the same server process (the same
-uvicorn command and environment as SubprocessASGIServer) without that import, so it starts while
-the caller imports MLflow and opens its store, and points PREFECT_API_URL at it for this process
-only. Measured on the same machine: the first flow starts 7.7 s after the process instead of 14.1.
+~2.5 s on nine stages). `start_temporary_server` launches the same server process (uvicorn on
+Prefect's app, ephemeral, as SubprocessASGIServer runs it; flows/server_app.py) without that
+import, so it starts while the caller imports MLflow and opens its store, and points
+PREFECT_API_URL at it for this process only. Measured on the same machine: the first flow starts 7.7 s after the process instead of 14.1.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class TemporaryServer:
                 "--app-dir",
                 str(Path(spec.origin).parent.parent),
                 "--factory",
-                "prefect.server.api.server:create_app",
+                "flows.server_app:create_app",  # Prefect's app, ephemeral, by public arguments
                 "--host",
                 "127.0.0.1",  # localhost only
                 "--port",
@@ -72,12 +72,7 @@ class TemporaryServer:
                 "--lifespan",
                 "on",
             ],
-            env={
-                **orphans.child_env(),
-                "PREFECT_UI_ENABLED": "0",
-                "PREFECT__SERVER_EPHEMERAL": "1",
-                "PREFECT__SERVER_FINAL": "1",
-            },
+            env={**orphans.child_env(), "PREFECT_UI_ENABLED": "0"},
         )
         os.environ["PREFECT_API_URL"] = self.api_url
         # Its UI is off; the run's "View at" link opens where `tunery ui` serves this database.
