@@ -49,7 +49,7 @@ class WallClockBudget(TrainerCallback):
             over = any_rank(over, args.device)
         if over:
             control.should_training_stop = True
-            control.should_save = True
+            control.should_save = args.save_strategy != "no"  # a run that keeps no checkpoints
             self.stopped_at = state.global_step
             log.warning(
                 "wall-clock budget of %.1f min spent at step %d of %d: stopping",

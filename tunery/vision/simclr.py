@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from transformers import TrainerCallback, ViTModel, ViTPreTrainedModel
+from transformers import ViTModel, ViTPreTrainedModel
 
+from tunery.modeling.callbacks import WallClockBudget  # the text loops' budget, DDP-aware
 from tunery.vision.augment import AugmentConfig, augment, generator
 from tunery.vision.processor import ProcessorConfig
 from tunery.vision.trainer import VisionTrainer
@@ -110,25 +111,6 @@ class SimCLRCollator:
             "pixel_values": augment(x, self.augment_cfg, self.processor, gen),
             "view_pixel_values": augment(x, self.augment_cfg, self.processor, gen),
         }
-
-
-class WallClockBudget(TrainerCallback):
-    """Stop (saving a checkpoint) once `minutes` of this run's training have passed."""
-
-    def __init__(self, minutes: float) -> None:
-        self.seconds = minutes * 60.0
-        self.start = time.monotonic()
-        self.stopped_at: int | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start > self.seconds:
-            control.should_training_stop = True
-            control.should_save = args.save_strategy != "no"
-            self.stopped_at = state.global_step
-        return control
 
 
 class SimCLRSettings(BaseModel):
