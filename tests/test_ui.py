@@ -93,9 +93,7 @@ def test_a_run_sends_its_flow_run_to_the_ui_server(monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.delenv("PREFECT_UI_URL", raising=False)
     monkeypatch.setattr(server.ui, "running_prefect_api", lambda: "http://127.0.0.1:4321/api")
-    monkeypatch.setattr(
-        server.sys, "modules", {k: v for k, v in sys.modules.items() if k != "prefect"}
-    )
+    monkeypatch.delitem(sys.modules, "prefect", raising=False)  # as before a flow is imported
     assert server.start_temporary_server() is None  # no second server on the same database
     assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4321/api"
     assert ui.flow_run_url("abc") == "http://127.0.0.1:4321/runs/flow-run/abc"
