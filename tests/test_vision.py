@@ -233,6 +233,37 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path):
     assert encoder_of(model) is model.vit
 
 
+def test_image_model_folder_carries_its_processor_contract(tmp_path):
+    """The deployable folder format (tunery/onnx/export.py) for an image model: modality "image",
+    the processor contract in the manifest (rebuilt exactly by `from_contract`), no tokenizer."""
+    import json
+
+    from tunery.errors import TuneryError
+    from tunery.onnx import export as ox
+    from tunery.vision.export import export_onnx
+    from tunery.vision.processor import from_contract
+
+    model = build_classifier(GREY, ["a", "b"], spec=TINY).eval()
+    raw = export_onnx(model, tmp_path / "raw.onnx")
+    dest = tmp_path / "deploy"
+    dest.mkdir()
+    kw = {"onnx_file": raw, "labels": ["a", "b"], "variant": "fp32", "provider": "cpu"}
+    ox.write_model_dir(dest, **kw, opset=17, source={}, processor=contract(GREY))
+    manifest = ox.verify_model_dir(dest)
+    assert ox.modality(manifest) == "image" and "max_length" not in manifest
+    assert from_contract(manifest["processor"]) == GREY
+    assert not (dest / "tokenizer.json").exists()
+    with pytest.raises(ValueError, match="either a tokenizer"):
+        ox.write_model_dir(tmp_path, **kw, opset=17, source={})
+    del manifest["processor"]
+    (dest / ox.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(TuneryError, match='needs its "processor"'):
+        ox.verify_model_dir(dest)
+    changed = contract(GREY) | {"layout": "NHWC"}
+    with pytest.raises(ValueError, match="does not implement"):
+        from_contract(changed)
+
+
 def test_base_folder_must_take_the_processor_images(tmp_path):
     model = build_classifier(GREY, ["a", "b"], spec=TINY)
     model.save_pretrained(tmp_path / "base")

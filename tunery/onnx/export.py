@@ -4,8 +4,14 @@ The deployable folder format (read by `tunery.onnx.runtime.Predictor`):
 
     model.onnx          the graph (inputs input_ids, attention_mask[, token_type_ids]; output logits)
     labels.json         the sorted label list (index = class id)
-    tokenizer files     what `AutoTokenizer.from_pretrained(folder)` needs
-    tunery_model.json   {"format", "variant", "provider", "opset", "sha256", "max_length", "source"}
+    tokenizer files     text models: what `AutoTokenizer.from_pretrained(folder)` needs
+    tunery_model.json   {"format", "modality", "variant", "provider", "opset", "sha256",
+                         "max_length" (text) | "processor" (image), "labels", "source"}
+
+Two modalities share the folder: "text" (inputs input_ids, attention_mask[, token_type_ids]; the
+tokenizer saved beside the graph) and "image" (one input `pixel_values`; the preprocessing the
+graph expects is the manifest's "processor", `tunery.vision.processor.contract`). A manifest
+without "modality" (written before images existed) is a text model.
 
 The manifest is how the loader knows a file came from this project's runs: its sha256 must match
 `model.onnx`, and external-data paths inside the graph may not leave the folder.
@@ -38,6 +44,7 @@ EXPORTABLE_METHODS = ("lora", "ia3", "adalora", "full")
 # Encoders whose graphs onnxruntime's "bert" optimizer knows how to fuse.
 BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODALITIES = ("text", "image")
 
 
 # --------------------------------------------------------------------------- the finetune output
@@ -527,33 +534,60 @@ def write_model_dir(
     dest: Path,
     *,
     onnx_file: Path,
-    tokenizer: Any,
     labels: list[str],
     variant: str,
     provider: str,
     opset: int,
-    max_length: int,
     source: dict[str, Any],
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    processor: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fill `dest` (an existing, empty folder) with a deployable model; return its manifest."""
+    """Fill `dest` (an existing, empty folder) with a deployable model; return its manifest.
+
+    A text model passes its `tokenizer` and `max_length`; an image model its `processor`
+    contract (`tunery.vision.processor.contract`) instead."""
+    if (tokenizer is None) == (processor is None):
+        raise ValueError("a model folder has either a tokenizer (text) or a processor (image)")
     shutil.copyfile(onnx_file, dest / MODEL_FILE)
     check_external_data(dest / MODEL_FILE)
-    tokenizer.save_pretrained(str(dest))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(dest))
     (dest / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
+    inputs = {"max_length": max_length} if processor is None else {"processor": processor}
     manifest = {
         "format": FORMAT,
+        "modality": "text" if processor is None else "image",
         "variant": variant,
         "provider": provider,
         "opset": opset,
         "sha256": sha256_file(dest / MODEL_FILE),
-        "max_length": max_length,
+        **inputs,
         "labels": len(labels),
         "source": source,
         **(extra or {}),
     }
     (dest / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def modality(manifest: dict[str, Any]) -> str:
+    """ "text" or "image": what a verified model folder takes as input."""
+    return str(manifest.get("modality", "text"))
+
+
+def _check_modality(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    kind = modality(manifest)
+    if kind not in MODALITIES:
+        raise TuneryError(
+            f"{manifest_path}: unknown modality {kind!r} (one of {', '.join(MODALITIES)})"
+        )
+    if kind == "image" and not isinstance(manifest.get("processor"), dict):
+        raise TuneryError(
+            f'{manifest_path}: an image model needs its "processor" (the pixel_values '
+            "contract the graph was trained with); re-run the export stage"
+        )
 
 
 def _tensors(graph: Any) -> Any:
@@ -610,6 +644,7 @@ def verify_model_dir(folder: Path) -> dict[str, Any]:
         raise TuneryError(f"{manifest_path}: not valid JSON: {exc}") from None
     if manifest.get("format") != FORMAT:
         raise TuneryError(f"{manifest_path}: unknown format {manifest.get('format')!r}")
+    _check_modality(manifest_path, manifest)
     if sha256_file(model_path) != manifest.get("sha256"):
         raise TuneryError(
             f"{model_path}: sha256 does not match {MANIFEST_FILE}; the file was changed after "

@@ -69,6 +69,25 @@ def contract(cfg: ProcessorConfig) -> dict[str, Any]:
     }
 
 
+def from_contract(contract_: dict[str, Any]) -> ProcessorConfig:
+    """The ProcessorConfig a manifest's "processor" was written from (the inverse of `contract`):
+    how a predictor rebuilds the preprocessing a graph was trained with."""
+    try:
+        pre = contract_["preprocessing"]
+        size = pre["resize"]["size"]
+        cfg = ProcessorConfig(
+            size=int(size[0]),
+            channels=int(contract_["shape"][1]),
+            mean=tuple(pre["mean"]),
+            std=tuple(pre["std"]),
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a pixel_values contract: {exc}") from None
+    if contract(cfg) != contract_:
+        raise ValueError("the contract names preprocessing this version does not implement")
+    return cfg
+
+
 def _array(image: Any, cfg: ProcessorConfig) -> Any:
     import numpy as np
     from PIL import Image
