@@ -155,3 +155,49 @@ def test_write_params_keeps_comments_validates_first_and_keeps_the_mode(tmp_path
     other = tmp_path / "other.yaml"
     other.write_text(before)
     assert write_params(dest, source=other) == ["finetune.lora.r: 8 -> 7"]  # -p FILE
+
+
+def test_stage_outputs_are_declared_once_by_their_sections():
+    """`tracking.log_models` accepts exactly the outputs the sections declare, each owned by one
+    stage, each naming a folder field of its section."""
+    from typing import get_args
+
+    from tunery.config import STAGE_OUTPUTS, StageOutput
+
+    declared = [name for outputs in STAGE_OUTPUTS.values() for name in outputs]
+    assert sorted(declared) == sorted(get_args(StageOutput))  # no name twice, none missing
+    params = load_params(REPO / "params.yaml")
+    assert params.model_outputs("compress") == {
+        "variants": params.compress.variants_dir,
+        "deploy": params.compress.out_dir,
+    }
+    assert params.model_outputs("pretrain") == {"encoder": params.pretrain.out_dir}
+    assert params.model_outputs("evaluate") == {} and params.model_outputs("ingest") == {}
+
+
+def test_stage_logs_the_declared_outputs_that_exist_and_are_chosen(tmp_path):
+    from tunery.stage import log_outputs
+
+    calls = []
+
+    class Run:
+        def log_model_folder(self, kind, folder, metrics):
+            calls.append((kind, folder.name, metrics))
+
+        def log_deployable(self, folder, finetune_dir, metrics):
+            calls.append(("deploy", folder.name, metrics))
+
+    params = load_params(
+        REPO / "params.yaml",
+        ["tracking.log_models=[variants, deploy]", "compress.variants_dir=v", "compress.out_dir=d"],
+    )
+    (tmp_path / "d").mkdir()
+    assert log_outputs(params, tmp_path, "compress", Run(), {"m": 1.0})
+    assert calls == [("deploy", "d", {"m": 1.0})]  # `v` is not there: skipped, not an error
+    (tmp_path / "v").mkdir()
+    calls.clear()
+    log_outputs(params, tmp_path, "compress", Run(), {"m": 1.0})
+    assert calls == [("variants", "v", {"m": 1.0}), ("deploy", "d", None)]  # metrics once
+    assert not log_outputs(params, tmp_path, "pretrain", Run(), {})  # encoder: not chosen
+    with pytest.raises(ConfigError, match="log_models"):
+        load_params(REPO / "params.yaml", ["tracking.log_models=[encodr]"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,8 +21,19 @@ PARAMS_FILE = "params.yaml"
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # The model folders the stage of this section writes: output name -> the field holding the
+    # folder. Declared once here, on the section that names the folder; `model_outputs` and
+    # `STAGE_OUTPUTS` below read it (tunery/stage.py logs them, `tracking.log_models` picks).
+    OUTPUTS: ClassVar[dict[str, str]] = {}
+
+    def model_outputs(self) -> dict[str, str]:
+        """The model folders this section's stage writes, by output name (project-relative)."""
+        return {name: getattr(self, field) for name, field in self.OUTPUTS.items()}
+
 
 # --------------------------------------------------------------------------- tracking
+# The names of the stage outputs (the sections' OUTPUTS keys; tests/test_params.py keeps the two
+# equal): a Literal so that a typo in `tracking.log_models` fails validation with the choices.
 StageOutput = Literal["encoder", "adapter", "onnx", "variants", "deploy"]
 DEFAULT_LOGGED: tuple[StageOutput, ...] = ("encoder", "adapter", "deploy")
 
@@ -234,6 +245,8 @@ class FinetuneConfig(Section):
     ablations: AblationConfig = AblationConfig()
     out_dir: str = "models/finetune"
 
+    OUTPUTS: ClassVar[dict[str, str]] = {"adapter": "out_dir"}
+
 
 # --------------------------------------------------------------------------- evaluate
 class EvaluateConfig(Section):
@@ -262,6 +275,8 @@ class ExportConfig(Section):
     min_agreement: float = Field(default=0.99, ge=0.0, le=1.0)
     batch_size: int = Field(default=64, gt=0)
     out_dir: str = "models/onnx"
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"onnx": "out_dir"}
 
 
 # --------------------------------------------------------------------------- compress
@@ -341,6 +356,8 @@ class CompressConfig(Section):
     variants_dir: str = "models/variants"
     out_dir: str = "models/deploy"
     report_dir: str = "reports/compress"
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"variants": "variants_dir", "deploy": "out_dir"}
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -443,6 +460,8 @@ class PretrainConfig(Section):
     checkpoint_dir: str = "checkpoints/pretrain"
     out_dir: str = "models/encoder"
 
+    OUTPUTS: ClassVar[dict[str, str]] = {"encoder": "out_dir"}
+
     @model_validator(mode="after")
     def _base_given(self) -> PretrainConfig:
         if self.init == "base" and not self.base:
@@ -511,6 +530,19 @@ class Params(Section):
 
     def section(self, name: str) -> Section:
         return getattr(self, name)
+
+    def model_outputs(self, stage: str) -> dict[str, str]:
+        """The model folders `stage` writes, by output name (none for a stage that writes none)."""
+        section = getattr(self, stage, None)
+        return section.model_outputs() if isinstance(section, Section) else {}
+
+
+# Which stage writes which output, read from the sections' declarations.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    name: tuple(field.annotation.OUTPUTS)
+    for name, field in Params.model_fields.items()
+    if isinstance(field.annotation, type) and field.annotation.OUTPUTS
+}
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
