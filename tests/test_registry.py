@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from tunery import mlflow_model, tracking
 from tunery.config import load_params
 from tunery.errors import TuneryError
+from tunery.onnx import compress_report
 from tunery.registry import gate_report, promotion, registration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +247,7 @@ def stage_deployable(root: Path, tag: str, *, challenger, champion) -> None:
             gate_report.path_in(Path(paths.evaluate.report_dir)),
             {"challenger": challenger, "champion": champion},
         ),
-        (Path(paths.compress.report_dir) / "report.json", {"parity_passed": True}),
+        (compress_report.path_in(Path(paths.compress.report_dir)), {"parity_passed": True}),
     ):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(json.dumps(data))

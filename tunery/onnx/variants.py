@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from tunery.config import CompressConfig
 from tunery.errors import TuneryError
-from tunery.io import atomic_dir, write_json
+from tunery.io import atomic_dir
 
 log = logging.getLogger("tunery.compress")
 
@@ -480,7 +480,8 @@ def report(
     eligible: Any,
     calibration: dict[str, Any],
 ) -> dict[str, Any]:
-    """report.json: what was judged, how, every variant and why the selected one."""
+    """The compress report (`tunery.onnx.compress_report`): what was judged, how, every variant and
+    why the selected one."""
     rows = {name: len(df) for name, df in setup.splits.items()}
     return {
         "eval_rows": sum(rows.values()),
@@ -518,11 +519,11 @@ def report(
 
 
 def write_report(report: dict[str, Any], report_dir: Path, plot_path: Path) -> None:
+    """The report folder (its owner: `tunery.onnx.compress_report`) and the trade-off plot."""
     from tunery.onnx import compress as comp
+    from tunery.onnx import compress_report
 
-    report_dir.mkdir(parents=True, exist_ok=True)
-    write_json(report_dir / "report.json", report)
-    (report_dir / "report.md").write_text(comp.markdown(report))
+    compress_report.write(report_dir, report, comp.markdown(report))
     comp.plot_tradeoff(report, plot_path)
 
 

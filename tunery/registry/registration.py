@@ -18,14 +18,13 @@ from typing import Any
 from tunery import mlflow_model, tracking
 from tunery.config import Params
 from tunery.errors import TuneryError
+from tunery.onnx import compress_report
 from tunery.onnx.export import MANIFEST_FILE, MODEL_FILE
 from tunery.registry import gate_report as gates
 from tunery.registry import promotion, refs
 from tunery.registry.refs import CHALLENGER, CHAMPION, REGISTRY_FILE, Registry
 
 log = logging.getLogger("tunery.registry")
-
-COMPRESS_REPORT = "report.json"  # in compress.report_dir
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -49,10 +48,10 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     name = reg.name
     sha = meta.get("sha256", "")
     gate_report = gates.read(root / params.evaluate.report_dir)
-    compress_report = _read_json(root / params.compress.report_dir / COMPRESS_REPORT) or {}
+    compress = compress_report.read(root / params.compress.report_dir)
     for existing in tracking.list_versions(root, name):
         if sha and existing["tags"].get("deploy.sha256") == sha:
-            return _unchanged(reg, params, existing, gate_report, compress_report)
+            return _unchanged(reg, params, existing, gate_report, compress)
 
     challenger = gate_report.get("challenger")
     tags = {
@@ -79,7 +78,7 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
         version,
         challenger=challenger,
         champion=gate_report.get("champion"),
-        parity_passed=compress_report.get("parity_passed"),
+        parity_passed=compress_report.parity_passed(compress),
     )
     verdict = "promoted to champion" if decision.promote else "not promoted"
     summary = f"version {version} registered as challenger; {verdict}: {decision.reason}"
@@ -97,7 +96,7 @@ def _unchanged(
     params: Params,
     existing: dict[str, Any],
     gate_report: dict[str, Any],
-    compress_report: dict[str, Any],
+    compress: dict[str, Any],
 ) -> dict[str, Any]:
     """The deployable model is already registered as `existing`: gate it again only if what the
     gate judges on changed since its last decision.
@@ -144,7 +143,7 @@ def _unchanged(
             version,
             challenger=gate_report.get("challenger"),
             champion=gate_report.get("champion"),
-            parity_passed=compress_report.get("parity_passed"),
+            parity_passed=compress_report.parity_passed(compress),
         )
         verdict = "promoted to champion" if decision.promote else "not promoted"
         summary = (
