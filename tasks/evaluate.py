@@ -92,14 +92,13 @@ def run(
     return metrics
 
 
-def champion_ref(params: Params, root: Path) -> str | None:
+def champion_ref(cfg: EvaluateConfig, reg: refs.Registry) -> str | None:
     """`evaluate.champion: registry` -> the registry's current champion, or None before the first."""
-    if params.evaluate.champion != "registry":
-        return params.evaluate.champion
+    if cfg.champion != "registry":
+        return cfg.champion
     from tunery import tracking
 
-    reg = refs.Registry.of(params, root)
-    version = tracking.alias_version(root, reg.name, refs.CHAMPION)
+    version = tracking.alias_version(reg.root, reg.name, refs.CHAMPION)
     if version is None:
         log.info("no champion in the registry yet (%s): nothing to compare against", reg.name)
         return None
@@ -119,7 +118,7 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
         data_dir=root / params.prepare.out_dir,
         report_dir=report_dir,
         plot_dir=plot_dir,
-        champion=champion_ref(params, root),
+        champion=champion_ref(cfg, refs.Registry.of(params, root)),
         root=root,
     )
     tracking_run.log_artifact(report_dir, "evaluate")

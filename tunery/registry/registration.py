@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery import mlflow_model, tracking
-from tunery.config import Params
+from tunery.config import Params, RegistryConfig
 from tunery.errors import TuneryError
 from tunery.onnx import compress_report
 from tunery.onnx.export import MANIFEST_FILE, MODEL_FILE
@@ -51,7 +51,7 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     compress = compress_report.read(root / params.compress.report_dir)
     for existing in tracking.list_versions(root, name):
         if sha and existing["tags"].get("deploy.sha256") == sha:
-            return _unchanged(reg, params, existing, gate_report, compress)
+            return _unchanged(reg, params.registry, existing, gate_report, compress)
 
     challenger = gate_report.get("challenger")
     tags = {
@@ -73,8 +73,8 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     )
     tracking.set_alias(root, name, CHALLENGER, version)
     decision = promotion.gate_challenger(
-        root,
-        params,
+        reg,
+        params.registry,
         version,
         challenger=challenger,
         champion=gate_report.get("champion"),
@@ -93,7 +93,7 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
 
 def _unchanged(
     reg: Registry,
-    params: Params,
+    cfg: RegistryConfig,
     existing: dict[str, Any],
     gate_report: dict[str, Any],
     compress: dict[str, Any],
@@ -138,8 +138,8 @@ def _unchanged(
         # The gate itself refuses a stale comparison (and says what to re-run).
         tracking.set_alias(root, name, CHALLENGER, version)
         decision = promotion.gate_challenger(
-            root,
-            params,
+            reg,
+            cfg,
             version,
             challenger=gate_report.get("challenger"),
             champion=gate_report.get("champion"),
@@ -166,9 +166,9 @@ def _unchanged(
     return {**out, "summary": summary}
 
 
-def champion_finetune_dir(root: Path, params: Params) -> Path | None:
+def champion_finetune_dir(reg: Registry) -> Path | None:
     """The registry champion's fine-tune (adapter + labels + info) as a local folder, or None."""
-    name = Registry.of(params, root).name
+    root, name = reg.root, reg.name
     version = tracking.alias_version(root, name, CHAMPION)
     if version is None:
         log.info(
