@@ -201,3 +201,46 @@ def test_stage_logs_the_declared_outputs_that_exist_and_are_chosen(tmp_path):
     assert not log_outputs(params, tmp_path, "pretrain", Run(), {})  # encoder: not chosen
     with pytest.raises(ConfigError, match="log_models"):
         load_params(REPO / "params.yaml", ["tracking.log_models=[encodr]"])
+
+
+def _differences(model, tree: dict, path: str = "") -> dict[str, tuple]:
+    """Every key params.yaml writes whose value is not the field's default: path -> (default,
+    value). Required fields (no default) are not differences; nested sections are walked."""
+    from pydantic import BaseModel
+
+    out: dict[str, tuple] = {}
+    for key, raw in tree.items():
+        where = f"{path}.{key}" if path else key
+        value = getattr(model, key)
+        if isinstance(value, BaseModel) and isinstance(raw, dict):
+            out.update(_differences(value, raw, where))
+            continue
+        field = type(model).model_fields[key]
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            if value != default:
+                out[where] = (default, value)
+    return out
+
+
+def test_params_yaml_equals_the_defaults_but_for_the_listed_demo_overrides():
+    """One source of truth per value: params.yaml writes the defaults of tunery/config.py, and
+    where the demo needs another value the key is in DEMO_OVERRIDES with its reason."""
+    from tunery.config import DEMO_OVERRIDES
+
+    differ = _differences(load_params(REPO / "params.yaml"), base_tree())
+    unlisted = {k: v for k, v in differ.items() if k not in DEMO_OVERRIDES}
+    assert unlisted == {}, "list these in config.DEMO_OVERRIDES (with the reason) or fix them"
+    stale = sorted(set(DEMO_OVERRIDES) - set(differ))
+    assert stale == [], "params.yaml now writes the default here: drop the entry"
+    assert all(len(reason) > 20 for reason in DEMO_OVERRIDES.values())
+    # the two the fine-tune sections are known for, as the demo runs them
+    assert differ["finetune.epochs"] == (8.0, 2.0)
+    assert differ["finetune.ablations.enabled"] == (False, True)
+
+
+def test_a_new_difference_is_caught(tmp_path):
+    tree = base_tree()
+    tree["finetune"]["batch_size"] = 16
+    params = load_params(write(tmp_path, tree))
+    assert _differences(params, tree)["finetune.batch_size"] == (32, 16)
