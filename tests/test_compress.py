@@ -270,15 +270,18 @@ def test_build_pruned_exports_a_fused_smaller_graph_matching_pytorch(tmp_path):
     from transformers import AutoTokenizer
 
     from tests.test_export import make_finetune_dir
+    from tunery.data.tokens import unpadded
     from tunery.onnx import export as ox
     from tunery.onnx.compress import CalibrationReader, build_pruned, prune_ffn, prune_heads
-    from tunery.onnx.runtime import create_session, encode
+    from tunery.onnx.runtime import create_session
 
     ft = make_finetune_dir(tmp_path, train_steps=3)
     model = ox.load_torch_model(ft / "merged")
     tok = AutoTokenizer.from_pretrained(ft / "merged")
     texts = ["a red animal that lives in the wild", "rice", "an old tool made of wood", "x"]
-    feeds = CalibrationReader(encode(tok, texts, 32), ["input_ids", "attention_mask"])._feeds
+    feeds = CalibrationReader(
+        unpadded(tok, texts, max_length=32), ["input_ids", "attention_mask"]
+    )._feeds
     info = build_pruned(
         model, tok, feeds, tmp_path / "p.onnx", heads=1, ffn_fraction=0.25, max_length=32
     )

@@ -187,9 +187,9 @@ def load_setup(
 ) -> Setup:
     from transformers import AutoTokenizer
 
+    from tunery.data.tokens import unpadded
     from tunery.onnx import compress as comp
     from tunery.onnx import export as ox
-    from tunery.onnx.runtime import encode
 
     ft = ox.load_finetuned(finetune_dir)
     manifest = ox.verify_model_dir(export_dir)
@@ -202,11 +202,13 @@ def load_setup(
     train = pd.read_parquet(data_dir / "train.parquet")
     index = {label: i for i, label in enumerate(ft.labels)}
     y_true = judged["label"].map(index).to_numpy()
-    encoded = encode(tokenizer, judged["text"].tolist(), ft.max_length)
+    encoded = unpadded(tokenizer, judged["text"].tolist(), max_length=ft.max_length)
     calib_texts = (
         train["text"].sample(n=min(cfg.calibration_samples, len(train)), random_state=0).tolist()
     )
-    calib = comp.CalibrationReader(encode(tokenizer, calib_texts, ft.max_length), names)
+    calib = comp.CalibrationReader(
+        unpadded(tokenizer, calib_texts, max_length=ft.max_length), names
+    )
     ref_logits = comp.run_batches(comp.torch_forward(model), encoded, cfg.batch_size, names, n)
     judge = Judge(cfg, encoded, y_true, ref_logits, n, val_rows=len(splits.get("val", ())))
     providers = ["cpu"] + (["cuda"] if comp.cuda_usable(export_dir / ox.MODEL_FILE) else [])
