@@ -205,9 +205,10 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tunery.config import load_params
+    from tunery.data.tokens import unpadded
     from tunery.onnx import compress as comp
     from tunery.onnx import export as ox
-    from tunery.onnx.runtime import encode, length_batches
+    from tunery.onnx.runtime import length_batches
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -221,14 +222,14 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
     n = len(labels)
     test = pd.read_parquet(data_dir / "test.parquet")
     y = test["label"].map({k: i for i, k in enumerate(labels)}).to_numpy()
-    encoded = encode(tok, test["text"].tolist(), args.max_length)
+    encoded = unpadded(tok, test["text"].tolist(), max_length=args.max_length)
     names = ox.input_names_for(tok, model)
     train = pd.read_parquet(data_dir / "train.parquet")
     calib = comp.CalibrationReader(
-        encode(
+        unpadded(
             tok,
             train["text"].sample(min(cfg.calibration_samples, len(train)), random_state=0).tolist(),
-            args.max_length,
+            max_length=args.max_length,
         ),
         names,
     )

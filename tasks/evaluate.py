@@ -19,7 +19,6 @@ Outputs: `metrics/evaluate.json` (headline numbers), `<report_dir>/` written ato
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tunery.evaluation import metrics as ev
 from tunery.evaluation import reports as written
 from tunery.evaluation import served, stage_value
 from tunery.modeling.finetune_dir import read_arms
+from tunery.onnx import compress_report
 from tunery.registry import gate_report, refs
 
 log = logging.getLogger("tunery.evaluate")
@@ -46,7 +46,7 @@ def run(
     data_dir: Path,
     report_dir: Path,
     plot_dir: Path,
-    compress_report: Path | None = None,
+    compress_report_dir: Path | None = None,
     champion: str | None = None,
     root: Path | None = None,
 ) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def run(
     champion_result = served.champion_holdout(cfg, champ, data_dir, clf.labels) if champ else None
     newest = served.score_newest(cfg, clf, champ, data_dir)
     baseline = served.baseline_scores(cfg, data_dir, clf.labels, splits)
-    compress = _read_json(compress_report) if compress_report else {}
+    compress = compress_report.read(compress_report_dir) if compress_report_dir else {}
     deployed = served.deployed_summary(clf, holdout, uncalibrated, compress)
     table = stage_value.build(arms=read_arms(finetune_dir), baseline=baseline, deployed=deployed)
     newest_summary = served.newest_summary_of(newest)
@@ -92,21 +92,13 @@ def run(
     return metrics
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def champion_ref(params: Params, root: Path) -> str | None:
+def champion_ref(cfg: EvaluateConfig, reg: refs.Registry) -> str | None:
     """`evaluate.champion: registry` -> the registry's current champion, or None before the first."""
-    if params.evaluate.champion != "registry":
-        return params.evaluate.champion
+    if cfg.champion != "registry":
+        return cfg.champion
     from tunery import tracking
 
-    reg = refs.Registry.of(params, root)
-    version = tracking.alias_version(root, reg.name, refs.CHAMPION)
+    version = tracking.alias_version(reg.root, reg.name, refs.CHAMPION)
     if version is None:
         log.info("no champion in the registry yet (%s): nothing to compare against", reg.name)
         return None
@@ -122,11 +114,11 @@ def _stage(params: Params, root: Path, tracking_run: Any) -> dict[str, Any]:
         cfg,
         model_dir=root / params.compress.out_dir,
         finetune_dir=root / params.finetune.out_dir,
-        compress_report=root / params.compress.report_dir / "report.json",
+        compress_report_dir=root / params.compress.report_dir,
         data_dir=root / params.prepare.out_dir,
         report_dir=report_dir,
         plot_dir=plot_dir,
-        champion=champion_ref(params, root),
+        champion=champion_ref(cfg, refs.Registry.of(params, root)),
         root=root,
     )
     tracking_run.log_artifact(report_dir, "evaluate")

@@ -32,9 +32,9 @@ log = logging.getLogger("tunery.export")
 def run(cfg: ExportConfig, *, finetune_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from tunery.data.tokens import unpadded
     from tunery.onnx import compress as comp
     from tunery.onnx import export as ox
-    from tunery.onnx.runtime import encode
 
     ft = ox.load_finetuned(finetune_dir)
     model = ox.load_torch_model(ft.merged_dir)
@@ -74,7 +74,7 @@ def run(cfg: ExportConfig, *, finetune_dir: Path, data_dir: Path, out_dir: Path)
         )
         (tmp / "opt.onnx").unlink()
 
-        encoded = encode(tokenizer, test["text"].tolist(), ft.max_length)
+        encoded = unpadded(tokenizer, test["text"].tolist(), max_length=ft.max_length)
         n = len(ft.labels)
         ref = comp.run_batches(comp.torch_forward(model), encoded, cfg.batch_size, names, n)
         runner = comp.onnx_runner(tmp / ox.MODEL_FILE, "cpu")

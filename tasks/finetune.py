@@ -203,9 +203,10 @@ def pretrain_input(params: Params, root: Path) -> BaseArm:
 def _config(params: Params, root: Path) -> FinetuneConfig:
     cfg = params.finetune
     if cfg.warm_start == "champion":
-        from tunery.registry.registration import champion_finetune_dir
+        # Through registration (not refs): the registry is no DVC-tracked input of this stage.
+        from tunery.registry.registration import Registry, champion_finetune_dir
 
-        champion = champion_finetune_dir(root, params)
+        champion = champion_finetune_dir(Registry.of(params, root))
         cfg = cfg.model_copy(update={"warm_start": str(champion) if champion else None})
     return cfg
 

@@ -331,3 +331,156 @@ def test_predict_checks_files_before_loading_the_model(project, monkeypatch, cap
     assert "no column 'text'" in capsys.readouterr().err
     (project / "in.jsonl").write_text('{"body": "hi"}\n')
     assert run_main(["predict", "in.jsonl", *args, "--text-column", "text"]) == EXIT_INPUT
+
+
+# --------------------------------------------------------------------------- models
+def test_models_lists_the_named_registry_with_its_log(project, monkeypatch, capsys):
+    from tunery import tracking
+
+    asked = []
+    version = {
+        "version": "3",
+        "aliases": ["challenger", "champion"],
+        "tags": {"gate.decision": "promoted", "gate.reason": "macro-F1 gain 0.02"},
+        "run_id": "r",
+        "created": 1,
+        "metrics": {},  # an older version: the number is a tag
+    }
+    version["tags"]["holdout_macro_f1"] = "0.8123"
+    monkeypatch.setattr(
+        tracking, "list_versions", lambda root, name: asked.append(name) or [version]
+    )
+    monkeypatch.setattr(
+        tracking,
+        "decisions",
+        lambda root, exp, name: (
+            asked.append((exp, name))
+            or [{"utc": "t", "action": "gate", "from": None, "to": "3", "reason": "first"}]
+        ),
+    )
+    argv = [
+        "models",
+        "--log",
+        "--set",
+        "registry.model_name=other",
+        "--set",
+        "tracking.experiment=e",
+    ]
+    assert run_main(argv) == 0
+    out = capsys.readouterr().out
+    assert asked == ["other", ("e", "other")]  # the Registry of the command's params
+    assert "challenger,champion" in out and "0.8123" in out and "macro-F1 gain 0.02" in out
+    assert "promotion log (oldest first)" in out and "gate" in out and "first" in out
+    monkeypatch.setattr(tracking, "list_versions", lambda root, name: [])
+    assert run_main(["models"]) == 0
+    assert "has no registered versions yet" in capsys.readouterr().out
+
+
+def test_models_bad_params_is_exit_3_before_the_registry_is_asked(project, monkeypatch, capsys):
+    from tunery import tracking
+
+    monkeypatch.setattr(tracking, "list_versions", lambda *a: pytest.fail("asked the registry"))
+    assert run_main(["models", "--set", "registry.min_delta=-1"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("tunery: error: params.yaml") and "registry.min_delta: Input" in err
+    assert run_main(["models", "--json", "--set", "registry.nme=x"]) == EXIT_INPUT
+    assert json.loads(capsys.readouterr().out)["ok"] is False
+    assert run_main(["models", "--no-such-flag"]) == EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- demo-shard
+def _tiny_wordnet(folder: Path) -> Path:
+    """Three glosses each of two categories (noun.animal, noun.food), in WordNet's file format."""
+    header = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+    nouns = [header]
+    for i in range(6):
+        nouns.append(f"{i:08d} 05 n 01 beast{i} 0 000 | a kind of animal number {i}  \n")
+        nouns.append(f"{100 + i:08d} 13 n 01 dish{i} 0 000 | a kind of food number {i}  \n")
+    folder.mkdir()
+    (folder / "data.noun").write_text("".join(nouns))
+    for pos in ("verb", "adj", "adv"):
+        (folder / f"data.{pos}").write_text(header)
+    return folder
+
+
+def _wordnet_sets(project: Path) -> list[str]:
+    wn = _tiny_wordnet(project / "wn")
+    return [
+        "--set", f"ingest.source.path={wn}",
+        "--set", "ingest.source.categories=[noun.animal, noun.food]",
+        "--set", "ingest.source.max_per_class=2",
+    ]  # fmt: skip
+
+
+def test_demo_shard_releases_the_next_shard_until_none_is_left(project, capsys):
+    sets = _wordnet_sets(project)
+    params_before = (project / "params.yaml").read_text()
+    landing = project / yaml.safe_load(params_before)["retrain"]["landing"]
+    assert run_main(["demo-shard", "--per-class", "2", *sets]) == 0
+    assert run_main(["demo-shard", "--per-class", "2", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "released data/landing/wordnet-shard-000.csv" in out and "tunery retrain" in out
+    shards = sorted(landing.glob("wordnet-shard-*.csv"))
+    assert [p.name for p in shards] == ["wordnet-shard-000.csv", "wordnet-shard-001.csv"]
+    import pandas as pd
+
+    first, second = (pd.read_csv(p) for p in shards)
+    assert len(first) == len(second) == 4 and set(first["text"]).isdisjoint(second["text"])
+    assert sorted(first["label"].unique()) == ["noun.animal", "noun.food"]
+    # 6 glosses per class: the base (2) and two shards (2 + 2); a third has nothing left
+    assert run_main(["demo-shard", "--per-class", "2", *sets]) == EXIT_FAILED
+    assert "no glosses left for shard 2" in capsys.readouterr().err
+    assert len(list(landing.glob("wordnet-shard-*.csv"))) == 2  # nothing half-written
+    assert (project / "params.yaml").read_text() == params_before  # --set: this command only
+
+
+def test_demo_shard_bad_input(project, capsys):
+    assert run_main(["demo-shard", "--per-class", "0"]) == EXIT_USAGE
+    assert run_main(["demo-shard", "--per-class", "many"]) == EXIT_USAGE
+    capsys.readouterr()
+    files = ["--set", "ingest.source={kind: files, path: data/source}"]
+    assert run_main(["demo-shard", *files]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "ingest.source.kind is not wordnet" in err and err.count("\n") == 1
+    assert not (project / "data" / "landing").exists()
+
+
+# --------------------------------------------------------------------------- schedule
+def test_schedule_arguments():
+    parse = cli.build_parser().parse_args
+    assert parse(["schedule", "--cron", "0 3 * * 1"]).cron == "0 3 * * 1"
+    assert parse(["schedule", "--interval", "3600"]).interval == 3600.0
+    for bad in ([], ["--cron", "0 3 * * 1", "--interval", "60"], ["--interval", "0"]):
+        with pytest.raises(SystemExit) as done:
+            parse(["schedule", *bad])
+        assert done.value.code == EXIT_USAGE
+
+
+def test_schedule_validates_writes_params_then_serves(project, monkeypatch, capsys):
+    import flows.retrain
+
+    served = []
+
+    def serve(root, *, cron, interval):
+        served.append((root, cron, interval, load_epochs(project)))
+
+    def load_epochs(root):
+        return yaml.safe_load((root / "params.yaml").read_text())["finetune"]["epochs"]
+
+    monkeypatch.setattr(flows.retrain, "serve", serve)
+    monkeypatch.setattr(cli, "_start_flow_services", lambda root, params: None)
+    assert run_main(["schedule", "--cron", "0 3 * * 1", "--set", "finetune.epochs=1"]) == 0
+    assert served == [(str(project), "0 3 * * 1", None, 1)]  # params.yaml written first
+    assert "cron '0 3 * * 1'" in capsys.readouterr().out
+    assert run_main(["schedule", "--interval", "90"]) == 0
+    assert served[-1][1:3] == (None, 90.0) and "every 90 s" in capsys.readouterr().out
+
+
+def test_schedule_bad_params_serve_nothing_and_change_nothing(project, monkeypatch, capsys):
+    import flows.retrain
+
+    monkeypatch.setattr(flows.retrain, "serve", lambda *a, **k: pytest.fail("served"))
+    before = (project / "params.yaml").read_text()
+    assert run_main(["schedule", "--interval", "60", "--set", "finetune.epochs=0"]) == EXIT_INPUT
+    assert "finetune.epochs" in capsys.readouterr().err
+    assert (project / "params.yaml").read_text() == before

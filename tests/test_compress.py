@@ -10,6 +10,7 @@ from tests.conftest import make_rows
 from tests.test_export import make_data_dir, make_finetune_dir
 from tunery.config import BenchConfig, CompressConfig, ExportConfig, PruneConfig
 from tunery.errors import TuneryError
+from tunery.onnx import compress_report
 
 SMALL_BENCH = BenchConfig(warmup=1, latency_runs=5, throughput_batch=16, throughput_batches=1)
 VAL_PER_CLASS = 8  # val rows per class written beside make_data_dir's train/test
@@ -38,7 +39,7 @@ def compressed(tmp_path_factory):
         report_dir=root / "reports",
         plot_path=root / "plots" / "tradeoff.png",
     )
-    return root, metrics, json.loads((root / "reports" / "report.json").read_text())
+    return root, metrics, compress_report.read(root / "reports")
 
 
 def test_every_variant_is_checked_and_timed(compressed):
@@ -61,7 +62,7 @@ def test_every_variant_is_checked_and_timed(compressed):
         assert cpu["latency_p50_ms"] > 0 and cpu["latency_p95_ms"] >= cpu["latency_p50_ms"]
         assert cpu["throughput"] > 0 and cpu["throughput_batch"] == 16
     assert report["reference_bench"]["cpu"]["throughput"] > 0
-    assert (root / "reports" / "report.md").read_text().count("| fp16 |") == 1
+    assert (root / "reports" / compress_report.MARKDOWN_FILE).read_text().count("| fp16 |") == 1
     assert (root / "plots" / "tradeoff.png").stat().st_size > 1000
 
 
@@ -269,15 +270,18 @@ def test_build_pruned_exports_a_fused_smaller_graph_matching_pytorch(tmp_path):
     from transformers import AutoTokenizer
 
     from tests.test_export import make_finetune_dir
+    from tunery.data.tokens import unpadded
     from tunery.onnx import export as ox
     from tunery.onnx.compress import CalibrationReader, build_pruned, prune_ffn, prune_heads
-    from tunery.onnx.runtime import create_session, encode
+    from tunery.onnx.runtime import create_session
 
     ft = make_finetune_dir(tmp_path, train_steps=3)
     model = ox.load_torch_model(ft / "merged")
     tok = AutoTokenizer.from_pretrained(ft / "merged")
     texts = ["a red animal that lives in the wild", "rice", "an old tool made of wood", "x"]
-    feeds = CalibrationReader(encode(tok, texts, 32), ["input_ids", "attention_mask"])._feeds
+    feeds = CalibrationReader(
+        unpadded(tok, texts, max_length=32), ["input_ids", "attention_mask"]
+    )._feeds
     info = build_pruned(
         model, tok, feeds, tmp_path / "p.onnx", heads=1, ffn_fraction=0.25, max_length=32
     )
@@ -412,7 +416,7 @@ def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
         bench=SMALL_BENCH,
     )
     metrics = _run_compress(root, tmp_path, cfg)
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = compress_report.read(tmp_path / "r")
     assert report["rejected"] == ["pruned_fp32", "pruned_int8_dynamic"]
     assert not any(n.startswith("pruned_") for n in report["variants"])
     assert (
@@ -420,7 +424,10 @@ def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
     )
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["fp32", "int8_dynamic"]
     assert report["rejected_variants"]["pruned_int8_dynamic"]["parity"]["macro_f1_delta"] == -0.02
-    assert "Rejected (outside the accuracy budget" in (tmp_path / "r" / "report.md").read_text()
+    assert (
+        "Rejected (outside the accuracy budget"
+        in (tmp_path / "r" / compress_report.MARKDOWN_FILE).read_text()
+    )
 
 
 def test_pruned_variant_within_the_budget_is_kept_and_can_be_selected(compressed, tmp_path):
@@ -432,7 +439,7 @@ def test_pruned_variant_within_the_budget_is_kept_and_can_be_selected(compressed
         bench=SMALL_BENCH,
     )
     _run_compress(root, tmp_path, cfg)
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = compress_report.read(tmp_path / "r")
     assert report["rejected"] == []
     assert {"pruned_fp32", "pruned_int8_dynamic"} <= set(report["eligible"])
     assert report["prune"]["heads"] == 1
@@ -455,7 +462,7 @@ def test_judged_on_val_and_test_with_a_paired_interval(compressed):
     assert report["eval_rows"] == metrics["judged_rows"] == 3 * VAL_PER_CLASS + 30
     assert judged["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95, "paired": True}
     assert report["variants"]["fp32"]["parity"]["macro_f1_delta_ci95"] == [0.0, 0.0]
-    md = (root / "reports" / "report.md").read_text()
+    md = (root / "reports" / compress_report.MARKDOWN_FILE).read_text()
     assert "Judged on 54 texts (val 24 + test 30)" in md and "paired bootstrap" in md
 
 
@@ -540,7 +547,10 @@ def test_without_a_val_split_the_temperature_falls_back(compressed, tmp_path):
     assert c["temperature"] == 1.0 and "too small" in c["fallback"] and c["rows"] == 3
     manifest = json.loads((tmp_path / "d" / "tunery_model.json").read_text())
     assert manifest["calibration"]["fallback"] == c["fallback"]
-    assert "Fallback: val split too small" in (tmp_path / "r" / "report.md").read_text()
+    assert (
+        "Fallback: val split too small"
+        in (tmp_path / "r" / compress_report.MARKDOWN_FILE).read_text()
+    )
 
 
 def _float_weight_nodes(path) -> int:
@@ -585,12 +595,12 @@ def test_int8_fallback_keeps_sensitive_nodes_in_float(compressed, tmp_path, monk
         bench=SMALL_BENCH,
     )
     _run_compress(root, tmp_path, cfg)
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = compress_report.read(tmp_path / "r")
     fb = report["variants"]["int8_dynamic"]["int8_fallback"]
     assert fb["quantized_macro_f1_delta"] == -0.02
     assert fb["sensitivity"] and all(v >= 0 for v in fb["sensitivity"].values())
     assert fb["within_budget"] is ok
-    md = (tmp_path / "r" / "report.md").read_text()
+    md = (tmp_path / "r" / compress_report.MARKDOWN_FILE).read_text()
     if ok:
         assert [t["float_nodes"] for t in fb["tries"]] == [1, 2]
         assert fb["float_nodes"] == list(fb["sensitivity"])[:2]
@@ -614,10 +624,58 @@ def test_a_failing_quantization_is_recorded_not_fatal(compressed, tmp_path, monk
     root, _, _ = compressed
     cfg = CompressConfig(variants=["fp32", "int8_static"], max_f1_drop=0.01, bench=SMALL_BENCH)
     metrics = _run_compress(root, tmp_path, cfg)
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = compress_report.read(tmp_path / "r")
     assert "NotAnOp" in report["failed"]["int8_static"] and metrics["failed"] == report["failed"]
     assert report["selected"] == "fp32" and "int8_static" not in report["variants"]
     assert (
         "Failed (recorded, not selectable): int8_static"
-        in (tmp_path / "r" / "report.md").read_text()
+        in (tmp_path / "r" / compress_report.MARKDOWN_FILE).read_text()
     )
+
+
+def test_compress_report_refuses_a_broken_report_and_writes_nothing(tmp_path):
+    good = {
+        "selected": "fp32",
+        "parity_passed": True,
+        "variants": {"fp32": {"parity": {"macro_f1_delta": 0.0}}},
+    }
+    compress_report.check(good)
+    for broken, rule in (
+        ({**good, "selected": "int8_dynamic"}, "not among its variants"),
+        ({**good, "variants": {"fp32": {"parity": {}}}}, "no parity.macro_f1_delta"),
+        ({**good, "parity_passed": "yes"}, "parity_passed must be true or false"),
+    ):
+        with pytest.raises(TuneryError, match=rule):
+            compress_report.write(tmp_path / "r", broken, "# report")
+        assert not (tmp_path / "r").exists()
+
+
+def test_compress_report_reads_what_is_there_or_nothing(tmp_path):
+    assert compress_report.read(tmp_path / "none") == {}
+    assert compress_report.parity_passed(compress_report.read(tmp_path / "none")) is None
+    compress_report.path_in(tmp_path).write_text("{not json")
+    assert compress_report.read(tmp_path) == {}  # the gate then fails closed
+    report = {
+        "target_provider": "cpu",
+        "parity_passed": False,
+        "reference_bench": {"cpu": {"throughput": 100.0}},
+        "variants": {
+            "int8_dynamic": {
+                "parity": {"macro_f1_delta": -0.01},
+                "bench": {"cpu": {"throughput": 250.0}, "cuda": {"error": "no GPU"}},
+            }
+        },
+    }
+    compress_report.path_in(tmp_path).write_text(json.dumps(report))
+    got = compress_report.read(tmp_path)
+    assert compress_report.parity_passed(got) is False
+    assert compress_report.served_numbers(got, "int8_dynamic") == {
+        "throughput": 250.0,
+        "reference_throughput": 100.0,
+        "macro_f1_delta": -0.01,
+    }
+    assert compress_report.served_numbers(got, "fp16") == {
+        "throughput": None,
+        "reference_throughput": 100.0,
+        "macro_f1_delta": None,
+    }

@@ -166,7 +166,7 @@ def _run(base: Path, tmp_path: Path, **kw):
         cfg,
         model_dir=kw.pop("model_dir", base / "deploy"),
         finetune_dir=kw.pop("finetune_dir", base / "model"),
-        compress_report=base / "compress" / "report.json",
+        compress_report_dir=base / "compress",
         data_dir=kw.pop("data_dir", base / "data"),
         report_dir=tmp_path / "reports",
         plot_dir=tmp_path / "plots",

@@ -46,6 +46,7 @@ from tests.test_registry import stage_deployable
 from tunery import mlflow_model, tracking
 from tunery.config import load_params
 from tunery.registry import promotion, registration
+from tunery.registry.refs import Registry
 from tunery.runner import steps as pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,9 +222,11 @@ def test_registry_gate_promotion_and_lineage_through_the_server(use_server, tmp_
     assert tracking.alias_version(root, "m", promotion.CHAMPION) == v4
 
     # manual promotion and rollback, recorded in the promotion log on the server
-    promotion.promote(root, params, v2, "hotfix for class b", force=True)  # the gate rejected v2
+    promotion.promote(
+        Registry.of(params, root), v2, "hotfix for class b", force=True
+    )  # the gate rejected v2
     assert tracking.alias_version(root, "m", promotion.CHAMPION) == v2
-    back = promotion.rollback(root, params, "v2 misbehaves")
+    back = promotion.rollback(Registry.of(params, root), "v2 misbehaves")
     assert (back["from"], back["to"]) == (v2, v4)
     assert tracking.alias_version(root, "m", promotion.CHAMPION) == v4
     log = tracking.decisions(root, "srv", "m")

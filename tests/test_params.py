@@ -155,3 +155,92 @@ def test_write_params_keeps_comments_validates_first_and_keeps_the_mode(tmp_path
     other = tmp_path / "other.yaml"
     other.write_text(before)
     assert write_params(dest, source=other) == ["finetune.lora.r: 8 -> 7"]  # -p FILE
+
+
+def test_stage_outputs_are_declared_once_by_their_sections():
+    """`tracking.log_models` accepts exactly the outputs the sections declare, each owned by one
+    stage, each naming a folder field of its section."""
+    from typing import get_args
+
+    from tunery.config import STAGE_OUTPUTS, StageOutput
+
+    declared = [name for outputs in STAGE_OUTPUTS.values() for name in outputs]
+    assert sorted(declared) == sorted(get_args(StageOutput))  # no name twice, none missing
+    params = load_params(REPO / "params.yaml")
+    assert params.model_outputs("compress") == {
+        "variants": params.compress.variants_dir,
+        "deploy": params.compress.out_dir,
+    }
+    assert params.model_outputs("pretrain") == {"encoder": params.pretrain.out_dir}
+    assert params.model_outputs("evaluate") == {} and params.model_outputs("ingest") == {}
+
+
+def test_stage_logs_the_declared_outputs_that_exist_and_are_chosen(tmp_path):
+    from tunery.stage import log_outputs
+
+    calls = []
+
+    class Run:
+        def log_model_folder(self, kind, folder, metrics):
+            calls.append((kind, folder.name, metrics))
+
+        def log_deployable(self, folder, finetune_dir, metrics):
+            calls.append(("deploy", folder.name, metrics))
+
+    params = load_params(
+        REPO / "params.yaml",
+        ["tracking.log_models=[variants, deploy]", "compress.variants_dir=v", "compress.out_dir=d"],
+    )
+    (tmp_path / "d").mkdir()
+    assert log_outputs(params, tmp_path, "compress", Run(), {"m": 1.0})
+    assert calls == [("deploy", "d", {"m": 1.0})]  # `v` is not there: skipped, not an error
+    (tmp_path / "v").mkdir()
+    calls.clear()
+    log_outputs(params, tmp_path, "compress", Run(), {"m": 1.0})
+    assert calls == [("variants", "v", {"m": 1.0}), ("deploy", "d", None)]  # metrics once
+    assert not log_outputs(params, tmp_path, "pretrain", Run(), {})  # encoder: not chosen
+    with pytest.raises(ConfigError, match="log_models"):
+        load_params(REPO / "params.yaml", ["tracking.log_models=[encodr]"])
+
+
+def _differences(model, tree: dict, path: str = "") -> dict[str, tuple]:
+    """Every key params.yaml writes whose value is not the field's default: path -> (default,
+    value). Required fields (no default) are not differences; nested sections are walked."""
+    from pydantic import BaseModel
+
+    out: dict[str, tuple] = {}
+    for key, raw in tree.items():
+        where = f"{path}.{key}" if path else key
+        value = getattr(model, key)
+        if isinstance(value, BaseModel) and isinstance(raw, dict):
+            out.update(_differences(value, raw, where))
+            continue
+        field = type(model).model_fields[key]
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            if value != default:
+                out[where] = (default, value)
+    return out
+
+
+def test_params_yaml_equals_the_defaults_but_for_the_listed_demo_overrides():
+    """One source of truth per value: params.yaml writes the defaults of tunery/config.py, and
+    where the demo needs another value the key is in DEMO_OVERRIDES with its reason."""
+    from tunery.config import DEMO_OVERRIDES
+
+    differ = _differences(load_params(REPO / "params.yaml"), base_tree())
+    unlisted = {k: v for k, v in differ.items() if k not in DEMO_OVERRIDES}
+    assert unlisted == {}, "list these in config.DEMO_OVERRIDES (with the reason) or fix them"
+    stale = sorted(set(DEMO_OVERRIDES) - set(differ))
+    assert stale == [], "params.yaml now writes the default here: drop the entry"
+    assert all(len(reason) > 20 for reason in DEMO_OVERRIDES.values())
+    # the two the fine-tune sections are known for, as the demo runs them
+    assert differ["finetune.epochs"] == (8.0, 2.0)
+    assert differ["finetune.ablations.enabled"] == (False, True)
+
+
+def test_a_new_difference_is_caught(tmp_path):
+    tree = base_tree()
+    tree["finetune"]["batch_size"] = 16
+    params = load_params(write(tmp_path, tree))
+    assert _differences(params, tree)["finetune.batch_size"] == (32, 16)

@@ -19,6 +19,7 @@ from tests.conftest import REPO, make_rows
 from tests.tiny import make_tiny_encoder
 from tunery import metrics_files
 from tunery.config import PretrainConfig, load_params
+from tunery.data.tokens import unpadded
 from tunery.errors import EXIT_INPUT, ConfigError, DataValidationError
 
 torch = pytest.importorskip("torch")
@@ -210,7 +211,7 @@ def test_simcse_deletion_view_gives_a_loss_and_moves_the_weights(tmp_path):
     tok = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(0)
     model = pt.use_objective(AutoModel.from_pretrained(base), "simcse", temperature=0.05)
-    feats = pt.tokenize(tok, make_rows(8)["text"].tolist(), max_length=32)
+    feats = unpadded(tok, make_rows(8)["text"].tolist(), max_length=32, special_tokens_mask=True)
     assert "view_input_ids" not in pt.simcse_collator(tok, deletion=0.0)(feats)
     batch = pt.simcse_collator(tok, deletion=0.3)(feats)
     assert batch["view_input_ids"].shape == batch["input_ids"].shape
@@ -234,8 +235,12 @@ def test_whole_word_masking_masks_all_pieces_of_a_word():
     texts = make_rows(30)["text"].tolist()
     tok = models.train_wordpiece(texts, vocab_size=120, max_length=32)
     cfg = tiny_cfg(mlm={"whole_word": True, "probability": 0.5}).mlm
-    feats = pt.tokenize(
-        tok, ["unbelievably quarrelsome hippopotamuses"] * 16, max_length=32, offsets=True
+    feats = unpadded(
+        tok,
+        ["unbelievably quarrelsome hippopotamuses"] * 16,
+        max_length=32,
+        special_tokens_mask=True,
+        offsets=True,
     )
     torch.manual_seed(0)
     batch = pt.mlm_collator(tok, cfg)(feats)

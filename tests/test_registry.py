@@ -14,7 +14,9 @@ from onnx import TensorProto, helper
 from tunery import mlflow_model, tracking
 from tunery.config import load_params
 from tunery.errors import TuneryError
+from tunery.onnx import compress_report
 from tunery.registry import gate_report, promotion, registration
+from tunery.registry.refs import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,13 +64,23 @@ def champion(root, params):
 def test_gate_promotes_better_and_blocks_worse_and_missing(tmp_path, params):
     v1 = register(tmp_path, params, "one")
     assert promotion.gate_challenger(
-        tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True
+        Registry.of(params, tmp_path),
+        params.registry,
+        v1,
+        challenger=scores(0.7),
+        champion=None,
+        parity_passed=True,
     ).promote
     assert champion(tmp_path, params) == v1
 
     v2 = register(tmp_path, params, "two")
     d = promotion.gate_challenger(
-        tmp_path, params, v2, challenger=scores(0.65), champion=scores(0.7), parity_passed=True
+        Registry.of(params, tmp_path),
+        params.registry,
+        v2,
+        challenger=scores(0.65),
+        champion=scores(0.7),
+        parity_passed=True,
     )
     assert not d.promote and champion(tmp_path, params) == v1
     info = tracking.version_info(tmp_path, "m", v2)
@@ -79,8 +91,8 @@ def test_gate_promotes_better_and_blocks_worse_and_missing(tmp_path, params):
 
     v3 = register(tmp_path, params, "three")
     d = promotion.gate_challenger(
-        tmp_path,
-        params,
+        Registry.of(params, tmp_path),
+        params.registry,
         v3,
         challenger={"per_class_f1": {}},
         champion=scores(0.7),
@@ -90,7 +102,12 @@ def test_gate_promotes_better_and_blocks_worse_and_missing(tmp_path, params):
 
     v4 = register(tmp_path, params, "four")
     assert promotion.gate_challenger(
-        tmp_path, params, v4, challenger=scores(0.8), champion=scores(0.7), parity_passed=True
+        Registry.of(params, tmp_path),
+        params.registry,
+        v4,
+        challenger=scores(0.8),
+        champion=scores(0.7),
+        parity_passed=True,
     ).promote
     assert champion(tmp_path, params) == v4
 
@@ -109,18 +126,23 @@ def test_gate_promotes_better_and_blocks_worse_and_missing(tmp_path, params):
 def test_manual_promote_and_rollback_are_recorded(tmp_path, params):
     v1, v2, v3 = (register(tmp_path, params, t) for t in ("a", "b", "c"))
     promotion.gate_challenger(
-        tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True
+        Registry.of(params, tmp_path),
+        params.registry,
+        v1,
+        challenger=scores(0.7),
+        champion=None,
+        parity_passed=True,
     )
-    promotion.promote(tmp_path, params, v2, "hotfix for class b")
-    promotion.promote(tmp_path, params, v3, "newer data")
+    promotion.promote(Registry.of(params, tmp_path), v2, "hotfix for class b")
+    promotion.promote(Registry.of(params, tmp_path), v3, "newer data")
     assert champion(tmp_path, params) == v3
 
-    back = promotion.rollback(tmp_path, params, "v3 misbehaves in production")
+    back = promotion.rollback(Registry.of(params, tmp_path), "v3 misbehaves in production")
     assert (back["from"], back["to"]) == (v3, v2) and champion(tmp_path, params) == v2
-    promotion.rollback(tmp_path, params, "v2 too")
+    promotion.rollback(Registry.of(params, tmp_path), "v2 too")
     assert champion(tmp_path, params) == v1
     with pytest.raises(TuneryError, match="no previous champion"):
-        promotion.rollback(tmp_path, params, "again")
+        promotion.rollback(Registry.of(params, tmp_path), "again")
 
     log = tracking.decisions(tmp_path, "reg", "m")
     assert [e["action"] for e in log] == [
@@ -137,9 +159,9 @@ def test_manual_promote_and_rollback_are_recorded(tmp_path, params):
     )
 
     with pytest.raises(TuneryError, match="no version 99"):
-        promotion.promote(tmp_path, params, "99", "typo")
+        promotion.promote(Registry.of(params, tmp_path), "99", "typo")
     with pytest.raises(TuneryError, match="needs --reason"):
-        promotion.promote(tmp_path, params, v2, " ")
+        promotion.promote(Registry.of(params, tmp_path), v2, " ")
 
 
 def test_registered_model_is_a_pyfunc_carrying_its_sidecar_files(tmp_path, params):
@@ -194,13 +216,18 @@ def test_gate_refuses_when_the_champion_moved_since_the_evaluation(tmp_path, par
     """Two pipelines at once: the second was evaluated against a champion that is gone."""
     v1, v2, v3 = (register(tmp_path, params, t) for t in ("a", "b", "c"))
     assert promotion.gate_challenger(
-        tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True
+        Registry.of(params, tmp_path),
+        params.registry,
+        v1,
+        challenger=scores(0.7),
+        champion=None,
+        parity_passed=True,
     ).promote
-    promotion.promote(tmp_path, params, v2, "another run won meanwhile")
+    promotion.promote(Registry.of(params, tmp_path), v2, "another run won meanwhile")
     evaluated_against_v1 = {**scores(0.7), "path": f"models:/m/{v1}"}
     d = promotion.gate_challenger(
-        tmp_path,
-        params,
+        Registry.of(params, tmp_path),
+        params.registry,
         v3,
         challenger=scores(0.9),
         champion=evaluated_against_v1,
@@ -227,7 +254,12 @@ def test_a_failing_registry_is_never_read_as_no_champion(tmp_path, params, monke
     monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", broken)
     with pytest.raises(MlflowException, match="unreachable"):
         promotion.gate_challenger(
-            tmp_path, params, v1, challenger=scores(0.9), champion=None, parity_passed=True
+            Registry.of(params, tmp_path),
+            params.registry,
+            v1,
+            challenger=scores(0.9),
+            champion=None,
+            parity_passed=True,
         )
 
 
@@ -246,7 +278,7 @@ def stage_deployable(root: Path, tag: str, *, challenger, champion) -> None:
             gate_report.path_in(Path(paths.evaluate.report_dir)),
             {"challenger": challenger, "champion": champion},
         ),
-        (Path(paths.compress.report_dir) / "report.json", {"parity_passed": True}),
+        (compress_report.path_in(Path(paths.compress.report_dir)), {"parity_passed": True}),
     ):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(json.dumps(data))
@@ -277,7 +309,7 @@ def test_unchanged_challenger_is_regated_once_evaluated_against_the_current_cham
 
     # evaluated against v1; meanwhile another run's model becomes the champion
     v2 = register(tmp_path, params, "other")
-    promotion.promote(tmp_path, params, v2, "another run won meanwhile")
+    promotion.promote(Registry.of(params, tmp_path), v2, "another run won meanwhile")
     refused = pipeline_tail(
         tmp_path, params, "two", challenger=scores(0.9), champion=against(0.7, v1)
     )
@@ -312,8 +344,8 @@ def test_unchanged_challenger_is_regated_once_evaluated_against_the_current_cham
     assert len(tracking.decisions(tmp_path, "reg", "m")) == len(log)
 
     # a rolled-back version is never put back by the gate, even on a fresh comparison
-    promotion.rollback(tmp_path, params, "v3 misbehaves")
-    promotion.promote(tmp_path, params, v1, "back to the first")
+    promotion.rollback(Registry.of(params, tmp_path), "v3 misbehaves")
+    promotion.promote(Registry.of(params, tmp_path), v1, "back to the first")
     back = pipeline_tail(tmp_path, params, "two", challenger=scores(0.9), champion=against(0.7, v1))
     assert not back.get("promoted") and "rolled back" in back["summary"]
     assert champion(tmp_path, params) == v1
@@ -322,15 +354,25 @@ def test_unchanged_challenger_is_regated_once_evaluated_against_the_current_cham
 def test_promoting_a_gate_rejected_version_needs_force_and_is_recorded(tmp_path, params):
     v1, v2 = (register(tmp_path, params, t) for t in ("a", "b"))
     promotion.gate_challenger(
-        tmp_path, params, v1, challenger=scores(0.7), champion=None, parity_passed=True
+        Registry.of(params, tmp_path),
+        params.registry,
+        v1,
+        challenger=scores(0.7),
+        champion=None,
+        parity_passed=True,
     )
     promotion.gate_challenger(
-        tmp_path, params, v2, challenger=scores(0.6), champion=scores(0.7), parity_passed=True
+        Registry.of(params, tmp_path),
+        params.registry,
+        v2,
+        challenger=scores(0.6),
+        champion=scores(0.7),
+        parity_passed=True,
     )
     with pytest.raises(TuneryError, match="rejected by the gate.*--force"):
-        promotion.promote(tmp_path, params, v2, "I know better")
+        promotion.promote(Registry.of(params, tmp_path), v2, "I know better")
     assert champion(tmp_path, params) == v1
-    record = promotion.promote(tmp_path, params, v2, "I know better", force=True)
+    record = promotion.promote(Registry.of(params, tmp_path), v2, "I know better", force=True)
     assert record["forced"] is True and "min_delta" in record["gate_reason"]
     assert champion(tmp_path, params) == v2
     assert tracking.decisions(tmp_path, "reg", "m")[-1]["forced"] in (True, "True")  # a tag
@@ -339,7 +381,9 @@ def test_promoting_a_gate_rejected_version_needs_force_and_is_recorded(tmp_path,
 def _promote_in_process(root: str, version: str, queue) -> None:
     params = load_params(REPO / "params.yaml", ["tracking.experiment=reg", "registry.model_name=m"])
     try:
-        queue.put(promotion.promote(Path(root), params, version, f"race {version}")["from"])
+        queue.put(
+            promotion.promote(Registry.of(params, Path(root)), version, f"race {version}")["from"]
+        )
     except TuneryError as exc:  # "already the champion" is a fair answer in a race
         queue.put(f"refused: {exc}")
 
@@ -384,7 +428,12 @@ def test_predict_and_serve_default_to_the_champion_not_the_candidate(tmp_path, p
     own = load_params(tmp_path / "params.yaml", ["tracking.experiment=reg"])
     v1 = register(tmp_path, own, "one")
     promotion.gate_challenger(
-        tmp_path, own, v1, challenger=scores(0.9), champion=None, parity_passed=True
+        Registry.of(own, tmp_path),
+        own.registry,
+        v1,
+        challenger=scores(0.9),
+        champion=None,
+        parity_passed=True,
     )
     assert _model_source("champion", tmp_path) == f"models:/{name}@champion"
     assert _model_source("models/deploy", tmp_path) == str(tmp_path / "models/deploy")

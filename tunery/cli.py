@@ -78,6 +78,14 @@ def _load(args: argparse.Namespace, root: Path):
     return load_params(_params_path(args, root), args.set)
 
 
+def _registry(args: argparse.Namespace, root: Path):
+    """The registry a command acts on (`registry.model_name`, `tracking.experiment` of its params),
+    built once here and passed down."""
+    from tunery.registry.refs import Registry
+
+    return Registry.of(_load(args, root), root)
+
+
 def _load_for_stages(args: argparse.Namespace, root: Path):
     """Params for a command that runs DVC stages: `-p`/`--set` are validated, then written into
     params.yaml (atomically, comments kept) before anything starts, and the change is said on
@@ -161,16 +169,16 @@ def _dvc_remote(root: Path) -> str:
     return f"{name!r} at {url}"
 
 
-def _stores(root: Path, params: Any) -> dict[str, str]:
+def _stores(reg: Any) -> dict[str, str]:
     from tunery import tracking
 
     prefect = os.environ.get("PREFECT_API_URL") or (
         f"a temporary server per run, database in {os.environ.get('PREFECT_HOME', '~/.prefect')}"
     )
     return {
-        "mlflow": f"{tracking.tracking_uri(root)} (experiment {params.tracking.experiment!r}, "
-        f"model {params.registry.model_name!r})",
-        "dvc_remote": _dvc_remote(root),
+        "mlflow": f"{tracking.tracking_uri(reg.root)} (experiment {reg.experiment!r}, "
+        f"model {reg.name!r})",
+        "dvc_remote": _dvc_remote(reg.root),
         "prefect": prefect,
     }
 
@@ -182,7 +190,9 @@ def cmd_check(args: argparse.Namespace, root: Path) -> int:
     params = _load(args, root)
     source = _check_source(params, root)
     stages = stage_names(root)
-    stores = _stores(root, params)
+    from tunery.registry.refs import Registry
+
+    stores = _stores(Registry.of(params, root))
     in_force, _ = profile.load(root)
     answers = profile.verify(root)
     overrides = f" (with {len(args.set)} override(s))" if args.set else ""
@@ -443,8 +453,8 @@ def cmd_data_withdraw(args: argparse.Namespace, root: Path) -> int:
 def cmd_models(args: argparse.Namespace, root: Path) -> int:
     from tunery import tracking
 
-    params = _load(args, root)
-    name = params.registry.model_name
+    reg = _registry(args, root)
+    name = reg.name
     rows = []
     for v in tracking.list_versions(root, name):
         f1 = v["metrics"].get("holdout_macro_f1", v["tags"].get("holdout_macro_f1"))
@@ -459,7 +469,7 @@ def cmd_models(args: argparse.Namespace, root: Path) -> int:
                 "created": v["created"],
             }
         )
-    history = tracking.decisions(root, params.tracking.experiment, name) if args.log else None
+    history = tracking.decisions(root, reg.experiment, name) if args.log else None
     if args.json:
         _emit(
             args,
@@ -488,7 +498,7 @@ def cmd_models(args: argparse.Namespace, root: Path) -> int:
 def cmd_promote(args: argparse.Namespace, root: Path) -> int:
     from tunery.registry import promotion
 
-    record = promotion.promote(root, _load(args, root), args.version, args.reason, force=args.force)
+    record = promotion.promote(_registry(args, root), args.version, args.reason, force=args.force)
     forced = " (forced past the gate's rejection)" if record.get("forced") else ""
     print(f"champion: version {record['from'] or 'none'} -> {record['to']} ({args.reason}){forced}")
     return 0
@@ -497,7 +507,7 @@ def cmd_promote(args: argparse.Namespace, root: Path) -> int:
 def cmd_rollback(args: argparse.Namespace, root: Path) -> int:
     from tunery.registry import promotion
 
-    record = promotion.rollback(root, _load(args, root), args.reason)
+    record = promotion.rollback(_registry(args, root), args.reason)
     print(f"champion rolled back: version {record['from']} -> {record['to']} ({record['reason']})")
     return 0
 
@@ -560,24 +570,22 @@ MODEL_HELP = (
 )
 
 
-def _model_source(model: str, root: Path, params: Any = None) -> str:
+def _model_source(model: str, root: Path, reg: Any = None) -> str:
     """A model URI (`models:/name@alias`) as given; a relative folder against the project root;
-    `champion`: the registry champion of this project's `registry.model_name`."""
+    `champion`: the registry champion of `reg` (default: this project's params.yaml)."""
     if model == CHAMPION_MODEL:
         from tunery import tracking
         from tunery.config import load_params
-        from tunery.registry import promotion
-        from tunery.registry.refs import alias_uri
+        from tunery.registry.refs import CHAMPION, Registry
 
-        if params is None:
-            params = load_params(root / PARAMS_FILE)
-        name = params.registry.model_name
-        if tracking.alias_version(root, name, promotion.CHAMPION) is None:
+        if reg is None:
+            reg = Registry.of(load_params(root / PARAMS_FILE), root)
+        if tracking.alias_version(reg.root, reg.name, CHAMPION) is None:
             raise TuneryError(
-                f"model {name!r} has no champion yet: run the pipeline (`tunery run`), or pass "
+                f"model {reg.name!r} has no champion yet: run the pipeline (`tunery run`), or pass "
                 "--model models/deploy to use the last run's candidate"
             )
-        return alias_uri(name, promotion.CHAMPION)
+        return reg.alias_uri(CHAMPION)
     if ":/" in model or Path(model).is_absolute() or Path(model).exists():
         return model
     return str(root / model)
@@ -624,7 +632,7 @@ def _check_predict_files(src: Path, dest: Path, text_column: str) -> None:
 def cmd_predict(args: argparse.Namespace, root: Path) -> int:
     src, dest = Path(args.input), Path(args.output)
     _check_predict_files(src, dest, args.text_column)
-    model = _model_source(args.model, root, _load(args, root))
+    model = _model_source(args.model, root, _registry(args, root))
     from tunery.onnx.runtime import Predictor, predict_file
 
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
@@ -641,7 +649,7 @@ def cmd_predict(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_serve_model(args: argparse.Namespace, root: Path) -> int:
-    model = _model_source(args.model, root, _load(args, root))
+    model = _model_source(args.model, root, _registry(args, root))
     from tunery.onnx.http import serve
     from tunery.onnx.runtime import Predictor
 

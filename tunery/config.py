@@ -2,13 +2,15 @@
 
 Every section is named like the stage that reads it (`ingest:` -> `IngestConfig` -> `tasks/ingest.py`).
 Unknown keys and wrong types fail with the key path and what was expected, before any work starts.
+The defaults are the general-purpose values; where the committed params.yaml (the CPU demo) sets
+other ones is listed once, with the reason, in `DEMO_OVERRIDES` at the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,8 +23,19 @@ PARAMS_FILE = "params.yaml"
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # The model folders the stage of this section writes: output name -> the field holding the
+    # folder. Declared once here, on the section that names the folder; `model_outputs` and
+    # `STAGE_OUTPUTS` below read it (tunery/stage.py logs them, `tracking.log_models` picks).
+    OUTPUTS: ClassVar[dict[str, str]] = {}
+
+    def model_outputs(self) -> dict[str, str]:
+        """The model folders this section's stage writes, by output name (project-relative)."""
+        return {name: getattr(self, field) for name, field in self.OUTPUTS.items()}
+
 
 # --------------------------------------------------------------------------- tracking
+# The names of the stage outputs (the sections' OUTPUTS keys; tests/test_params.py keeps the two
+# equal): a Literal so that a typo in `tracking.log_models` fails validation with the choices.
 StageOutput = Literal["encoder", "adapter", "onnx", "variants", "deploy"]
 DEFAULT_LOGGED: tuple[StageOutput, ...] = ("encoder", "adapter", "deploy")
 
@@ -203,7 +216,7 @@ class FinetuneConfig(Section):
     prefix: PrefixMethod = PrefixMethod()
     full: FullMethod = FullMethod()
     max_length: int = Field(default=128, gt=0)
-    epochs: float = Field(default=8.0, gt=0.0)
+    epochs: float = Field(default=8.0, gt=0.0)  # the demo's params.yaml: 2 (DEMO_OVERRIDES)
     batch_size: int = Field(default=32, gt=0)
     eval_batch_size: int = Field(default=128, gt=0)
     weight_decay: float = Field(default=0.01, ge=0.0)
@@ -231,8 +244,10 @@ class FinetuneConfig(Section):
     group_by_length: bool = True
     threads: int = Field(default=0, ge=0)  # torch CPU threads; 0: torch's default
     checkpoint_dir: str = "checkpoints/finetune"
-    ablations: AblationConfig = AblationConfig()
+    ablations: AblationConfig = AblationConfig()  # the demo's params.yaml: on (DEMO_OVERRIDES)
     out_dir: str = "models/finetune"
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"adapter": "out_dir"}
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -262,6 +277,8 @@ class ExportConfig(Section):
     min_agreement: float = Field(default=0.99, ge=0.0, le=1.0)
     batch_size: int = Field(default=64, gt=0)
     out_dir: str = "models/onnx"
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"onnx": "out_dir"}
 
 
 # --------------------------------------------------------------------------- compress
@@ -341,6 +358,8 @@ class CompressConfig(Section):
     variants_dir: str = "models/variants"
     out_dir: str = "models/deploy"
     report_dir: str = "reports/compress"
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"variants": "variants_dir", "deploy": "out_dir"}
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -443,6 +462,8 @@ class PretrainConfig(Section):
     checkpoint_dir: str = "checkpoints/pretrain"
     out_dir: str = "models/encoder"
 
+    OUTPUTS: ClassVar[dict[str, str]] = {"encoder": "out_dir"}
+
     @model_validator(mode="after")
     def _base_given(self) -> PretrainConfig:
         if self.init == "base" and not self.base:
@@ -511,6 +532,19 @@ class Params(Section):
 
     def section(self, name: str) -> Section:
         return getattr(self, name)
+
+    def model_outputs(self, stage: str) -> dict[str, str]:
+        """The model folders `stage` writes, by output name (none for a stage that writes none)."""
+        section = getattr(self, stage, None)
+        return section.model_outputs() if isinstance(section, Section) else {}
+
+
+# Which stage writes which output, read from the sections' declarations.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    name: tuple(field.annotation.OUTPUTS)
+    for name, field in Params.model_fields.items()
+    if isinstance(field.annotation, type) and field.annotation.OUTPUTS
+}
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -648,3 +682,35 @@ def write_params(
             tmp.write_text(text, encoding="utf-8")
             os.chmod(tmp, mode)
     return changes
+
+
+# --------------------------------------------------------------------------- the demo's values
+# The defaults above are the general-purpose values: what a section gets when params.yaml leaves a
+# key out. The committed params.yaml is the CPU demo (about 6 min on 2 cores) and sets these keys
+# to other values, for the reasons given; every other value params.yaml writes equals its default.
+# tests/test_params.py keeps this table true both ways (no unlisted difference, no stale entry).
+DEMO_OVERRIDES: dict[str, str] = {
+    "ingest.min_per_class": "the demo's classes have up to 400 rows each "
+    "(ingest.source.max_per_class): a stricter floor than the default costs nothing there",
+    "finetune.epochs": "every arm at most 2 epochs (early stopping may end sooner) keeps the "
+    "demo within minutes on a CPU",
+    "finetune.ablations.enabled": "the demo shows what each stage bought: the probe, base and full "
+    "arms beside the main one, and the pretrain gate; off by default: the main arm only",
+    "evaluate.champion": "the demo compares against the registry champion; by default nothing is "
+    "compared (no registry assumed)",
+    "compress.prune.heads": "pruning stays off (prune.enabled: false); 4 heads is the measured "
+    "demo setting for whoever turns it on",
+    "pretrain.init": "the demo continues from an installed base (all-MiniLM-L6-v2) instead of "
+    "training a scratch encoder and its tokenizer",
+    "pretrain.base": "the installed package the demo's base comes from",
+    "pretrain.mlm.head_warmup_steps": "that base has no MLM head: a fresh one is trained alone "
+    "first (0 with such a base is refused)",
+    "pretrain.max_length": "WordNet glosses are short (median ~15 tokens)",
+    "pretrain.train.batch_size": "the demo's CPU budget",
+    "pretrain.train.max_steps": "bounds the demo's pretraining (30 steps) without a wall clock",
+    "pretrain.train.learning_rate": "continuing a trained base takes a smaller rate than scratch",
+    "pretrain.train.save_steps": "30 demo steps: a checkpoint every 10 so a kill resumes",
+    "pretrain.train.logging_steps": "30 demo steps: a loss line every 5",
+    "pretrain.train.heldout_max": "fewer held-out corpus texts to score: the demo's CPU budget",
+    "pretrain.probe.max_train": "a cap for the demo's CPU budget (its train split is ~2,800 rows)",
+}

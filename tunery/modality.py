@@ -71,9 +71,9 @@ class Text:
     def predictor_inputs(
         self, processor: Any, items: Sequence[Any], max_length: int
     ) -> list[dict[str, list[int]]]:
-        from tunery.onnx.runtime import encode
+        from tunery.data.tokens import unpadded
 
-        return encode(processor, [str(x) for x in items], max_length)
+        return unpadded(processor, [str(x) for x in items], max_length=max_length)
 
 
 TEXT = Text()

@@ -56,25 +56,13 @@ def numeric_items(prefix: str, value: Any) -> dict[str, float]:
     return out
 
 
-def model_outputs(params: Params, stage: str) -> dict[str, str]:
-    """The model folders a stage writes, by output name (`tracking.log_models` picks which are
-    logged as LoggedModels)."""
-    outputs = {
-        "pretrain": {"encoder": params.pretrain.out_dir},
-        "finetune": {"adapter": params.finetune.out_dir},
-        "export": {"onnx": params.export.out_dir},
-        "compress": {"variants": params.compress.variants_dir, "deploy": params.compress.out_dir},
-    }
-    return outputs.get(stage, {})
-
-
 def log_outputs(
     params: Params, root: Path, stage: str, run: Any, metrics: dict[str, float]
 ) -> bool:
-    """Log the stage's chosen model outputs; the first carries the stage's metrics (linked to it).
-    Whether any was logged."""
+    """Log the stage's chosen model outputs (the folders its params section declares:
+    `Section.OUTPUTS`); the first carries the stage's metrics (linked to it). Whether any was logged."""
     linked = False
-    for kind, folder in model_outputs(params, stage).items():
+    for kind, folder in params.model_outputs(stage).items():
         if kind not in params.tracking.log_models or not (root / folder).is_dir():
             continue
         own = None if linked else metrics

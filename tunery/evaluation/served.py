@@ -20,6 +20,7 @@ from tunery.evaluation import metrics as ev
 from tunery.modeling import finetune_dir as finetune_folder
 from tunery.modeling.finetune_dir import INFO_FILE
 from tunery.modeling.predict import LoadedClassifier, load_classifier
+from tunery.onnx import compress_report
 from tunery.onnx.export import MODEL_FILE
 
 log = logging.getLogger("tunery.evaluate")
@@ -186,17 +187,15 @@ def served_challenger(cfg: EvaluateConfig, model_dir: Path, finetune_dir: Path) 
 def deployed_summary(
     clf: ServedModel, holdout: dict[str, Any], uncalibrated: dict[str, Any], compress: dict
 ) -> dict[str, Any]:
-    """The deployed row of the stage-value table: what is served, at what cost."""
+    """The deployed row of the stage-value table: what is served, at what cost (`compress`: the
+    compress report, `tunery.onnx.compress_report`)."""
     manifest = clf.predictor.manifest
     variant = manifest.get("variant")
     calib = manifest.get("calibration") or {}
-    target = compress.get("target_provider", "cpu")
-    bench = ((compress.get("variants") or {}).get(variant) or {}).get("bench", {}).get(target, {})
-    ref = (compress.get("reference_bench") or {}).get(target, {})
-    parity = ((compress.get("variants") or {}).get(variant) or {}).get("parity") or {}
+    numbers = compress_report.served_numbers(compress, variant)
     speed = (
-        bench["throughput"] / ref["throughput"]
-        if bench.get("throughput") and ref.get("throughput")
+        numbers["throughput"] / numbers["reference_throughput"]
+        if numbers["throughput"] and numbers["reference_throughput"]
         else None
     )
     size = sum(f.stat().st_size for f in clf.predictor.model_dir.glob("*.onnx*")) / 1e6
@@ -211,7 +210,9 @@ def deployed_summary(
         "temperature": calib.get("temperature"),
         "size_mb": round(size, 1),
         "speedup": round(speed, 2) if speed else None,
-        "drop_macro_f1": -parity["macro_f1_delta"] if "macro_f1_delta" in parity else None,
+        "drop_macro_f1": (
+            -numbers["macro_f1_delta"] if numbers["macro_f1_delta"] is not None else None
+        ),
     }
 
 

@@ -185,21 +185,6 @@ def pool(hidden: Any, mask: Any, how: str = "mean") -> Any:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def tokenize(
-    tok: Any, texts: Sequence[str], *, max_length: int, offsets: bool = False
-) -> list[dict[str, list[int]]]:
-    """Texts -> a list of unpadded features (padding happens per batch, in the collator)."""
-    enc = tok(
-        list(texts),
-        truncation=True,
-        max_length=max_length,
-        return_special_tokens_mask=True,
-        return_offsets_mapping=offsets,
-    )
-    keys = list(enc.keys())
-    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
-
-
 def mlm_collator(
     tok: Any, cfg: Any, *, seed: int | None = None, pad_to_multiple_of: int = 8
 ) -> Any:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunery.data.tokens import unpadded
 from tunery.errors import DataValidationError
 from tunery.io import file_md5
 from tunery.modeling.encoder import build_encoder, build_tokenizer, random_twin
@@ -205,7 +206,9 @@ def _data(cfg: PretrainConfig, tok: Any, texts: list[str]) -> tuple[Any, Any]:
     from tunery.modeling import objectives as pt
 
     whole_word = cfg.objective == "mlm" and cfg.mlm.whole_word
-    features = pt.tokenize(tok, texts, max_length=cfg.max_length, offsets=whole_word)
+    features = unpadded(
+        tok, texts, max_length=cfg.max_length, special_tokens_mask=True, offsets=whole_word
+    )
     if cfg.objective == "mlm":
         return features, pt.mlm_collator(tok, cfg.mlm)
     return features, pt.simcse_collator(tok, deletion=cfg.simcse.deletion)
@@ -259,7 +262,9 @@ def heldout_losses(cfg: PretrainConfig, run: Trained, twin: Any, held_texts: lis
 
     model, tok = run.model, run.tok
     whole_word = cfg.objective == "mlm" and cfg.mlm.whole_word
-    held = pt.tokenize(tok, held_texts, max_length=cfg.max_length, offsets=whole_word)
+    held = unpadded(
+        tok, held_texts, max_length=cfg.max_length, special_tokens_mask=True, offsets=whole_word
+    )
     heldout: dict[str, float] = {"texts": len(held_texts)}
     if held and cfg.objective == "mlm":
         pt.use_objective(model, "mlm", sparse_mlm=cfg.mlm.sparse_head)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunery.data.labelled import Split
+from tunery.data.tokens import unpadded
 from tunery.errors import FinetuneError
 from tunery.modeling.devices import PeakMemory, resolve_device, resolve_precision
 from tunery.modeling.training import (
@@ -55,10 +56,10 @@ class TrainResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def tokenize(tokenizer: Any, split: Split, max_length: int) -> list[dict[str, Any]]:
-    enc = tokenizer(split.texts, truncation=True, max_length=max_length)
-    keys = [k for k in enc if k in ("input_ids", "attention_mask", "token_type_ids")]
-    return [{**{k: enc[k][i] for k in keys}, "labels": split.labels[i]} for i in range(len(split))]
+def labelled_features(tokenizer: Any, split: Split, max_length: int) -> list[dict[str, Any]]:
+    """The split's unpadded token features (tunery/data/tokens.py), each with its label."""
+    features = unpadded(tokenizer, split.texts, max_length=max_length)
+    return [{**f, "labels": label} for f, label in zip(features, split.labels, strict=True)]
 
 
 def class_weight_vector(labels: Sequence[int], n_classes: int) -> list[float]:
@@ -237,7 +238,7 @@ def train(
     from tunery.modeling.hf_trainer import StepHooks, TokenCounter, TuneryTrainer, WeightedLoss
 
     run = _resolve_run(cfg, method)
-    train_features = tokenize(tokenizer, train_split, max_length)
+    train_features = labelled_features(tokenizer, train_split, max_length)
     out, temp, resume = _output_dir(checkpoint_dir)
     epochs = cfg.epochs if epochs is None else epochs
     settings = _trainer_settings(
@@ -249,7 +250,7 @@ def train(
         model=model,
         args=training_args(**settings),  # adapts to the transformers version (the GPU's 5.17)
         train_dataset=train_features,
-        eval_dataset=tokenize(tokenizer, val_split, max_length),
+        eval_dataset=labelled_features(tokenizer, val_split, max_length),
         # On CUDA, lengths rounded up to a multiple of 32: few shapes for compile / CUDA graphs.
         data_collator=DataCollatorWithPadding(
             tokenizer, pad_to_multiple_of=run.fast["pad_to_multiple_of"]

@@ -2,7 +2,8 @@
 
 export.py         PyTorch -> ONNX (+ the transformer optimizer), graph rewrites, model folders
 logits.py         the module the exporter traces
-compress.py       quantization, pruning, parity, benchmarks, the report
+compress.py       quantization, pruning, parity, benchmarks, the report's markdown and plot
+compress_report.py  <compress.report_dir>/report.{json,md}: names, writes, checks, reads it
 variants.py       the compress stage's work: build, judge, select and calibrate the variants
 int8_fallback.py  accuracy-aware int8 (sensitive nodes kept in float)
 calibration.py    temperature scaling baked into the deployed graph

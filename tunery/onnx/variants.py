@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from tunery.config import CompressConfig
 from tunery.errors import TuneryError
-from tunery.io import atomic_dir, write_json
+from tunery.io import atomic_dir
 
 log = logging.getLogger("tunery.compress")
 
@@ -187,9 +187,9 @@ def load_setup(
 ) -> Setup:
     from transformers import AutoTokenizer
 
+    from tunery.data.tokens import unpadded
     from tunery.onnx import compress as comp
     from tunery.onnx import export as ox
-    from tunery.onnx.runtime import encode
 
     ft = ox.load_finetuned(finetune_dir)
     manifest = ox.verify_model_dir(export_dir)
@@ -202,11 +202,13 @@ def load_setup(
     train = pd.read_parquet(data_dir / "train.parquet")
     index = {label: i for i, label in enumerate(ft.labels)}
     y_true = judged["label"].map(index).to_numpy()
-    encoded = encode(tokenizer, judged["text"].tolist(), ft.max_length)
+    encoded = unpadded(tokenizer, judged["text"].tolist(), max_length=ft.max_length)
     calib_texts = (
         train["text"].sample(n=min(cfg.calibration_samples, len(train)), random_state=0).tolist()
     )
-    calib = comp.CalibrationReader(encode(tokenizer, calib_texts, ft.max_length), names)
+    calib = comp.CalibrationReader(
+        unpadded(tokenizer, calib_texts, max_length=ft.max_length), names
+    )
     ref_logits = comp.run_batches(comp.torch_forward(model), encoded, cfg.batch_size, names, n)
     judge = Judge(cfg, encoded, y_true, ref_logits, n, val_rows=len(splits.get("val", ())))
     providers = ["cpu"] + (["cuda"] if comp.cuda_usable(export_dir / ox.MODEL_FILE) else [])
@@ -480,7 +482,8 @@ def report(
     eligible: Any,
     calibration: dict[str, Any],
 ) -> dict[str, Any]:
-    """report.json: what was judged, how, every variant and why the selected one."""
+    """The compress report (`tunery.onnx.compress_report`): what was judged, how, every variant and
+    why the selected one."""
     rows = {name: len(df) for name, df in setup.splits.items()}
     return {
         "eval_rows": sum(rows.values()),
@@ -518,11 +521,11 @@ def report(
 
 
 def write_report(report: dict[str, Any], report_dir: Path, plot_path: Path) -> None:
+    """The report folder (its owner: `tunery.onnx.compress_report`) and the trade-off plot."""
     from tunery.onnx import compress as comp
+    from tunery.onnx import compress_report
 
-    report_dir.mkdir(parents=True, exist_ok=True)
-    write_json(report_dir / "report.json", report)
-    (report_dir / "report.md").write_text(comp.markdown(report))
+    compress_report.write(report_dir, report, comp.markdown(report))
     comp.plot_tradeoff(report, plot_path)
 
 

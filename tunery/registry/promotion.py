@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery import tracking
-from tunery.config import Params
+from tunery.config import RegistryConfig
 from tunery.errors import InputError, Refused, TuneryError
 from tunery.registry import gate
 from tunery.registry.gate_report import compared_version
@@ -29,7 +29,7 @@ LOCK_TIMEOUT_S = 300.0
 
 
 def serialized(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run `fn(root, ...)` holding the project's registry lock: read the alias, move it and log
+    """Run `fn(reg, ...)` holding the project's (`reg.root`) registry lock: read the alias, move it and log
     the decision as one step, so that two processes (a scheduled gate, `tunery promote`, a
     rollback) never both act on the same champion (a lost update). filelock: an OS lock the
     kernel releases when its holder dies. It serializes the processes of one machine (or of a
@@ -38,13 +38,13 @@ def serialized(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     @functools.wraps(fn)
-    def wrapper(root: Path, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(reg: Registry, *args: Any, **kwargs: Any) -> Any:
         from filelock import FileLock, Timeout
 
-        lock = FileLock(str(Path(root) / LOCK_FILE))
+        lock = FileLock(str(Path(reg.root) / LOCK_FILE))
         try:
             with lock.acquire(timeout=LOCK_TIMEOUT_S):
-                return fn(root, *args, **kwargs)
+                return fn(reg, *args, **kwargs)
         except Timeout as exc:
             raise TuneryError(
                 f"{lock.lock_file}: another registry change has held the lock for "
@@ -80,17 +80,17 @@ def _record(
 
 @serialized
 def gate_challenger(
-    root: Path,
-    params: Params,
+    reg: Registry,
+    cfg: RegistryConfig,
     version: str,
     *,
     challenger: Mapping[str, Any] | None,
     champion: Mapping[str, Any] | None,
     parity_passed: bool | None,
 ) -> gate.Decision:
-    """Run the gate for a registered challenger; move `champion` to it only if the gate says so."""
-    reg = Registry.of(params, root)
-    name = reg.name
+    """Run the gate (its thresholds: `cfg`) for a registered challenger; move `champion` to it
+    only if the gate says so."""
+    root, name = reg.root, reg.name
     current = tracking.alias_version(root, name, CHAMPION)
     compared = compared_version(champion, name)
     if compared is not None and compared != current:
@@ -109,7 +109,7 @@ def gate_challenger(
                 champion,
                 has_champion=current is not None,
                 parity_passed=parity_passed,
-                cfg=params.registry,
+                cfg=cfg,
             )
         except Exception as exc:  # fail closed: an error in the gate is a "no"
             decision = gate.Decision(False, f"gate error: {exc!r} (fail closed)")
@@ -160,15 +160,12 @@ def gate_challenger(
 
 
 @serialized
-def promote(
-    root: Path, params: Params, version: str, reason: str, *, force: bool = False
-) -> dict[str, Any]:
+def promote(reg: Registry, version: str, reason: str, *, force: bool = False) -> dict[str, Any]:
     """Manual promotion (recorded): make `version` the champion. A version the gate rejected
     needs `force` (recorded as such)."""
     if not reason.strip():
         raise TuneryError("a manual promotion needs --reason")
-    reg = Registry.of(params, root)
-    name = reg.name
+    root, name = reg.root, reg.name
     versions = {v["version"]: v for v in tracking.list_versions(root, name)}
     if str(version) not in versions:
         raise InputError(
@@ -197,10 +194,9 @@ def promote(
 
 
 @serialized
-def rollback(root: Path, params: Params, reason: str) -> dict[str, Any]:
+def rollback(reg: Registry, reason: str) -> dict[str, Any]:
     """Champion back to the one it replaced (recorded); repeated rollbacks walk further back."""
-    reg = Registry.of(params, root)
-    name = reg.name
+    root, name = reg.root, reg.name
     current = tracking.alias_version(root, name, CHAMPION)
     if current is None:
         raise TuneryError(f"model {name!r} has no champion to roll back")

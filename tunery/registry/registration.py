@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from tunery import mlflow_model, tracking
-from tunery.config import Params
+from tunery.config import Params, RegistryConfig
 from tunery.errors import TuneryError
+from tunery.onnx import compress_report
 from tunery.onnx.export import MANIFEST_FILE, MODEL_FILE
 from tunery.registry import gate_report as gates
 from tunery.registry import promotion, refs
 from tunery.registry.refs import CHALLENGER, CHAMPION, REGISTRY_FILE, Registry
 
 log = logging.getLogger("tunery.registry")
-
-COMPRESS_REPORT = "report.json"  # in compress.report_dir
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -49,10 +48,10 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     name = reg.name
     sha = meta.get("sha256", "")
     gate_report = gates.read(root / params.evaluate.report_dir)
-    compress_report = _read_json(root / params.compress.report_dir / COMPRESS_REPORT) or {}
+    compress = compress_report.read(root / params.compress.report_dir)
     for existing in tracking.list_versions(root, name):
         if sha and existing["tags"].get("deploy.sha256") == sha:
-            return _unchanged(reg, params, existing, gate_report, compress_report)
+            return _unchanged(reg, params.registry, existing, gate_report, compress)
 
     challenger = gate_report.get("challenger")
     tags = {
@@ -74,12 +73,12 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
     )
     tracking.set_alias(root, name, CHALLENGER, version)
     decision = promotion.gate_challenger(
-        root,
-        params,
+        reg,
+        params.registry,
         version,
         challenger=challenger,
         champion=gate_report.get("champion"),
-        parity_passed=compress_report.get("parity_passed"),
+        parity_passed=compress_report.parity_passed(compress),
     )
     verdict = "promoted to champion" if decision.promote else "not promoted"
     summary = f"version {version} registered as challenger; {verdict}: {decision.reason}"
@@ -94,10 +93,10 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
 
 def _unchanged(
     reg: Registry,
-    params: Params,
+    cfg: RegistryConfig,
     existing: dict[str, Any],
     gate_report: dict[str, Any],
-    compress_report: dict[str, Any],
+    compress: dict[str, Any],
 ) -> dict[str, Any]:
     """The deployable model is already registered as `existing`: gate it again only if what the
     gate judges on changed since its last decision.
@@ -139,12 +138,12 @@ def _unchanged(
         # The gate itself refuses a stale comparison (and says what to re-run).
         tracking.set_alias(root, name, CHALLENGER, version)
         decision = promotion.gate_challenger(
-            root,
-            params,
+            reg,
+            cfg,
             version,
             challenger=gate_report.get("challenger"),
             champion=gate_report.get("champion"),
-            parity_passed=compress_report.get("parity_passed"),
+            parity_passed=compress_report.parity_passed(compress),
         )
         verdict = "promoted to champion" if decision.promote else "not promoted"
         summary = (
@@ -167,9 +166,9 @@ def _unchanged(
     return {**out, "summary": summary}
 
 
-def champion_finetune_dir(root: Path, params: Params) -> Path | None:
+def champion_finetune_dir(reg: Registry) -> Path | None:
     """The registry champion's fine-tune (adapter + labels + info) as a local folder, or None."""
-    name = Registry.of(params, root).name
+    root, name = reg.root, reg.name
     version = tracking.alias_version(root, name, CHAMPION)
     if version is None:
         log.info(
