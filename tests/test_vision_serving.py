@@ -377,3 +377,54 @@ def test_the_registered_image_model_takes_bytes_and_paths(image_champion, grey, 
         with pytest.raises(MlflowException) as exc:
             champion.predict(table)
         assert message in str(exc.value) and exc.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_takes_base64_images(image_champion, tmp_path):
+    """`mlflow models serve` of the image champion: the binary column is base64 in JSON."""
+    import os
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from tests.services import QUIET_ENV, Proc, free_port, http_ok, wait_until
+    from tunery import tracking
+
+    _champion, root = image_champion
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(QUIET_ENV, MLFLOW_TRACKING_URI=tracking.tracking_uri(root))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    port, mlflow_bin = free_port(), str(Path(sys.executable).parent / "mlflow")
+    proc = Proc(
+        [
+            *(mlflow_bin, "models", "serve", "-m", "models:/img@champion"),
+            *("--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"),
+        ],
+        tmp_path / "serve.log",
+        env,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def post(rows: list[dict]) -> tuple[int, dict]:
+        body = json.dumps({"dataframe_records": rows}).encode()
+        req = urllib.request.Request(
+            f"{url}/invocations", body, {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    try:
+        wait_until(lambda: http_ok(f"{url}/ping"), proc, "mlflow models serve", timeout=120)
+        imgs = pictures(2, seed=6)
+        status, body = post([{"image": base64.b64encode(png(i)).decode()} for i in imgs])
+        assert status == 200, body
+        assert [set(p) for p in body["predictions"]] == [{"label", "score", "probabilities"}] * 2
+        status, body = post([{"image": base64.b64encode(b"not an image").decode()}])
+        assert status == 400 and "[not_image]" in body.get("message", ""), body
+        assert http_ok(f"{url}/ping") and proc.alive()
+    finally:
+        proc.stop()

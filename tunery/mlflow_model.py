@@ -36,7 +36,7 @@ from tunery import tracking
 from tunery.errors import InputError, TuneryError
 from tunery.modeling import finetune_dir as finetune_folder
 from tunery.onnx import runtime as inference
-from tunery.onnx.export import deployable_files, modality, verify_model_dir
+from tunery.onnx.export import deployable_files, modality, read_manifest
 from tunery.registry import refs
 from tunery.vision.predict import IMAGE_COLUMN
 
@@ -223,7 +223,7 @@ def log_deployable(
         tags[ADAPTER_TAG] = log_output(
             ADAPTER, finetune_dir, run_id=run_id, experiment_id=experiment_id
         )
-    manifest = verify_model_dir(deploy_dir)
+    manifest = read_manifest(deploy_dir)  # the pyfunc's Predictor verifies it when it loads
     kind = modality(manifest)
     with _staged({DEPLOY: deploy_dir}, deployable_files(deploy_dir)) as staged:
         info = tracking.retry_locked(
