@@ -612,36 +612,52 @@ def _table_columns(path: Path) -> list[str]:
         raise InputError(f"{path}: cannot read as {suffix[1:]}: {first_line}") from None
 
 
-def _check_predict_files(src: Path, dest: Path, text_column: str) -> None:
-    """What `predict` can check before loading a model (seconds): the files' formats, that the
-    input exists and has the text column."""
-    for path, what in ((src, "input"), (dest, "output")):
-        if path.suffix.lower() not in TABLE_SUFFIXES:
-            raise InputError(
-                f"{path}: unsupported {what} format {path.suffix!r} (use .csv, .jsonl or .parquet)"
-            )
-    if not src.is_file():
-        raise InputError(f"{src}: file not found")
-    columns = _table_columns(src)
-    if columns and text_column not in columns:
+def _check_predict_files(src: Path, dest: Path, text_column: str, image_column: str) -> None:
+    """What `predict` can check before loading a model (seconds): the output's format, that the
+    input exists and is a folder, an image or a table with a text or an image-path column."""
+    if dest.suffix.lower() not in TABLE_SUFFIXES:
         raise InputError(
-            f"{src}: no column {text_column!r} (columns: {', '.join(columns)}; see --text-column)"
+            f"{dest}: unsupported output format {dest.suffix!r} (use .csv, .jsonl or .parquet)"
+        )
+    if not src.exists():
+        raise InputError(f"{src}: file not found")
+    from tunery.data.images import IMAGE_SUFFIXES
+
+    if src.is_dir() or src.suffix.lower() in IMAGE_SUFFIXES:
+        return  # images: an image model checks every one before scoring
+    if src.suffix.lower() not in TABLE_SUFFIXES:
+        raise InputError(
+            f"{src}: unsupported input format {src.suffix!r} (use .csv, .jsonl or .parquet; for "
+            f"an image model also a folder of images or one image: {', '.join(IMAGE_SUFFIXES)})"
+        )
+    columns = _table_columns(src)
+    if columns and text_column not in columns and image_column not in columns:
+        raise InputError(
+            f"{src}: no column {text_column!r} (columns: {', '.join(columns)}; see --text-column, "
+            "or --image-column for a manifest of images)"
         )
 
 
 def cmd_predict(args: argparse.Namespace, root: Path) -> int:
     src, dest = Path(args.input), Path(args.output)
-    _check_predict_files(src, dest, args.text_column)
+    _check_predict_files(src, dest, args.text_column, args.image_column)
     model = _model_source(args.model, root, _registry(args, root))
     from tunery.onnx.runtime import Predictor, predict_file
 
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
-    log.info("model %s: variant %s on %s", model, predictor.metadata["variant"], predictor.provider)
+    log.info(
+        "model %s: %s model, variant %s on %s",
+        model,
+        predictor.modality,
+        predictor.metadata["variant"],
+        predictor.provider,
+    )
     n = predict_file(
         predictor,
         src,
         dest,
         text_column=args.text_column,
+        image_column=args.image_column,
         show_progress=not args.no_progress,
     )
     print(f"scored {n} rows from {args.input} into {args.output} ({predictor.provider})")
@@ -654,7 +670,13 @@ def cmd_serve_model(args: argparse.Namespace, root: Path) -> int:
     from tunery.onnx.runtime import Predictor
 
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size)
-    serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch)
+    serve(
+        predictor,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_bytes=args.max_image_bytes,
+    )
     return 0
 
 
@@ -687,7 +709,20 @@ def _port(text: str) -> int:
 
 
 DEVICE_HELP = "where the ONNX model runs: auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda"
-BATCH_HELP = "texts per inference batch (default: 64)"
+BATCH_HELP = "texts or images per inference batch (default: 64)"
+PREDICT_DESCRIPTION = """\
+Score texts or images with a deployable ONNX model (the model's manifest says which it takes).
+
+  text model    a CSV, JSONL or Parquet file with a text column (--text-column)
+  image model   a folder of images (any depth; .png .jpg .jpeg .webp .bmp), one image file, or
+                a CSV/JSONL/Parquet manifest whose --image-column names each image relative to
+                the manifest's folder. Every image is checked before any is scored; one that is
+                not an image stops it with its name (exit 3). Other sizes and modes are resized
+                and converted as the model's processor contract says.
+
+The output (.csv, .jsonl or .parquet) has the input's columns (for a folder or an image:
+'image', the paths) plus prediction, score (the calibrated probability of the prediction) and
+one prob_<label> column per class."""
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
 EPILOG += (
@@ -843,14 +878,32 @@ def _registry_commands(sub: Any) -> None:
 def _serving_commands(sub: Any) -> None:
     """predict, serve-model, ui: using the models and seeing the runs."""
     p = sub.add_parser(
-        "predict", help="score a CSV/JSONL/Parquet file with a deployable ONNX model"
+        "predict",
+        help="score texts or images with a deployable ONNX model",
+        description=PREDICT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="CSV, JSONL or Parquet file with a text column")
-    p.add_argument("-o", "--output", required=True, help="output file (.csv, .jsonl or .parquet)")
+    p.add_argument(
+        "input",
+        help="text model: a CSV, JSONL or Parquet file with a text column; image model: a folder "
+        "of images, one image file, or a CSV/JSONL/Parquet manifest with an image-path column",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output file (.csv, .jsonl or .parquet): the input's columns (a folder or an image: "
+        "'image', the paths) plus prediction, score and prob_<label>",
+    )
     p.add_argument("--model", default=CHAMPION_MODEL, help=MODEL_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--text-column", default="text", help="the input's column of texts (default: text)"
+    )
+    p.add_argument(
+        "--image-column",
+        default="image",
+        help="an image manifest's column of image paths, relative to its folder (default: image)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=64, help=BATCH_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -863,7 +916,15 @@ def _serving_commands(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help=BATCH_HELP)
-    p.add_argument("--max-batch", type=_positive_int, default=256, help="most texts in one request")
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=256, help="most texts or images in one request"
+    )
+    p.add_argument(
+        "--max-image-bytes",
+        type=_positive_int,
+        default=10 * 2**20,
+        help="largest image upload, in bytes (default: 10 MiB); larger ones get a 413",
+    )
     _params_args(p)
     p.set_defaults(fn=cmd_serve_model)
 

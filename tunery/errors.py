@@ -41,6 +41,10 @@ class InputError(TuneryError):
     exit_code = EXIT_INPUT
 
 
+class BadInput(TuneryError):
+    """A request or table the predictor cannot score; the message says which rows and why."""
+
+
 class ConfigError(InputError):
     """`params.yaml` (or an override) does not match the schema."""
 

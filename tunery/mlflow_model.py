@@ -1,4 +1,4 @@
-"""Tunery's models in MLflow: the text-in pyfunc and the LoggedModels the stages leave.
+"""Tunery's models in MLflow: the pyfunc (text or images in) and the LoggedModels the stages leave.
 
 The second of the two modules that import `mlflow` (with `tunery.tracking`, which owns runs, the
 store and the registry's aliases). This one owns the MLflow model folder of a Tunery model:
@@ -8,8 +8,9 @@ store and the registry's aliases). This one owns the MLflow model folder of a Tu
     artifacts/finetune/              the fine-tune's adapter, labels and info (for warm starts)
     input_example.json, requirements.txt, ...
 
-`TextClassifier` is a thin adapter: `inference.texts_from` checks the table, `Predictor` scores
-it; no pre- or post-processing lives here. Stage outputs (encoder, adapter, deployable) become
+`Classifier` is a thin adapter for both modalities: `inference.table_inputs` checks the table (a
+`text` column, or an `image` column of encoded image bytes or paths for an image model),
+`Predictor` scores it; no pre- or post-processing lives here. Stage outputs (encoder, adapter, deployable) become
 MLflow 3 LoggedModels linked to their stage run; each carries the sha256 of its content
 (`tunery.sha256`), so an output already logged is found, not logged again.
 """
@@ -32,10 +33,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from tunery import tracking
-from tunery.errors import TuneryError
+from tunery.errors import InputError, TuneryError
 from tunery.modeling import finetune_dir as finetune_folder
 from tunery.onnx import runtime as inference
+from tunery.onnx.export import deployable_files, modality, read_manifest
 from tunery.registry import refs
+from tunery.vision.predict import IMAGE_COLUMN
 
 log = logging.getLogger("tunery.mlflow_model")
 
@@ -45,17 +48,18 @@ ADAPTER_FILES = finetune_folder.WARM_START_FILES  # from the finetune folder
 SHA_TAG = "tunery.sha256"
 KIND_TAG = "tunery.kind"
 ADAPTER_TAG = "tunery.adapter_model_id"
-MODEL_TYPE = "tunery-text-classifier"
+MODEL_TYPES = {"text": "tunery-text-classifier", "image": "tunery-image-classifier"}
 LEGACY_FINETUNE = "finetune"  # versions registered before LoggedModels carried the adapter here
 CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
 EXAMPLE_TEXTS = ["a small animal that lives in the wild", "a tool used for cutting wood"]
 
 
-class TextClassifier(mlflow.pyfunc.PythonModel):
-    """A table with a `text` column in; label, its calibrated probability, per-class out."""
+class Classifier(mlflow.pyfunc.PythonModel):
+    """A table in (a `text` column, or an `image` column of image bytes or paths: the model's
+    modality decides); label, its calibrated probability, per-class out."""
 
     # No type hints on `predict` (the signature is explicit, the input checked by
-    # `inference.texts_from`): MLflow would wrap it for hint-based validation and warn at class
+    # `inference.table_inputs`): MLflow would wrap it for hint-based validation and warn at class
     # definition that there are none. This class attribute is MLflow's own switch for that.
     _skip_type_hint_validation = True
 
@@ -69,20 +73,31 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         try:
-            texts = inference.texts_from(model_input)
-        except inference.BadInput as exc:
+            items = inference.table_inputs(self.predictor, model_input)
+        except (inference.BadInput, InputError) as exc:
             # INVALID_PARAMETER_VALUE: `mlflow models serve` answers 400 with this message.
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        return pd.DataFrame(self.predictor.predict(texts).records())
+        return pd.DataFrame(self.predictor.predict(items).records())
 
 
-def signature() -> Any:
-    """Input: one string column; output: label (string), score (double), probabilities (map)."""
+# The name the code files of versions logged before images (`python_model.py`) import.
+TextClassifier = Classifier
+
+
+def signature(kind: str = "text") -> Any:
+    """Input: one column, `text` (string) or `image` (binary: the encoded file's bytes, base64 in
+    `mlflow models serve`'s JSON; a path string passes too); output: label (string), score
+    (double), probabilities (map)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Map, Schema
 
+    column = (
+        ColSpec("binary", IMAGE_COLUMN)
+        if kind == "image"
+        else ColSpec("string", inference.TEXT_COLUMN)
+    )
     return ModelSignature(
-        inputs=Schema([ColSpec("string", inference.TEXT_COLUMN)]),
+        inputs=Schema([column]),
         outputs=Schema(
             [
                 ColSpec("string", "label"),
@@ -93,11 +108,38 @@ def signature() -> Any:
     )
 
 
-def _requirements() -> list[str]:
+def input_example(manifest: Mapping[str, Any], example_texts: Sequence[str] | None = None) -> Any:
+    """A small table of what the model takes: texts, or one mid-grey PNG at the model's size
+    and mode (made here from the processor contract: no data needed)."""
+    import pandas as pd
+
+    if modality(dict(manifest)) != "image":
+        return pd.DataFrame({inference.TEXT_COLUMN: list(example_texts or EXAMPLE_TEXTS)[:3]})
+    import io
+
+    from PIL import Image
+
+    from tunery.vision.processor import from_contract
+
+    cfg = from_contract(manifest["processor"])
+    buf = io.BytesIO()
+    Image.new(cfg.mode, (cfg.size, cfg.size), 128 if cfg.channels == 1 else (128,) * 3).save(
+        buf, format="PNG"
+    )
+    return pd.DataFrame({IMAGE_COLUMN: [buf.getvalue()]})
+
+
+REQUIREMENTS = {
+    "text": ("onnxruntime", "tokenizers", "transformers", "numpy", "pandas", "tunery"),
+    "image": ("onnxruntime", "pillow", "torch", "pydantic", "numpy", "pandas", "tunery"),
+}
+
+
+def _requirements(modality: str = "text") -> list[str]:
     from importlib import metadata
 
     reqs = []
-    for dist in ("onnxruntime", "tokenizers", "transformers", "numpy", "pandas", "tunery"):
+    for dist in REQUIREMENTS[modality]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             reqs.append(f"{dist}=={metadata.version(dist)}")
     return reqs
@@ -164,7 +206,8 @@ def log_deployable(
     finetune_dir: Path | None = None,
     example_texts: Sequence[str] | None = None,
 ) -> str:
-    """Log `deploy_dir` as the text-in pyfunc LoggedModel of the active run `run_id`; its id.
+    """Log `deploy_dir` as the pyfunc LoggedModel (text or image in, as its manifest says) of the
+    active run `run_id`; its id.
 
     The fine-tune's adapter is its own LoggedModel (logged here if no stage did), referenced by
     the tag `tunery.adapter_model_id`, not copied in. An identical deployable already logged in
@@ -180,21 +223,18 @@ def log_deployable(
         tags[ADAPTER_TAG] = log_output(
             ADAPTER, finetune_dir, run_id=run_id, experiment_id=experiment_id
         )
-    import pandas as pd
-
-    example = pd.DataFrame({inference.TEXT_COLUMN: list(example_texts or EXAMPLE_TEXTS)[:3]})
-    from tunery.onnx.export import deployable_files
-
+    manifest = read_manifest(deploy_dir)  # the pyfunc's Predictor verifies it when it loads
+    kind = modality(manifest)
     with _staged({DEPLOY: deploy_dir}, deployable_files(deploy_dir)) as staged:
         info = tracking.retry_locked(
             mlflow.pyfunc.log_model,
             name=DEPLOY,
             python_model=str(CODE_FILE),
             artifacts={DEPLOY: str(staged / DEPLOY)},
-            signature=signature(),
-            input_example=example,
-            pip_requirements=_requirements(),
-            model_type=MODEL_TYPE,
+            signature=signature(kind),
+            input_example=input_example(manifest, example_texts),
+            pip_requirements=_requirements(kind),
+            model_type=MODEL_TYPES[kind],
             tags=tags,
         )
     if info.run_id != run_id:

@@ -2,6 +2,6 @@
 
 import mlflow
 
-from tunery.mlflow_model import TextClassifier
+from tunery.mlflow_model import Classifier
 
-mlflow.models.set_model(TextClassifier())
+mlflow.models.set_model(Classifier())

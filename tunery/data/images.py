@@ -124,17 +124,7 @@ def inspect_image(path: Path, max_pixels: int = 40_000_000) -> dict:
         raise DataValidationError(path, "missing_file", "no such image") from None
     except OSError as exc:
         raise DataValidationError(path, "unreadable_file", f"cannot read: {exc.strerror}") from None
-    if not raw:
-        raise DataValidationError(path, "zero_size", "the file is empty (0 bytes)")
-    width, height, mode = _decode(path, raw, max_pixels)
-    if width == 0 or height == 0:
-        raise DataValidationError(path, "zero_size", f"the image is {width}x{height} pixels")
-    if mode not in MODES:
-        raise DataValidationError(
-            path,
-            "unsupported_mode",
-            f"mode {mode} is not accepted ({ACCEPTED}); convert it to 8-bit RGB or L",
-        )
+    width, height, mode = _check_bytes(path, raw, max_pixels)
     return {
         "sha256": hashlib.sha256(raw).hexdigest(),
         "width": width,
@@ -143,17 +133,48 @@ def inspect_image(path: Path, max_pixels: int = 40_000_000) -> dict:
     }
 
 
+def _check_bytes(name: str | Path, raw: bytes, max_pixels: int) -> tuple[int, int, str]:
+    """The rules of one image's bytes (zero_size, not_image, truncated_image, image_too_large,
+    unsupported_mode); (width, height, mode)."""
+    if not raw:
+        raise DataValidationError(name, "zero_size", "the file is empty (0 bytes)")
+    width, height, mode = _decode(Path(name), raw, max_pixels)
+    if width == 0 or height == 0:
+        raise DataValidationError(name, "zero_size", f"the image is {width}x{height} pixels")
+    if mode not in MODES:
+        raise DataValidationError(
+            name,
+            "unsupported_mode",
+            f"mode {mode} is not accepted ({ACCEPTED}); convert it to 8-bit RGB or L",
+        )
+    return width, height, mode
+
+
+def converted(img: Image.Image, name: str | Path = "image") -> Image.Image:
+    """`img` (loaded) converted as MODES says (L or RGB); another mode is refused, named `name`."""
+    if img.mode not in MODES:
+        raise DataValidationError(
+            name, "unsupported_mode", f"mode {img.mode} is not accepted ({ACCEPTED})"
+        )
+    # Through RGBA: converting a palette with transparency straight to RGB warns.
+    base = img.convert("RGBA") if img.mode == "P" else img
+    return base.convert(MODES[img.mode])
+
+
 def open_image(path: Path) -> Image.Image:
     """The image decoded and converted as MODES says (L or RGB): what a processor starts from."""
     with Image.open(path) as img:
-        if img.mode not in MODES:
-            raise DataValidationError(
-                path, "unsupported_mode", f"mode {img.mode} is not accepted ({ACCEPTED})"
-            )
         img.load()
-        # Through RGBA: converting a palette with transparency straight to RGB warns.
-        base = img.convert("RGBA") if img.mode == "P" else img
-        return base.convert(MODES[img.mode])
+        return converted(img, path)
+
+
+def decode_image(raw: bytes, name: str | Path, max_pixels: int = 40_000_000) -> Image.Image:
+    """Image bytes (an upload, a table cell) checked by the rules of a data file, then decoded and
+    converted as `open_image` does; errors name `name`."""
+    _check_bytes(name, raw, max_pixels)
+    with Image.open(io.BytesIO(raw)) as img:
+        img.load()
+        return converted(img, name)
 
 
 def _raise_grouped(failures: list[tuple[int, DataValidationError]], manifest: Path | None) -> None:

@@ -572,6 +572,13 @@ def write_model_dir(
     return manifest
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest as written, unchecked ({} when there is none): for code that only labels a
+    folder (its modality), not loads it; loading goes through `verify_model_dir`."""
+    path = Path(folder) / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def modality(manifest: dict[str, Any]) -> str:
     """ "text" or "image": what a verified model folder takes as input."""
     return str(manifest.get("modality", "text"))

@@ -1,9 +1,15 @@
-"""Run a deployable ONNX model folder: tokenize, batch by length, score with ONNX Runtime.
+"""Run a deployable ONNX model folder: turn inputs into the graph's feed, score with ONNX Runtime.
 
 A deployable folder (written by the `export` and `compress` stages, see `tunery.onnx.export`)
-holds `model.onnx`, the tokenizer files, `labels.json` and `tunery_model.json`. `Predictor` loads
-only such folders: the manifest must be there and the model's sha256 must match it, and ONNX
-external-data paths may not point outside the folder.
+holds `model.onnx`, `labels.json`, `tunery_model.json` and, for a text model, the tokenizer files.
+`Predictor` loads only such folders: the manifest must be there and the model's sha256 must match
+it, and ONNX external-data paths may not point outside the folder.
+
+One `Predictor` for both modalities: the session, devices, calibrated output and post-processing
+are shared; what the graph is fed comes from the manifest's modality, the seam's last link
+("predictor inputs", `tunery.modality`): `TextInputs` (tokenize, batch by length) here, or
+`tunery.vision.predict.ImageInputs` (PIL images, bytes or paths -> `pixel_values` by the
+manifest's processor contract).
 
 Devices: `cpu`, `cuda` or `auto`. `cuda` really means CUDA: CPU fallback is disabled in the session
 and the active providers are checked, and the predictor refuses to start otherwise. `auto` takes
@@ -25,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from tunery.errors import TuneryError
-from tunery.onnx.export import LABELS_FILE, MODEL_FILE, verify_model_dir
+from tunery.errors import BadInput, InputError, TuneryError
+from tunery.onnx.export import LABELS_FILE, MODEL_FILE, modality, verify_model_dir
 from tunery.registry.refs import REGISTRY_FILE
 
 log = logging.getLogger("tunery.inference")
@@ -82,6 +88,14 @@ def resolve_model_source(source: str | Path) -> Path:
             )
         return Path(resolver(text))
     return Path(text)
+
+
+# The input side of the other modalities, named rather than imported (as PLUGINS above): loaded
+# only for such a model (images need PIL, torch and pydantic), and not a dependency of the text
+# stages, which score text models only. A stage that scores image models through `Predictor`
+# names tunery/vision/predict.py in its dvc.yaml deps itself (tests/test_dvc_deps.py follows
+# imports, not this string).
+INPUTS = {"image": "tunery.vision.predict:ImageInputs"}
 
 
 # --------------------------------------------------------------------------- sessions
@@ -221,6 +235,62 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+TEXT_COLUMN = "text"  # the column a table of texts (the MLflow pyfunc's input) must have
+TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")  # what `tunery predict` reads, writes
+
+
+class TextInputs:
+    """What a text model is fed: tokenized texts, batched by length (`length_batches`)."""
+
+    unit = "text"
+    column = TEXT_COLUMN
+
+    def __init__(self, model_dir: Path, manifest: dict[str, Any], max_length: int | None) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.max_length = int(max_length or manifest.get("max_length") or 128)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {"modality": "text", "max_length": self.max_length}
+
+    def as_list(self, items: Any) -> Sequence[str]:
+        return [items] if isinstance(items, str) else items
+
+    def batches(
+        self, items: Sequence[str], batch_size: int, input_names: Sequence[str]
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        encoded = encode(self.tokenizer, items, self.max_length)
+        pad = self.tokenizer.pad_token_id or 0
+        yield from length_batches(encoded, batch_size, input_names, pad_id=pad)
+
+    def from_file(self, src: Path, column: str) -> tuple[Any, list[str]]:
+        """(the rows to write back, the texts) of `tunery predict`'s input: a CSV, JSONL or
+        Parquet file with a text column."""
+        if src.is_dir() or src.suffix.lower() not in TABLE_SUFFIXES:
+            raise InputError(
+                f"{src}: a text model scores a CSV, JSONL or Parquet file with a text column "
+                "(this model takes text, not images)"
+            )
+        df = read_table(src)
+        try:
+            return df, texts_from(df, column, where=str(src))
+        except BadInput as exc:  # a file the user gave: bad input (exit 3), not a failed run
+            raise InputError(str(exc)) from None
+
+    @staticmethod
+    def rows(values: list[Any], column: str, where: str) -> list[str]:
+        """A table column's texts: a non-string or an empty text is a `BadInput` naming the rows."""
+        bad = [i + 1 for i, t in enumerate(values) if not isinstance(t, str)]
+        if bad:
+            raise BadInput(f"{where}: rows {bad[:5]}: [{column}] must be text (a string)")
+        empty = [i + 1 for i, t in enumerate(values) if not t.strip()]
+        if empty:
+            raise BadInput(f"{where}: rows {empty[:5]}: [{column}] is empty")
+        return values
+
+
 class OnnxRunner:
     """One session plus the way to feed it: plain `run` on CPU, IO binding on CUDA.
 
@@ -264,10 +334,16 @@ class Predictions:
 
 
 class Predictor:
-    """Score texts with a deployable ONNX model folder (`models/deploy`, a variant, ...).
+    """Score texts or images with a deployable ONNX model folder (`models/deploy`, a variant, a
+    `models:/` reference): the manifest's modality says which.
 
     >>> p = Predictor("models/deploy", device="auto")
     >>> p.predict(["a small dog"]).labels
+    >>> Predictor("models/vision-deploy").predict(["shoe.png", Image.open("bag.jpg")]).labels
+
+    Text models take strings. Image models take PIL images, encoded image bytes or paths; each is
+    converted to the model's mode and resized to its size as the manifest's processor contract
+    says (`tunery.vision.predict`); a file that is not an image is refused with its name.
     """
 
     def __init__(
@@ -279,23 +355,21 @@ class Predictor:
         max_length: int | None = None,
         threads: int = 0,
     ) -> None:
-        from transformers import AutoTokenizer
-
         self.source = str(model)
         self.model_dir = resolve_model_source(model)
         self.manifest = verify_model_dir(self.model_dir)
+        self.modality = modality(self.manifest)
         registry_file = self.model_dir / REGISTRY_FILE
         self._registry = json.loads(registry_file.read_text()) if registry_file.is_file() else {}
         self.classes: list[str] = json.loads((self.model_dir / LABELS_FILE).read_text())
-        self.max_length = int(max_length or self.manifest.get("max_length") or 128)
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         session, self.device = create_session(
             self.model_dir / MODEL_FILE,
             device,
             threads=threads,
             prefer_cuda=self.manifest.get("provider", "cpu") == "cuda",
         )
+        self.inputs = model_inputs(self.model_dir, self.manifest, session, max_length=max_length)
         self.provider = CUDA if self.device == "cuda" else CPU
         self._run = OnnxRunner(session, self.device)
         # Graphs from the compress stage carry the calibrated Softmax(logits / T) as a second
@@ -310,6 +384,14 @@ class Predictor:
             )
 
     @property
+    def tokenizer(self) -> Any:
+        return getattr(self.inputs, "tokenizer", None)
+
+    @property
+    def max_length(self) -> int | None:
+        return getattr(self.inputs, "max_length", None)
+
+    @property
     def metadata(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -321,64 +403,66 @@ class Predictor:
             "sha256": self.manifest["sha256"],
             "provider": self.provider,
             "device": self.device,
-            "max_length": self.max_length,
+            **self.inputs.metadata,  # modality, and max_length (text) or processor (image)
             "labels": self.classes,
             "opset": self.manifest.get("opset"),
             "calibration": self.manifest.get("calibration"),
         }
 
-    def logits(self, texts: Sequence[str], *, progress: Callable[[int], None] | None = None):
-        """(n, classes) float32 logits, in input order; batches sorted by length."""
-        return self._scores(self._run, texts, progress)
+    def logits(self, items: Sequence[Any], *, progress: Callable[[int], None] | None = None):
+        """(n, classes) float32 logits, in input order (text batches are sorted by length)."""
+        return self._scores(self._run, items, progress)
 
     def probabilities(
-        self, texts: Sequence[str], *, progress: Callable[[int], None] | None = None
+        self, items: Sequence[Any], *, progress: Callable[[int], None] | None = None
     ) -> np.ndarray:
         """(n, classes) class probabilities: the graph's calibrated output, else softmax(logits)."""
         if self._probs is None:
-            return softmax(self.logits(texts, progress=progress))
-        return self._scores(self._probs, texts, progress)
+            return softmax(self.logits(items, progress=progress))
+        return self._scores(self._probs, items, progress)
 
     def _scores(
-        self, run: OnnxRunner, texts: Sequence[str], progress: Callable[[int], None] | None
+        self, run: OnnxRunner, items: Sequence[Any], progress: Callable[[int], None] | None
     ) -> np.ndarray:
-        encoded = encode(self.tokenizer, texts, self.max_length)
-        out = np.zeros((len(texts), len(self.classes)), dtype=np.float32)
-        pad = self.tokenizer.pad_token_id or 0
-        for idx, feed in length_batches(encoded, self.batch_size, run.input_names, pad_id=pad):
+        items = self.inputs.as_list(items)
+        out = np.zeros((len(items), len(self.classes)), dtype=np.float32)
+        for idx, feed in self.inputs.batches(items, self.batch_size, run.input_names):
             out[idx] = run(feed)
             if progress is not None:
                 progress(len(idx))
         return out
 
     def predict(
-        self, texts: Sequence[str], *, progress: Callable[[int], None] | None = None
+        self, items: Sequence[Any], *, progress: Callable[[int], None] | None = None
     ) -> Predictions:
-        if isinstance(texts, str):
-            texts = [texts]
+        items = self.inputs.as_list(items)
         probs = (
-            self.probabilities(texts, progress=progress)
-            if len(texts)
+            self.probabilities(items, progress=progress)
+            if len(items)
             else np.zeros((0, len(self.classes)), dtype=np.float32)
         )
-        labels = [self.classes[i] for i in probs.argmax(axis=-1)] if len(texts) else []
+        labels = [self.classes[i] for i in probs.argmax(axis=-1)] if len(items) else []
         return Predictions(labels=labels, probabilities=probs, classes=self.classes)
 
 
+def model_inputs(
+    model_dir: Path, manifest: dict[str, Any], session: Any, *, max_length: int | None = None
+) -> Any:
+    """The input side of a verified folder, by its modality: `TextInputs` or `ImageInputs`."""
+    kind = modality(manifest)
+    if kind == "text":
+        return TextInputs(model_dir, manifest, max_length)
+    import importlib
+
+    module, _, name = INPUTS[kind].partition(":")
+    factory = getattr(importlib.import_module(module), name)
+    return factory(manifest["processor"], session, where=str(model_dir))
+
+
 # --------------------------------------------------------------------------- table inputs
-TEXT_COLUMN = "text"  # the column a table of texts (the MLflow pyfunc's input) must have
-
-
-class BadInput(TuneryError):
-    """A request or table the predictor cannot score; the message says which rows and why."""
-
-
-def texts_from(table: Any, column: str = TEXT_COLUMN, *, where: str = "input") -> list[str]:
-    """The non-empty texts of `table[column]`: a DataFrame, a list of dicts or one dict.
-
-    The one check of table inputs (files for `tunery predict`, the MLflow pyfunc): a missing
-    column, a non-string or an empty text is a `BadInput` naming the rows (1-based).
-    """
+def column_values(table: Any, column: str, *, where: str = "input") -> list[Any]:
+    """`table[column]` as a list: a DataFrame, a list of dicts or one dict; a `BadInput` when the
+    table is of another kind or lacks the column."""
     import pandas as pd
 
     if isinstance(table, dict):
@@ -393,14 +477,23 @@ def texts_from(table: Any, column: str = TEXT_COLUMN, *, where: str = "input") -
     if column not in table.columns:
         have = ", ".join(map(str, table.columns)) or "none"
         raise BadInput(f"{where}: no column {column!r} (columns: {have})")
-    texts = table[column].tolist()
-    bad = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise BadInput(f"{where}: rows {bad[:5]}: [{column}] must be text (a string)")
-    empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
-    if empty:
-        raise BadInput(f"{where}: rows {empty[:5]}: [{column}] is empty")
-    return texts
+    return table[column].tolist()
+
+
+def texts_from(table: Any, column: str = TEXT_COLUMN, *, where: str = "input") -> list[str]:
+    """The non-empty texts of `table[column]`: a DataFrame, a list of dicts or one dict.
+
+    The one check of table inputs (files for `tunery predict`, the MLflow pyfunc): a missing
+    column, a non-string or an empty text is a `BadInput` naming the rows (1-based).
+    """
+    return TextInputs.rows(column_values(table, column, where=where), column, where)
+
+
+def table_inputs(predictor: Predictor, table: Any, *, where: str = "input") -> list[Any]:
+    """What `predictor` scores from a table (the MLflow pyfunc's input): its modality's column
+    (`text`, or `image` of bytes or paths), each row checked; errors name the rows."""
+    column = predictor.inputs.column
+    return predictor.inputs.rows(column_values(table, column, where=where), column, where)
 
 
 # --------------------------------------------------------------------------- files
@@ -443,18 +536,21 @@ def predict_file(
     dest: Path,
     *,
     text_column: str = "text",
+    image_column: str = "image",
     show_progress: bool = True,
 ) -> int:
-    """Score `src` (CSV/JSONL/Parquet) into `dest`: its columns plus prediction, score, prob_<label>."""
-    df = read_table(src)
-    texts = texts_from(df, text_column, where=str(src))
+    """Score `src` into `dest` (CSV/JSONL/Parquet): its columns (an image folder or file: `image`,
+    the paths) plus prediction, score, prob_<label>. Nothing is written unless all rows score."""
+    column = image_column if predictor.modality == "image" else text_column
+    df, items = predictor.inputs.from_file(Path(src), column)
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(df), unit="text", desc="predict", file=sys.stderr)
+        unit = predictor.inputs.unit
+        bar = tqdm(total=len(df), unit=unit, desc="predict", file=sys.stderr)
     try:
-        preds = predictor.predict(texts, progress=bar.update if bar else None)
+        preds = predictor.predict(items, progress=bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
