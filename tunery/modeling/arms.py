@@ -34,6 +34,7 @@ from tunery.modeling.methods import (
 )
 from tunery.modeling.predict import predict_proba
 from tunery.modeling.trainer import TrainResult, train
+from tunery.modeling.training import arm_resume_dir
 
 if TYPE_CHECKING:
     from tunery.config import FinetuneConfig
@@ -355,7 +356,7 @@ def train_arms(
 ) -> Outcome:
     """The pipeline arm, the base arm and the pretrain gate, then (ablations on) probe and full."""
     common = dict(labels=inputs.labels, train_split=inputs.train_split, val_split=inputs.val_split)
-    # pipeline arm: the main model, the only one with a resume point
+    # pipeline arm: the main model; every arm resumes from its own last complete checkpoint
     result, stats = train_variant(
         cfg,
         method=cfg.method,
@@ -373,7 +374,7 @@ def train_arms(
     arms = {"pipeline": arm_row(candidates["pipeline"], inputs.scored, cfg)}
     skipped = base_skipped(cfg, base, warm)
     if skipped is None:
-        candidates["base"] = _train_base(cfg, base, common)
+        candidates["base"] = _train_base(cfg, base, common, checkpoint_dir)
         arms["base"] = arm_row(candidates["base"], inputs.scored, cfg)
     gate = pretrain_gate(
         arms["pipeline"]["best_val_macro_f1"],
@@ -385,7 +386,11 @@ def train_arms(
     chosen = candidates.pop(chosen_name)
     candidates.clear()  # frees the other arm's model
     if cfg.ablations.enabled:
-        arms.update(reference_arms(cfg, chosen, inputs, chosen_row=arms[chosen_name]))
+        arms.update(
+            reference_arms(
+                cfg, chosen, inputs, chosen_row=arms[chosen_name], checkpoint_dir=checkpoint_dir
+            )
+        )
     else:
         arms = {chosen_name: arms[chosen_name]}
     report = {"chosen": chosen_name, "pretrain_gate": gate, "arms": arms}
@@ -393,7 +398,9 @@ def train_arms(
     return Outcome(chosen=chosen, report=report)
 
 
-def _train_base(cfg: FinetuneConfig, base: BaseArm, common: dict[str, Any]) -> Candidate:
+def _train_base(
+    cfg: FinetuneConfig, base: BaseArm, common: dict[str, Any], checkpoint_dir: Path
+) -> Candidate:
     from transformers import AutoTokenizer
 
     log.info(
@@ -407,6 +414,7 @@ def _train_base(cfg: FinetuneConfig, base: BaseArm, common: dict[str, Any]) -> C
         encoder=Path(base.encoder),
         tokenizer=tokenizer,
         arm="base",
+        checkpoint_dir=arm_resume_dir(checkpoint_dir, "base", str(base.encoder), base.init),
         **common,
     )
     return Candidate(result, stats, Path(base.encoder), base.init, tokenizer)
@@ -441,7 +449,12 @@ def arm_row(arm: Candidate, scored: list[Split], cfg: FinetuneConfig) -> dict[st
 
 
 def reference_arms(
-    cfg: FinetuneConfig, chosen: Candidate, inputs: Inputs, *, chosen_row: dict[str, Any]
+    cfg: FinetuneConfig,
+    chosen: Candidate,
+    inputs: Inputs,
+    *,
+    chosen_row: dict[str, Any],
+    checkpoint_dir: Path,
 ) -> dict[str, dict[str, Any]]:
     """probe and full on the chosen encoder (full: the chosen arm itself when method is full)."""
     log.info("arm probe: frozen %s encoder + logistic regression", chosen.init)
@@ -452,7 +465,10 @@ def reference_arms(
         arms["full"] = chosen_row
         return arms
     log.info("arm full: full fine-tuning of the chosen encoder (%s epochs)", cfg.epochs)
-    result, stats = train_variant(cfg, method="full", **where, **common, arm="full")
+    resume = arm_resume_dir(checkpoint_dir, "full", str(chosen.encoder), chosen.init)
+    result, stats = train_variant(
+        cfg, method="full", **where, **common, arm="full", checkpoint_dir=resume
+    )
     full = Candidate(result, stats, chosen.encoder, chosen.init, chosen.tokenizer)
     arms["full"] = arm_row(full, inputs.scored, cfg)
     return arms

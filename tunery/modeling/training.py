@@ -204,6 +204,15 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def arm_resume_dir(checkpoint_dir: Path, arm: str, *key: Any) -> Path:
+    """The resume point of a comparison arm of the run whose resume point is `checkpoint_dir`.
+
+    A sibling named by a fingerprint of that folder's name, the arm and what else decides the
+    arm's training (its encoder), so a stage killed in any arm resumes that arm from its last
+    complete checkpoint, and `drop_resume_points` removes it with the rest."""
+    return Path(checkpoint_dir).parent / fingerprint(Path(checkpoint_dir).name, arm, *key)
+
+
 def drop_resume_points(root: Path) -> list[str]:
     """Remove every resume point under `root` (`<16-hex fingerprint>/checkpoint-<step>` folders).
 
