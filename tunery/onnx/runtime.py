@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from tunery.data.tokens import unpadded
 from tunery.errors import BadInput, InputError, TuneryError
 from tunery.onnx.export import LABELS_FILE, MODEL_FILE, modality, verify_model_dir
 from tunery.registry.refs import REGISTRY_FILE
@@ -193,13 +194,6 @@ def create_session(
 
 
 # --------------------------------------------------------------------------- batching
-def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
-    """Tokenize without padding (one dict of id lists per text), truncated to `max_length`."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    names = [n for n in TOKEN_INPUTS if n in enc]
-    return [{n: enc[n][i] for n in names} for i in range(len(texts))]
-
-
 def length_batches(
     encoded: Sequence[dict[str, list[int]]],
     batch_size: int,
@@ -261,7 +255,7 @@ class TextInputs:
     def batches(
         self, items: Sequence[str], batch_size: int, input_names: Sequence[str]
     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        encoded = encode(self.tokenizer, items, self.max_length)
+        encoded = unpadded(self.tokenizer, items, max_length=self.max_length)
         pad = self.tokenizer.pad_token_id or 0
         yield from length_batches(encoded, batch_size, input_names, pad_id=pad)
 
