@@ -308,7 +308,19 @@ def test_dvc_repro_of_vision_registers_a_champion(tmp_path):
     assert tracking.alias_version(proj / "vision", name, "champion") == register["version"]
     assert not (proj / "vision" / ".dvc").exists()  # the pipeline folder never becomes a sub-repo
 
-    again = repro()  # nothing changed: only the always-run register stage, registering nothing
-    assert "Running stage 'vision/dvc.yaml:pretrain'" not in again
-    second = json.loads((proj / "vision" / "metrics" / "register.json").read_text())
-    assert second["registered"] is False and second["version"] == register["version"]
+    # `tunery run` inside vision/: the same DVC stages; nothing changed, so only the always-run
+    # register stage, which registers nothing new
+    result = subprocess.run(
+        [sys.executable, "-m", "tunery.cli", "run", "--json"],
+        cwd=proj / "vision",
+        env=tool_env(proj),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["modality"] == "image" and doc["stages_ran"] == ["register"], doc["stages_ran"]
+    assert doc["registry"]["registered"] is False
+    assert doc["registry"]["version"] == register["version"]
+    assert [r["row"] for r in doc["stage_value"]["rows"]][-1] == "deployed"
+    assert not (proj / "vision" / ".dvc").exists()
