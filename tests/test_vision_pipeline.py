@@ -97,7 +97,12 @@ def chain(tmp_path_factory) -> dict:
     )
     ft = root / p.finetune.out_dir
     out["finetune"] = finetune.run(
-        p.finetune, p.processor, root=root, data_dir=data, encoder=root / p.pretrain.out_dir, out_dir=ft
+        p.finetune,
+        p.processor,
+        root=root,
+        data_dir=data,
+        encoder=root / p.pretrain.out_dir,
+        out_dir=ft,
     )
     onnx_dir = root / p.export.out_dir
     out["export"] = export.run(
@@ -200,7 +205,9 @@ def test_compress_judges_variants_and_deploys_a_calibrated_one(chain):
     report = json.loads((root / p.compress.report_dir / "report.json").read_text())
     assert set(report["variants"]) == {"fp32", "int8_dynamic", "fp16"}
     assert "parity" in report["variants"]["int8_dynamic"]
-    assert report["variants"]["fp16"].get("skipped") or "cuda" in report["variants"]["fp16"]["bench"]
+    assert (
+        report["variants"]["fp16"].get("skipped") or "cuda" in report["variants"]["fp16"]["bench"]
+    )
     assert report["selected"] in report["eligible"] and report["selected"] != "fp16"
     manifest = verify_model_dir(root / p.compress.out_dir)
     assert manifest["modality"] == "image" and manifest["calibration"]["temperature"] > 0
@@ -254,10 +261,9 @@ def test_vision_params_file_loads_and_refuses_mistakes(tmp_path):
 def fake_fashion_mnist(folder: Path, per_class: int = 40) -> Path:
     """The package's four idx files with learnable stand-in images (10 classes)."""
     folder.mkdir(parents=True)
-    for split, (image_file, label_file) in {
-        "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-    }.items():
+    from tunery.data.fashion_mnist import FILES
+
+    for image_file, label_file in FILES.values():
         n = per_class * 10
         labels = np.arange(n) % 10
         x = np.stack([pattern(int(y) % 3, i) for i, y in enumerate(labels)])
