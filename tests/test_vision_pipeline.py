@@ -146,7 +146,7 @@ def test_ingest_and_prepare_write_tables_and_hash_splits(chain):
         n: pd.read_parquet(root / p.prepare.out_dir / f"{n}.parquet")
         for n in ("train", "val", "test", "holdout")
     }
-    assert sum(len(s) for s in splits.values()) == 72
+    assert sum(len(s) for s in splits.values()) == 72 == chain["prepare"]["rows"]["total"]
     seen = [set(s["sha256"]) for s in splits.values()]
     assert all(a.isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1 :])
     assert json.loads((root / p.prepare.out_dir / "labels.json").read_text()) == sorted(CLASSES)

@@ -99,9 +99,7 @@ def run(
             **ev.summary(holdout),
             "ece_uncalibrated": round(holdout["ece_uncalibrated"], 4),
         },
-        "baseline_pixels_lr": {"holdout": ev.summary({**baseline["holdout"], "ece": 0.0})}
-        if baseline
-        else None,
+        "baseline_pixels_lr": {"holdout": _scores(baseline["holdout"])} if baseline else None,
         "holdout_macro_f1_over_baseline": round(
             holdout["macro_f1"] - baseline["holdout"]["macro_f1"], 4
         )
@@ -113,6 +111,16 @@ def run(
         "deltas": deltas,
         "stage_value": {r["row"]: r["macro_f1"] for r in table["rows"]},
         "verdicts": table["verdicts"],
+    }
+
+
+def _scores(report: dict) -> dict[str, Any]:
+    """A classifier's headline numbers without calibration (the baseline has no probabilities)."""
+    return {
+        "rows": report["rows"],
+        "accuracy": round(report["accuracy"], 4),
+        "macro_f1": round(report["macro_f1"], 4),
+        "per_class_f1": {label: round(m["f1"], 4) for label, m in report["per_class"].items()},
     }
 
 

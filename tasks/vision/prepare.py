@@ -44,9 +44,8 @@ def run(cfg: PrepareConfig, *, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     sizes = {name: len(f) for name, f in frames.items()}
     log.info("splits: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()))
     return {
-        "rows": len(data),
+        "rows": {"total": len(data), **sizes},
         "classes": len(labels),
-        **{f"{k}_rows": v for k, v in sizes.items()},
         "train_share": round(sizes["train"] / max(1, len(data)), 4),
     }
 

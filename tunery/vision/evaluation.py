@@ -95,7 +95,7 @@ def grid(wrong: Sequence[dict[str, Any]], root: Path, dest: Path, columns: int =
 
     n = max(1, len(wrong))
     rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, wrong, strict=False):
