@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,dev
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-all lint wordnet fashion-mnist clean-state
+.PHONY: setup demo demo-vision test test-all lint wordnet fashion-mnist clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ fashion-mnist:  ## the image demo data source: Debian's dataset-fashion-mnist
 demo: setup wordnet  ## the whole pipeline on the embedded default (offline, CPU)
 	$(VENV)/bin/tunery init
 	$(VENV)/bin/tunery run
+
+demo-vision: setup fashion-mnist  ## the image pipeline end to end (vision/: Fashion-MNIST, SimCLR, LoRA; CPU)
+	$(VENV)/bin/dvc repro vision/dvc.yaml
+	@cat vision/reports/evaluate/stage_value.md vision/metrics/register.json
 
 test: setup  ## the default test suite (fast; no network, no GPU)
 	$(PY) -m pytest

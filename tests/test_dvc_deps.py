@@ -1,5 +1,8 @@
 """dvc.yaml's code deps follow the imports: a change to any module a stage computes with re-runs it.
 
+Both pipelines: the text one (`dvc.yaml`, `tasks/<stage>.py`) and the image one
+(`vision/dvc.yaml`, `tasks/vision/<stage>.py`, deps written relative to vision/).
+
 The imports are read statically (every `import tunery...`, at module or function level) from
 `tasks/<stage>.py` through the library. Not followed, and not deps: the modules that run a stage
 rather than decide its outputs (arguments, logging and progress, atomic files, the MLflow record,
@@ -19,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS_NOT_DECIDES = {
     "tunery",
     "tunery.config",  # params are deps through `params:`; defaults live in params.yaml
+    "tunery.vision.params",  # the same, for vision/params.yaml
     "tunery.env",
     "tunery.errors",
     "tunery.io",
@@ -56,38 +60,53 @@ def _imports(path: Path) -> set[str]:
     return {m for m in found if _file(m) is not None}
 
 
-def _computes_with(stage: str) -> set[str]:
+def _computes_with(task: str) -> set[str]:
     seen: set[str] = set()
-    todo = [f"tasks.{stage}"]
+    todo = [task]
     while todo:
         module = todo.pop()
         if module in seen or module in RUNS_NOT_DECIDES:
             continue
         seen.add(module)
         todo += _imports(_file(module))
-    return seen - {f"tasks.{stage}"}
+    return seen - {task}
 
 
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# (pipeline folder, stage) -> (the stage's deps as paths from the repository root, its task module)
+PIPELINES = {"": "tasks", "vision": "tasks.vision"}
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_module_a_stage_computes_with_is_a_dep(stage):
-    deps = [d.rstrip("/") for d in STAGES[stage]["deps"] if isinstance(d, str)]
-    assert f"tasks/{stage}.py" in deps
-    files = {str(_file(module).relative_to(ROOT)) for module in _computes_with(stage)}
+def _stages() -> dict[tuple[str, str], tuple[list[str], str]]:
+    out = {}
+    for folder, package in PIPELINES.items():
+        stages = yaml.safe_load((ROOT / folder / "dvc.yaml").read_text())["stages"]
+        for stage, spec in stages.items():
+            deps = [
+                str(Path(folder, d).as_posix()).replace("vision/../", "").rstrip("/")
+                for d in spec.get("deps", [])
+                if isinstance(d, str)
+            ]
+            out[(folder or ".", stage)] = (deps, f"{package}.{stage}")
+    return out
+
+
+STAGES = _stages()
+
+
+@pytest.mark.parametrize("key", sorted(STAGES), ids=lambda k: f"{k[0]}:{k[1]}")
+def test_every_module_a_stage_computes_with_is_a_dep(key):
+    deps, task = STAGES[key]
+    assert task.replace(".", "/") + ".py" in deps
+    files = {str(_file(module).relative_to(ROOT)) for module in _computes_with(task)}
     missing = sorted(f for f in files if not any(f == d or f.startswith(d + "/") for d in deps))
     assert not missing, (
-        f"dvc.yaml stage {stage!r} lacks deps {missing}: a change there would not re-run it"
+        f"{key[0]}/dvc.yaml stage {key[1]!r} lacks deps {missing}: a change there would not "
+        "re-run it"
     )
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_code_dep_exists(stage):
+@pytest.mark.parametrize("key", sorted(STAGES), ids=lambda k: f"{k[0]}:{k[1]}")
+def test_every_code_dep_exists(key):
     """A module moved or removed must leave dvc.yaml too (DVC fails on a missing dep)."""
-    code = [
-        d
-        for d in STAGES[stage]["deps"]
-        if isinstance(d, str) and d.split("/")[0] in ("tasks", "tunery")
-    ]
+    code = [d for d in STAGES[key][0] if d.split("/")[0] in ("tasks", "tunery")]
     assert [d for d in code if not (ROOT / d).exists()] == []

@@ -278,9 +278,37 @@ def _check_stage_names(root: Path, stages: list[str]) -> None:
         raise InputError(f"unknown stage(s) {', '.join(unknown)}: dvc.yaml has {', '.join(known)}")
 
 
+def _cmd_run_vision(args: argparse.Namespace, root: Path) -> int:
+    """`tunery run` in an image pipeline folder (vision/): its params written like the text
+    pipeline's, then its DVC stages (tunery/runner/vision.py)."""
+    from tunery.config import write_params
+    from tunery.runner import vision
+    from tunery.vision.params import VisionParams
+
+    args.params_changed = write_params(
+        root / PARAMS_FILE, args.set, source=_params_path(args, root), schema=VisionParams
+    )
+    for change in args.params_changed:
+        print(f"params.yaml changed: {change}", file=sys.stderr)
+    result = vision.run(
+        root,
+        args.stages,
+        force=args.force,
+        on_line=lambda line: print(line, end="", file=sys.stderr),
+    )
+    if args.json:
+        _emit(args, {"ok": True, "command": "run", "modality": "image", **result})
+    else:
+        print(vision.end_lines(result))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
+    from tunery.runner.vision import is_vision_params
     from tunery.stage import process_start
 
+    if is_vision_params(_params_path(args, root)):
+        return _cmd_run_vision(args, root)
     params = _load_for_stages(args, root)  # bad params: a clear error before anything starts
     _check_stage_names(root, args.stages)
     server = _start_flow_services(root, params)

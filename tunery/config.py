@@ -634,7 +634,11 @@ def _round_trip_yaml():
 
 
 def write_params(
-    dest: str | Path, overrides: Iterable[str] = (), *, source: str | Path | None = None
+    dest: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    source: str | Path | None = None,
+    schema: type[BaseModel] | None = None,
 ) -> list[str]:
     """Make `dest` (the project's params.yaml) hold `source` (default: `dest` itself) plus the
     `section.key=value` overrides; return "key: old -> new" for each setting that changed.
@@ -645,7 +649,8 @@ def write_params(
     same way. Comments and key order survive (ruamel.yaml round trip; a flow mapping written
     over several lines comes back on one). The result is validated (as the stages will read it,
     with PyYAML) before it atomically replaces `dest`, keeping its file mode; nothing changed:
-    `dest` is not touched.
+    `dest` is not touched. `schema`: the model it is validated with (default `Params`; the image
+    pipeline's `tunery.vision.params.VisionParams`).
     """
     import io
     import os
@@ -665,7 +670,7 @@ def write_params(
     text = buf.getvalue()
     new = yaml.safe_load(text) or {}
     try:
-        Params.model_validate(new)
+        (schema or Params).model_validate(new)
     except ValidationError as exc:
         label = str(source) + (" (with --set overrides)" if overrides else "")
         raise ConfigError(_format_errors(exc, label)) from None

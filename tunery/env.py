@@ -24,6 +24,14 @@ def find_root(start: Path | None = None) -> Path:
     return here
 
 
+def _dvc_dir(root: Path) -> Path:
+    """The `.dvc` folder of the DVC repository `root` belongs to (`root/.dvc` when none yet)."""
+    for folder in (root, *root.parents):
+        if (folder / ".dvc").is_dir():
+            return folder / ".dvc"
+    return root / ".dvc"
+
+
 def project_defaults(root: Path) -> dict[str, str]:
     """The variables that keep every tool offline and its state inside the project."""
     return {
@@ -42,7 +50,9 @@ def project_defaults(root: Path) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         # DVC: no analytics/updater daemons, site cache inside the project instead of /var/tmp/dvc.
         "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(root / ".dvc" / "site_cache"),
+        # The DVC repository's own .dvc (a pipeline folder such as vision/ sits inside it): a
+        # .dvc folder made in the pipeline folder would turn it into a DVC sub-repository.
+        "DVC_SITE_CACHE_DIR": str(_dvc_dir(root) / "site_cache"),
         # onnxruntime writes a device id under the home folder otherwise.
         "ORT_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -76,7 +76,16 @@ def log_outputs(
     return linked
 
 
-def stage_main(stage: str, body: StageBody, argv: list[str] | None = None) -> None:
+def stage_main(
+    stage: str,
+    body: StageBody,
+    argv: list[str] | None = None,
+    *,
+    loader: Callable[..., Any] = load_params,
+) -> None:
+    """`python -m tasks.<stage>`: parse the params file with `loader` (the text pipeline's
+    `load_params`, or the image pipeline's `tunery.vision.params.load_vision_params`), open the
+    stage's tracking run, run `body`, write its metrics."""
     parser = argparse.ArgumentParser(
         prog=f"python -m tasks.{stage}", description=f"Run the `{stage}` stage."
     )
@@ -92,7 +101,7 @@ def stage_main(stage: str, body: StageBody, argv: list[str] | None = None) -> No
     root = env.configure()
     journal_file = journal.journal_path()
     try:
-        params = load_params(root / args.params, args.set)
+        params = loader(root / args.params, args.set)
         section = params.section(stage)
         if journal_file is not None:
             _run_journaled(stage, body, params, root, section.model_dump(mode="json"), journal_file)

@@ -51,8 +51,15 @@ def build(
     arms: Mapping[str, Any] | None,
     baseline: Mapping[str, Any] | None,
     deployed: Mapping[str, Any],
+    baseline_what: str = "TF-IDF + logistic regression",
+    arm_labels: Mapping[str, str] | None = None,
+    unit: str = "texts",
+    baseline_short: str = "TF-IDF + LR",
 ) -> dict[str, Any]:
     """The table and its verdicts.
+
+    The image pipeline passes its own baseline (`baseline_what`: logistic regression on raw
+    pixels), arm descriptions (`arm_labels`, merged over the text ones) and `unit` ("images").
 
     `arms`: the finetune stage's arms.json (or None); `baseline`: {"holdout": {...}, "seconds"};
     `deployed`: {"variant", "macro_f1", "accuracy", "ece", "ece_uncalibrated", "temperature",
@@ -66,7 +73,7 @@ def build(
         rows.append(
             {
                 "row": "tfidf",
-                "what": "TF-IDF + logistic regression",
+                "what": baseline_what,
                 "macro_f1": baseline["holdout"]["macro_f1"],
                 "accuracy": baseline["holdout"]["accuracy"],
                 "seconds": baseline.get("seconds"),
@@ -78,6 +85,7 @@ def build(
         "base": f"{method} on the base encoder (no pretraining)",
         "pipeline": f"{method} on this pipeline's pretrained encoder",
         "full": "full fine-tuning (reference)",
+        **(arm_labels or {}),
     }
     rows += [_arm_row(k, table[k], labels[k]) for k in labels if k in table]
     size = deployed.get("size_mb")
@@ -103,9 +111,11 @@ def build(
         "split": "holdout",
         "metric": "macro_f1",
         "holdout_rows": deployed.get("rows"),
+        "unit": unit,
+        "baseline_what": baseline_what,
         "rows": rows,
         "shipped_arm": shipped,
-        "verdicts": verdicts(rows, arms, deployed),
+        "verdicts": verdicts(rows, arms, deployed, baseline_short=baseline_short),
     }
 
 
@@ -132,7 +142,11 @@ def _f1(rows: list[dict[str, Any]], key: str) -> float | None:
 
 
 def verdicts(
-    rows: list[dict[str, Any]], arms: Mapping[str, Any], deployed: Mapping[str, Any]
+    rows: list[dict[str, Any]],
+    arms: Mapping[str, Any],
+    deployed: Mapping[str, Any],
+    *,
+    baseline_short: str = "TF-IDF + LR",
 ) -> dict[str, str]:
     """One line per stage that can make the model worse or must pay for itself."""
     out: dict[str, str] = {}
@@ -164,7 +178,7 @@ def verdicts(
         )
     tfidf, served = _f1(rows, "tfidf"), deployed.get("macro_f1")
     if tfidf is not None and served is not None:
-        out["baseline"] = f"served model {served - tfidf:+.4f} macro-F1 over TF-IDF + LR"
+        out["baseline"] = f"served model {served - tfidf:+.4f} macro-F1 over {baseline_short}"
     return out
 
 
@@ -208,7 +222,7 @@ def markdown(table: Mapping[str, Any]) -> str:
 
 def _texts(table: Mapping[str, Any]) -> str:
     n = table.get("holdout_rows")
-    return f", {n} texts" if n else ""
+    return f", {n} {table.get('unit', 'texts')}" if n else ""
 
 
 def _scale(table: Mapping[str, Any]) -> list[str]:
@@ -216,7 +230,8 @@ def _scale(table: Mapping[str, Any]) -> list[str]:
     n = table.get("holdout_rows")
     if not n:
         return []
-    return [f"scale: one holdout text is {100 / n:.2f} pt of accuracy; smaller deltas are noise"]
+    one = str(table.get("unit", "texts")).rstrip("s")
+    return [f"scale: one holdout {one} is {100 / n:.2f} pt of accuracy; smaller deltas are noise"]
 
 
 def write(report_dir: Path, table: Mapping[str, Any]) -> None:

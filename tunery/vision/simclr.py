@@ -15,15 +15,15 @@ import logging
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from transformers import ViTModel, ViTPreTrainedModel
 
 from tunery.modeling.callbacks import WallClockBudget  # the text loops' budget, DDP-aware
 from tunery.vision.augment import AugmentConfig, augment, generator
 from tunery.vision.processor import ProcessorConfig
+from tunery.vision.settings import SimCLRSettings  # defined apart: params load without torch
 from tunery.vision.trainer import VisionTrainer
 from tunery.vision.vit import VitSpec, build_model, pool
 
@@ -111,25 +111,6 @@ class SimCLRCollator:
             "pixel_values": augment(x, self.augment_cfg, self.processor, gen),
             "view_pixel_values": augment(x, self.augment_cfg, self.processor, gen),
         }
-
-
-class SimCLRSettings(BaseModel):
-    """The pretraining run: schedule, budget and the objective's knobs."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    batch_size: int = 256
-    learning_rate: float = 1.0e-3
-    weight_decay: float = 0.05
-    warmup_share: float = 0.05
-    max_steps: int = 200
-    max_minutes: float | None = None  # a wall-clock cap on top of max_steps (single process)
-    temperature: float = 0.2
-    projection_dim: int = 64
-    pooling: Literal["cls", "mean"] = "mean"
-    save_steps: int = 0  # 0: no intermediate checkpoints
-    logging_steps: int = 10
-    seed: int = 0
 
 
 def build_simclr(

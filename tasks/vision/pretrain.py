@@ -1,0 +1,46 @@
+"""pretrain (images): SimCLR on the unlabelled pool, a ViT from scratch (or a base folder's).
+
+Inputs:  `<ingest.out_dir>/unlabelled.parquet` and `<prepare.out_dir>/train.parquet` (the pool:
+         images only, labels unused), `<prepare.out_dir>/val.parquet` (the probe's score).
+Outputs: `<out_dir>/` (tunery/vision/encoder_dir.py): `init/` the weights SimCLR started from,
+         `model/` after SimCLR, `pretrain.json`; `metrics/pretrain.json` (steps, images/s, the
+         loss, the probe: SimCLR vs its starting weights, frozen, on val).
+
+Checkpoints go to `checkpoint_dir` every `simclr.save_steps`; a killed run resumes there, and
+they are removed once the output is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunery.vision import pretraining
+from tunery.vision.params import VisionParams
+
+
+def _stage(params: VisionParams, root: Path, tracking_run: Any) -> dict[str, Any]:
+    cfg = params.pretrain
+    metrics = pretraining.run(
+        cfg,
+        params.processor,
+        root=root,
+        raw_dir=root / params.ingest.out_dir,
+        data_dir=root / params.prepare.out_dir,
+        out_dir=root / cfg.out_dir,
+        checkpoint_dir=root / cfg.checkpoint_dir,
+    )
+    for point in metrics.get("history", []):
+        tracking_run.log_metrics({"simclr_loss": point["loss"]}, step=point["step"])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tunery.stage import stage_main
+    from tunery.vision.params import load_vision_params
+
+    stage_main("pretrain", _stage, argv, loader=load_vision_params)
+
+
+if __name__ == "__main__":
+    main()
