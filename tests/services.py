@@ -287,11 +287,12 @@ def prefect(*args: str, env: dict[str, str], cwd: Path) -> str:
 
 
 @contextlib.contextmanager
-def prefect_server(work: Path):
-    """`prefect server start` on 127.0.0.1 with its own home and sqlite database; yields the API URL."""
+def prefect_server(work: Path, **extra: str):
+    """`prefect server start` on 127.0.0.1 with its own home and sqlite database; yields the API
+    URL and the process. `extra`: more of the server's settings (PREFECT_SERVER_API_AUTH_STRING)."""
     port = free_port()
     home = work / "server-home"
-    env = prefect_env("", home)
+    env = prefect_env("", home, **extra)
     env.pop("PREFECT_API_URL")
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{work / 'server.db'}"
     proc = Proc(
