@@ -230,12 +230,17 @@ def s3_keys(endpoint: str, prefix: str, bucket: str = BUCKET) -> list[str]:
 # --------------------------------------------------------------------------- MLflow and Prefect servers
 @contextlib.contextmanager
 def mlflow_server(
-    work: Path, backend: str, artifacts: str, env: dict[str, str] | None = None
+    work: Path,
+    backend: str,
+    artifacts: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[tuple[str, Proc]]:
-    """`mlflow server` on 127.0.0.1 with proxied artifacts; yields its URI and process."""
+    """`mlflow server` on 127.0.0.1 with proxied artifacts; yields its URI and process. `port`:
+    a given one (a server restarted where its clients expect it), else a free one."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     environ.update(QUIET_ENV, **(env or {}))
-    port = free_port()
+    port = port or free_port()
     proc = Proc(
         [
             str(BIN / "mlflow"),
@@ -244,7 +249,7 @@ def mlflow_server(
             *("--backend-store-uri", backend),
             *("--serve-artifacts", "--artifacts-destination", artifacts),
         ],
-        work / "mlflow-server.log",
+        work / f"mlflow-server-{time.monotonic_ns()}.log",
         environ,
         cwd=work,
     )
