@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from tests.conftest import init_repo
 from tests.services import QUIET_ENV, free_port, mlflow_server
@@ -186,3 +187,63 @@ def test_the_server_going_away_at_registration_fails_closed_and_a_rerun_complete
         log = tracking.decisions(project, "test", MODEL)
         # the promotion is recorded; the gate cut short in 2 had logged its decision already
         assert [(e["action"], e["to"]) for e in log] == [("gate", "1"), ("gate", "1")], log
+
+
+@pytest.mark.slow
+def test_the_server_going_away_during_a_stage_stops_the_run_and_a_rerun_completes(
+    project, tmp_path, monkeypatch, capsys
+):
+    """The server dies while the export stage's tracking streams in: the stage's files are done
+    (DVC has them), its tracking is not; the flow stops there, with one retry allowed it is not
+    retried (a retry would skip the stage and call it a success), and the re-run goes on from the
+    next stage to a champion."""
+    from tunery.runner.landing import stale_stages
+
+    init_repo(project)
+    tiny_params(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pipeline"].update(retries=1, retry_delay_seconds=0.0)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(project)
+    work = tmp_path / "mlflow"
+    work.mkdir()
+    backend, artifacts, port = (
+        f"sqlite:///{work / 'server.db'}",
+        str(work / "artifacts"),
+        free_port(),
+    )
+    for key, value in QUIET_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+    with contextlib.ExitStack() as stack:
+        uri, server = stack.enter_context(mlflow_server(work, backend, artifacts, port=port))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.MonkeyPatch.context() as hooks:
+            fired = kill_at(
+                hooks,
+                tracking,
+                "open_stage_run",
+                server,
+                after=True,
+                when=lambda root, experiment, stage, *rest: stage == "export",
+            )
+            code, out, err = run_cli(capsys)
+        assert fired, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("tunery: error:")]
+        assert code == EXIT_FAILED and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"tunery: error: the MLflow server at {uri} stopped answering")
+        # (DVC's lines come through Prefect's logger: on stdout or stderr)
+        assert (out + err).count("Running stage 'export'") == 1, err[-3000:]  # it ran once
+        # the stages before export and export itself are done; the flow stopped after it
+        stale = stale_stages(project)
+        assert "export" not in stale and "finetune" not in stale
+        assert {"compress", "evaluate"} <= set(stale), stale
+
+        uri, server = stack.enter_context(mlflow_server(work, backend, artifacts, port=port))
+        assert tracking.list_versions(project, MODEL) == []
+        code, out, err = run_cli(capsys)
+        assert code == 0, err[-3000:]
+        assert "Running stage 'export'" not in out + err and "Running stage 'compress'" in out + err
+        assert tracking.alias_version(project, MODEL, "champion") == "1"
