@@ -22,7 +22,14 @@ from tunery.runner import steps as pipeline
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry a stage unless re-running cannot help: bad input, or an MLflow server that went away
+    while the stage ran (DVC has its outputs then, and a retry would skip the stage and report
+    success with its tracking run left unfinished: the flow stops and names the server instead)."""
+    from tunery.tracking import StoreUnreachable
+
     exc = state.result(raise_on_failure=False)
+    if isinstance(exc, StoreUnreachable):
+        return False
     return not (isinstance(exc, pipeline.StageFailed) and exc.user_error)
 
 

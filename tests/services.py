@@ -230,12 +230,17 @@ def s3_keys(endpoint: str, prefix: str, bucket: str = BUCKET) -> list[str]:
 # --------------------------------------------------------------------------- MLflow and Prefect servers
 @contextlib.contextmanager
 def mlflow_server(
-    work: Path, backend: str, artifacts: str, env: dict[str, str] | None = None
+    work: Path,
+    backend: str,
+    artifacts: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[tuple[str, Proc]]:
-    """`mlflow server` on 127.0.0.1 with proxied artifacts; yields its URI and process."""
+    """`mlflow server` on 127.0.0.1 with proxied artifacts; yields its URI and process. `port`:
+    a given one (a server restarted where its clients expect it), else a free one."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     environ.update(QUIET_ENV, **(env or {}))
-    port = free_port()
+    port = port or free_port()
     proc = Proc(
         [
             str(BIN / "mlflow"),
@@ -244,7 +249,7 @@ def mlflow_server(
             *("--backend-store-uri", backend),
             *("--serve-artifacts", "--artifacts-destination", artifacts),
         ],
-        work / "mlflow-server.log",
+        work / f"mlflow-server-{time.monotonic_ns()}.log",
         environ,
         cwd=work,
     )
@@ -287,11 +292,12 @@ def prefect(*args: str, env: dict[str, str], cwd: Path) -> str:
 
 
 @contextlib.contextmanager
-def prefect_server(work: Path):
-    """`prefect server start` on 127.0.0.1 with its own home and sqlite database; yields the API URL."""
+def prefect_server(work: Path, **extra: str):
+    """`prefect server start` on 127.0.0.1 with its own home and sqlite database; yields the API
+    URL and the process. `extra`: more of the server's settings (PREFECT_SERVER_API_AUTH_STRING)."""
     port = free_port()
     home = work / "server-home"
-    env = prefect_env("", home)
+    env = prefect_env("", home, **extra)
     env.pop("PREFECT_API_URL")
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{work / 'server.db'}"
     proc = Proc(

@@ -8,11 +8,15 @@ are in the slow tests: the S3 remote here, all of them in tests/test_scale_out.p
 
 from __future__ import annotations
 
+import base64
 import configparser
+import http.server
 import json
 import os
 import shutil
+import threading
 import types
+from typing import ClassVar
 
 import pytest
 
@@ -190,3 +194,126 @@ def test_an_s3_remote_that_answers_and_one_that_refuses_the_credentials(project,
         use_remote(project, "s3://no-such-bucket/dvc", endpoint)
         with pytest.raises(profile.StoreUnavailable, match="no bucket 'no-such-bucket'"):
             profile.verify(project)
+
+
+# --------------------------------------------------------------------------- credentials
+class _AuthHandler(http.server.BaseHTTPRequestHandler):
+    """Answers /health (and /api/health) to anyone, everything else only to `expected`."""
+
+    expected = ""  # the Authorization header that is let in
+    seen: ClassVar[list[tuple[str, str | None]]] = []
+
+    def do_GET(self):
+        self.seen.append((self.path, self.headers.get("Authorization")))
+        health = self.path in ("/health", "/api/health")
+        ok = health or self.headers.get("Authorization") == self.expected
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}" if ok else b'{"error_code": "UNAUTHENTICATED"}')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def auth_server():
+    """A local HTTP server that wants credentials, as an MLflow (basic-auth app) or a Prefect
+    server (PREFECT_SERVER_API_AUTH_STRING) does: health answers without them, reads do not."""
+    handler = type("Handler", (_AuthHandler,), {"seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+def basic(text: str) -> str:
+    return "Basic " + base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("key", "store", "good", "bad", "header", "named"),
+    [
+        (
+            "MLFLOW_TRACKING_URI",
+            "MLflow tracking server",
+            {"MLFLOW_TRACKING_USERNAME": "ann", "MLFLOW_TRACKING_PASSWORD": "right"},
+            {"MLFLOW_TRACKING_USERNAME": "ann", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+            basic("ann:right"),
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+        ),
+        (
+            "MLFLOW_REGISTRY_URI",
+            "MLflow registry",
+            {"MLFLOW_TRACKING_TOKEN": "t0ken"},
+            {},
+            "Bearer t0ken",
+            "MLFLOW_TRACKING_TOKEN",
+        ),
+        (
+            "PREFECT_API_URL",
+            "Prefect server",
+            {"PREFECT_API_AUTH_STRING": "admin:right"},
+            {"PREFECT_API_AUTH_STRING": "admin:wrong"},
+            basic("admin:right"),
+            "PREFECT_API_AUTH_STRING",
+        ),
+    ],
+)
+def test_refused_credentials_are_named_at_start(
+    project, auth_server, monkeypatch, capsys, key, store, good, bad, header, named
+):
+    base, handler = auth_server
+    handler.expected = header
+    url = base + ("/api" if key == "PREFECT_API_URL" else "")
+    for var in {*good, *bad, "MLFLOW_TRACKING_TOKEN", "PREFECT_API_KEY"}:
+        monkeypatch.delenv(var, raising=False)
+    (project / ".env").write_text(f"{key}={url}\n")
+    for var, value in bad.items():
+        monkeypatch.setenv(var, value)
+    assert run_main(check_argv(project)) == EXIT_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"tunery: error: {store} at {url} refused the credentials (HTTP 401)")
+    assert named in err[0] and "nothing was run" in err[0]
+    assert "wrong" not in err[0]  # a secret is never printed
+    # health answered without credentials; the read that needs them was asked with them
+    assert handler.seen[0] == (("/api" if key == "PREFECT_API_URL" else "") + "/health", None)
+    for var, value in good.items():
+        monkeypatch.setenv(var, value)
+    assert run_main(check_argv(project)) == 0
+    assert f"{url} answers" in capsys.readouterr().out
+    assert handler.seen[-1][1] == header
+
+
+def test_a_health_path_that_wants_credentials_is_not_a_refusal(project, auth_server):
+    # /x/health is not this server's health path: it says 401, but that is a wrong URL (a
+    # path prefix too many), not wrong credentials, and the error says which path answered what
+    base, handler = auth_server
+    handler.expected = "never"
+    (project / ".env").write_text(f"MLFLOW_TRACKING_URI={base}/x\n")
+    profile.apply(project)
+    with pytest.raises(profile.StoreUnavailable, match=r"/health answered HTTP 401") as err:
+        profile.verify(project)
+    assert not isinstance(err.value, profile.CredentialsRefused)
+
+
+@pytest.mark.slow
+def test_a_prefect_server_with_an_auth_string_refuses_a_wrong_one(project, tmp_path, monkeypatch):
+    from tests.services import prefect_server
+
+    monkeypatch.delenv("PREFECT_API_KEY", raising=False)
+    with prefect_server(tmp_path, PREFECT_SERVER_API_AUTH_STRING="admin:right") as (api, _):
+        (project / ".env").write_text(f"PREFECT_API_URL={api}\n")
+        profile.apply(project)
+        for wrong in (None, "admin:wrong"):
+            if wrong is None:
+                monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+            else:
+                monkeypatch.setenv("PREFECT_API_AUTH_STRING", wrong)
+            with pytest.raises(profile.CredentialsRefused, match="PREFECT_API_AUTH_STRING"):
+                profile.verify(project)
+        monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:right")
+        assert profile.verify(project)["prefect"] == f"{api} answers"

@@ -18,7 +18,11 @@ of the process that needs them, and a URL's password is never shown.
 
 `verify()` asks each configured store whether it answers (seconds, no retries) and raises
 `StoreUnavailable` naming the store and the URL: `tunery check` calls it, and so do the commands
-that run stages, before any stage starts.
+that run stages, before any stage starts. A server is asked twice: its health path (which both
+servers answer without credentials), then a cheap read with the credentials this process's
+clients would send (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD for MLflow,
+PREFECT_API_AUTH_STRING or PREFECT_API_KEY for Prefect, from the environment): a refusal is
+`CredentialsRefused`, saying which variables to set, at start rather than at the first write.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import shlex
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +60,9 @@ _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$"
 class StoreUnavailable(TuneryError):
     """A configured store does not answer (down, refused, wrong credentials): nothing was run."""
 
-    def __init__(self, store: str, url: str, reason: str) -> None:
+    def __init__(self, store: str, url: str, reason: str, message: str | None = None) -> None:
         self.store, self.url, self.reason = store, url, reason
-        super().__init__(f"{store} at {url} does not answer: {reason} (nothing was run)")
+        super().__init__(message or f"{store} at {url} does not answer: {reason} (nothing was run)")
 
 
 @dataclass(frozen=True)
@@ -154,17 +158,98 @@ def shown(url: str) -> str:
 
 
 # --------------------------------------------------------------------------- does it answer?
-def _http(store: str, url: str, health: str) -> None:
-    target = url.rstrip("/") + health
+class CredentialsRefused(StoreUnavailable):
+    """A store answers but refuses this process's credentials (HTTP 401/403): nothing was run."""
+
+    def __init__(self, store: str, url: str, status: int, fix: str) -> None:
+        refused = f"{store} at {url} refused the credentials (HTTP {status}): {fix}"
+        super().__init__(store, url, f"HTTP {status}", f"{refused} (nothing was run)")
+
+
+@dataclass(frozen=True)
+class _Server:
+    """How to ask one kind of server: its unauthenticated health path, a cheap read that needs
+    the credentials (health answers without them on both servers), and where they come from."""
+
+    health: str
+    probe: str
+    fix: str
+    headers: Callable[[Mapping[str, str]], dict[str, str]]
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _mlflow_headers(environ: Mapping[str, str]) -> dict[str, str]:
+    # what MLflow's REST client sends (mlflow.utils.rest_utils): a token, else basic auth
+    if environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {environ['MLFLOW_TRACKING_TOKEN']}"}
+    user = environ.get("MLFLOW_TRACKING_USERNAME")
+    password = environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + _b64(f"{user}:{password}")}
+    return {}
+
+
+def _prefect_headers(environ: Mapping[str, str]) -> dict[str, str]:
+    # what Prefect's client sends: the auth string of a self-hosted server, else an API key
+    if environ.get("PREFECT_API_AUTH_STRING"):
+        return {"Authorization": "Basic " + _b64(environ["PREFECT_API_AUTH_STRING"])}
+    if environ.get("PREFECT_API_KEY"):
+        return {"Authorization": f"Bearer {environ['PREFECT_API_KEY']}"}
+    return {}
+
+
+_MLFLOW_FIX = (
+    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in "
+    "this process's environment to an account of that server"
+)
+PREFECT = _Server(
+    "/health",
+    "/admin/version",
+    "set PREFECT_API_AUTH_STRING (user:password, the server's PREFECT_SERVER_API_AUTH_STRING) or "
+    "PREFECT_API_KEY in this process's environment",
+    _prefect_headers,
+)
+MLFLOW_TRACKING = _Server(
+    "/health", "/api/2.0/mlflow/experiments/search?max_results=1", _MLFLOW_FIX, _mlflow_headers
+)
+MLFLOW_REGISTRY = _Server(
+    "/health",
+    "/api/2.0/mlflow/registered-models/search?max_results=1",
+    _MLFLOW_FIX,
+    _mlflow_headers,
+)
+
+
+def _get(store: str, url: str, path: str, headers: Mapping[str, str]) -> int:
+    """The HTTP status of GET url+path; StoreUnavailable when nothing answers."""
+    request = urllib.request.Request(url.rstrip("/") + path, headers=dict(headers))
     try:
-        with urllib.request.urlopen(target, timeout=TIMEOUT_S) as r:
-            if r.status != 200:
-                raise StoreUnavailable(store, shown(url), f"{health} answered HTTP {r.status}")
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as r:
+            return r.status
     except urllib.error.HTTPError as exc:
-        raise StoreUnavailable(store, shown(url), f"{health} answered HTTP {exc.code}") from None
+        return exc.code
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StoreUnavailable(store, shown(url), str(reason)) from None
+
+
+def _http(store: str, url: str, server: _Server, environ: Mapping[str, str] | None = None) -> None:
+    """The server answers its health path, then a read with this process's credentials."""
+    environ = os.environ if environ is None else environ
+    status = _get(store, url, server.health, {})
+    if status != 200:
+        raise StoreUnavailable(store, shown(url), f"{server.health} answered HTTP {status}")
+    status = _get(store, url, server.probe, server.headers(environ))
+    if status in (401, 403):
+        raise CredentialsRefused(store, shown(url), status, server.fix)
+    if status != 200:
+        path = server.probe.split("?", 1)[0]
+        raise StoreUnavailable(store, shown(url), f"{path} answered HTTP {status}")
 
 
 def _s3(url: str, endpoint: str | None) -> None:
@@ -218,17 +303,17 @@ def verify(root: Path) -> dict[str, str]:
     checked: dict[str, str] = {}
     prefect = os.environ.get("PREFECT_API_URL")
     if prefect:
-        _http("Prefect server", prefect, "/health")
+        _http("Prefect server", prefect, PREFECT)
         checked["prefect"] = f"{shown(prefect)} answers"
     else:
         checked["prefect"] = "embedded (a temporary server per run)"
-    for store, key in (
-        ("MLflow tracking server", "MLFLOW_TRACKING_URI"),
-        ("MLflow registry", "MLFLOW_REGISTRY_URI"),
+    for store, key, server in (
+        ("MLflow tracking server", "MLFLOW_TRACKING_URI", MLFLOW_TRACKING),
+        ("MLflow registry", "MLFLOW_REGISTRY_URI", MLFLOW_REGISTRY),
     ):
         uri = os.environ.get(key)
         if uri and uri.split(":", 1)[0] in ("http", "https"):
-            _http(store, uri, "/health")
+            _http(store, uri, server)
             checked[key] = f"{shown(uri)} answers"
         elif uri:
             checked[key] = f"{shown(uri)} (not a server: not asked)"

@@ -34,6 +34,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from tunery import env
+from tunery.errors import TuneryError
 
 log = logging.getLogger("tunery.tracking")
 
@@ -72,15 +73,67 @@ def is_locked_error(exc: BaseException) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------- a server that went away
+class StoreUnreachable(TuneryError):
+    """The MLflow server stopped answering during a call (down, restarting, network gone), after
+    MLflow's own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, ..._BACKOFF_FACTOR: ~2 min by default)."""
+
+    def __init__(self, server: str, call: str, detail: str) -> None:
+        self.server, self.call = server, call
+        super().__init__(
+            f"the MLflow server at {server} stopped answering ({call}: {detail}). What was written "
+            "before stays as it was, and no alias moved without its decision in the promotion "
+            "log. When `tunery check` says it answers again, re-run (`tunery run`): DVC skips the "
+            "stages that finished, and registration picks up the version it left ungated"
+        )
+
+
+# MLflow's REST client words a transport failure (refused, reset, timed out, after its retries)
+# so, and only so; an HTTP error status reads "failed with error code N".
+_UNREACHABLE = re.compile(r"API request to (\S+?) failed with (?:timeout )?exception (.*)", re.S)
+
+
+def unreachable(exc: BaseException, call: str) -> StoreUnreachable | None:
+    """`exc` as a StoreUnreachable when it says the MLflow server did not answer, else None."""
+    if isinstance(exc, StoreUnreachable):
+        return exc
+    found = _UNREACHABLE.search(str(exc)) if isinstance(exc, mlflow.MlflowException) else None
+    if found is None:
+        return None
+    url, detail = found.groups()
+    parts = url.split("/", 3)
+    server = "/".join(parts[:3]) if len(parts) >= 3 else url  # scheme://host:port
+    reason = re.search(
+        r"(Connection refused|Connection aborted|Read timed out|timed out|"
+        r"Remote end closed connection|Connection reset)",
+        detail,
+    )
+    return StoreUnreachable(server, call, reason.group(1) if reason else detail[:200])
+
+
+@contextlib.contextmanager
+def store_errors(call: str) -> Iterator[None]:
+    """Inside the block, MLflow's "the server did not answer" becomes a StoreUnreachable."""
+    try:
+        yield
+    except mlflow.MlflowException as exc:
+        named = unreachable(exc, call)
+        if named is None:
+            raise
+        raise named from exc
+
+
 def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call `fn`, retrying with jittered exponential backoff while the store says it is locked.
 
     Safe for writes: a locked sqlite transaction is rolled back whole, so a retry never doubles.
+    A server that does not answer is a StoreUnreachable (MLflow has retried already).
     """
     delay = LOCK_BACKOFF_S
     for attempt in range(1, LOCK_RETRIES + 1):
         try:
-            return fn(*args, **kwargs)
+            with store_errors(getattr(fn, "__name__", "call")):
+                return fn(*args, **kwargs)
         except Exception as exc:
             if attempt == LOCK_RETRIES or not is_locked_error(exc):
                 raise
@@ -241,13 +294,15 @@ class Run:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
-        else:
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        with store_errors("log_artifact"):
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+            else:
+                mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
-        mlflow.log_dict(dict(data), name)
+        with store_errors("log_dict"):
+            mlflow.log_dict(dict(data), name)
 
     def log_model_folder(
         self, kind: str, path: str | Path, *, metrics: Mapping[str, float] | None = None
@@ -308,23 +363,47 @@ def _active_run(**start: Any) -> Iterator[mlflow.ActiveRun]:
     """`mlflow.start_run(**start)` as a context, its start and end retried on a locked store.
 
     The end is recorded with the retried `set_terminated` first: `mlflow.end_run` pops the run
-    before it writes, so retrying `end_run` itself could end the parent run instead.
+    before it writes, so retrying `end_run` itself could end the parent run instead. When the
+    block failed because the server went away, the end is not written (that would wait out
+    MLflow's retries again, and hide the error): the run stays RUNNING there, and the process's
+    run stack is popped all the same.
     """
     active = retry_locked(mlflow.start_run, **start)
     run_id = active.info.run_id
-    status = "FAILED"
     try:
-        yield active
-        status = "FINISHED"
-    finally:
-        retry_locked(MlflowClient().set_terminated, run_id, status)
-        current = mlflow.active_run()
-        if current is not None and current.info.run_id == run_id:
-            try:
-                mlflow.end_run(status)
-            except Exception as exc:  # popped already; its status is recorded above
-                if not is_locked_error(exc):
-                    raise
+        with store_errors(f"in the run {start.get('run_name') or run_id}"):
+            yield active
+    except BaseException as exc:
+        if unreachable(exc, "") is None:
+            _end_run(run_id, "FAILED")
+        else:
+            _pop_unreachable(run_id)
+        raise
+    _end_run(run_id, "FINISHED")
+
+
+def _end_run(run_id: str, status: str) -> None:
+    retry_locked(MlflowClient().set_terminated, run_id, status)
+    _pop_run(run_id, status)
+
+
+def _pop_run(run_id: str, status: str = "FAILED") -> None:
+    current = mlflow.active_run()
+    if current is not None and current.info.run_id == run_id:
+        try:
+            mlflow.end_run(status)
+        except Exception as exc:  # popped already; its status is recorded (or cannot be)
+            if not is_locked_error(exc) and unreachable(exc, "") is None:
+                raise
+
+
+def _pop_unreachable(run_id: str) -> None:
+    """Pop the run off this process's run stack when its server is gone: `end_run` still tries
+    its write, once and briefly (MLflow reads these settings at each request)."""
+    with env.restored(
+        (), {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    ):
+        _pop_run(run_id)
 
 
 @contextlib.contextmanager

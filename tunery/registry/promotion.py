@@ -113,6 +113,10 @@ def gate_challenger(
             )
         except Exception as exc:  # fail closed: an error in the gate is a "no"
             decision = gate.Decision(False, f"gate error: {exc!r} (fail closed)")
+    # The order makes a registry left half-way (the server went away) safe to re-run: the decision
+    # is logged before the alias moves (no champion change without its record), and the pair
+    # that says "this version was gated" (see `registration._unchanged`) is written last, so a
+    # gate cut short anywhere is run again by the next `tunery run`.
     tracking.tag_version(
         root,
         name,
@@ -120,11 +124,6 @@ def gate_challenger(
         {
             "gate.decision": "promoted" if decision.promote else "rejected",
             "gate.reason": decision.reason,
-            # The champion when the gate ran, and the one the evaluation's numbers compared
-            # against: they differ when the gate refused a stale comparison. Registration re-gates
-            # an unchanged model only when this pair changes (tunery/registry/registration.py).
-            "gate.champion_version": current or "none",
-            "gate.compared_version": compared or "none",
             **{f"gate.check.{k}": v for k, v in decision.checks.items()},
         },
     )
@@ -132,6 +131,15 @@ def gate_challenger(
         "challenger_macro_f1": (challenger or {}).get("macro_f1"),
         "champion_macro_f1": (champion or {}).get("macro_f1"),
     }
+    _record(
+        reg,
+        action="gate",
+        frm=current,
+        to=version if decision.promote else current,
+        reason=decision.reason,
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        extra={"candidate": version, "promoted": decision.promote},
+    )
     if decision.promote:
         tracking.set_alias(root, name, CHAMPION, version)
         log.info(
@@ -147,14 +155,17 @@ def gate_challenger(
             version,
             decision.reason,
         )
-    _record(
-        reg,
-        action="gate",
-        frm=current,
-        to=version if decision.promote else current,
-        reason=decision.reason,
-        metrics={k: v for k, v in metrics.items() if v is not None},
-        extra={"candidate": version, "promoted": decision.promote},
+    tracking.tag_version(
+        root,
+        name,
+        version,
+        {
+            # The champion when the gate ran, and the one the evaluation's numbers compared
+            # against: they differ when the gate refused a stale comparison. Registration re-gates
+            # an unchanged model only when this pair changes (tunery/registry/registration.py).
+            "gate.champion_version": current or "none",
+            "gate.compared_version": compared or "none",
+        },
     )
     return decision
 

@@ -58,6 +58,10 @@ def register_and_gate(root: Path, params: Params, run: tracking.Run) -> dict[str
         "deploy.sha256": sha,
         "deploy.variant": meta.get("variant", ""),
         "pipeline_run_id": run.run_id,
+        # Born with the version (one call): a registration cut short before its gate ran (the
+        # server went away) shows as pending in `tunery models`; the next run gates it.
+        "gate.decision": "pending",
+        "gate.reason": "registered; not gated yet (the next `tunery run` gates it)",
         **{
             k: v
             for k, v in run_tags(run).items()
