@@ -248,6 +248,9 @@ def test_vision_params_file_loads_and_refuses_mistakes(tmp_path):
     p = load_vision_params(REPO / "vision" / "params.yaml")
     assert p.registry.model_name == "tunery-image-classifier"
     assert p.finetune.method == "lora" and p.section("register") is p.registry
+    # what tunery/stage.py logs as LoggedModels (tracking.log_models picks among these)
+    assert p.model_outputs("pretrain") == {"encoder": p.pretrain.out_dir}
+    assert p.model_outputs("evaluate") == {} and p.model_outputs("register") == {}
     tree = tiny_tree({"kind": "folder", "path": "x"})
     tree["finetune"]["lora"]["rank"] = 4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))

@@ -28,9 +28,16 @@ class Section(BaseModel):
     # `STAGE_OUTPUTS` below read it (tunery/stage.py logs them, `tracking.log_models` picks).
     OUTPUTS: ClassVar[dict[str, str]] = {}
 
-    def model_outputs(self) -> dict[str, str]:
+    def outputs(self) -> dict[str, str]:
         """The model folders this section's stage writes, by output name (project-relative)."""
         return {name: getattr(self, field) for name, field in self.OUTPUTS.items()}
+
+
+def stage_model_outputs(params: Section, stage: str) -> dict[str, str]:
+    """The model folders `stage` of a pipeline's params writes (none for a stage that writes none):
+    text (`Params`) and image (`tunery.vision.params.VisionParams`) pipelines alike."""
+    section = getattr(params, stage, None)
+    return section.outputs() if isinstance(section, Section) else {}
 
 
 # --------------------------------------------------------------------------- tracking
@@ -535,8 +542,7 @@ class Params(Section):
 
     def model_outputs(self, stage: str) -> dict[str, str]:
         """The model folders `stage` writes, by output name (none for a stage that writes none)."""
-        section = getattr(self, stage, None)
-        return section.model_outputs() if isinstance(section, Section) else {}
+        return stage_model_outputs(self, stage)
 
 
 # Which stage writes which output, read from the sections' declarations.

@@ -89,37 +89,88 @@ def gate_challenger(
     parity_passed: bool | None,
 ) -> gate.Decision:
     """Run the gate (its thresholds: `cfg`) for a registered challenger; move `champion` to it
-    only if the gate says so."""
-    root, name = reg.root, reg.name
-    current = tracking.alias_version(root, name, CHAMPION)
-    compared = compared_version(champion, name)
+    only if the gate says so.
+
+    The order makes a registry left half-way (the server went away) safe to re-run: the decision
+    is logged before the alias moves (no champion change without its record), and the pair that
+    says "this version was gated" (see `registration._unchanged`) is written last, so a gate cut
+    short anywhere is run again by the next `tunery run`."""
+    current = tracking.alias_version(reg.root, reg.name, CHAMPION)
+    compared = compared_version(champion, reg.name)
+    decision = _decide(cfg, current, compared, challenger, champion, parity_passed)
+    _record_decision(reg, version, decision, current, challenger, champion)
+    if decision.promote:
+        tracking.set_alias(reg.root, reg.name, CHAMPION, version)
+        log.info(
+            "promoted version %s to champion (was %s): %s",
+            version,
+            current or "none",
+            decision.reason,
+        )
+    else:
+        log.info(
+            "kept champion %s; version %s not promoted: %s",
+            current or "none",
+            version,
+            decision.reason,
+        )
+    tracking.tag_version(
+        reg.root,
+        reg.name,
+        version,
+        {
+            # The champion when the gate ran, and the one the evaluation's numbers compared
+            # against: they differ when the gate refused a stale comparison. Registration re-gates
+            # an unchanged model only when this pair changes (tunery/registry/registration.py).
+            "gate.champion_version": current or "none",
+            "gate.compared_version": compared or "none",
+        },
+    )
+    return decision
+
+
+def _decide(
+    cfg: RegistryConfig,
+    current: str | None,
+    compared: str | None,
+    challenger: Mapping[str, Any] | None,
+    champion: Mapping[str, Any] | None,
+    parity_passed: bool | None,
+) -> gate.Decision:
+    """The gate's decision; a stale comparison or an error in the gate is a "no" (fail closed)."""
     if compared is not None and compared != current:
         # Another run (or `tunery promote`) moved the champion after this challenger was evaluated
         # against it: the numbers compare against the wrong model.
-        decision = gate.Decision(
+        return gate.Decision(
             False,
             f"the champion moved from version {compared} to {current or 'none'} since the "
             "evaluation: not promoted (fail closed; re-run evaluate, `tunery run evaluate --force`, "
             "then `tunery run`, to compare against the new champion)",
         )
-    else:
-        try:
-            decision = gate.decide(
-                challenger,
-                champion,
-                has_champion=current is not None,
-                parity_passed=parity_passed,
-                cfg=cfg,
-            )
-        except Exception as exc:  # fail closed: an error in the gate is a "no"
-            decision = gate.Decision(False, f"gate error: {exc!r} (fail closed)")
-    # The order makes a registry left half-way (the server went away) safe to re-run: the decision
-    # is logged before the alias moves (no champion change without its record), and the pair
-    # that says "this version was gated" (see `registration._unchanged`) is written last, so a
-    # gate cut short anywhere is run again by the next `tunery run`.
+    try:
+        return gate.decide(
+            challenger,
+            champion,
+            has_champion=current is not None,
+            parity_passed=parity_passed,
+            cfg=cfg,
+        )
+    except Exception as exc:  # fail closed: an error in the gate is a "no"
+        return gate.Decision(False, f"gate error: {exc!r} (fail closed)")
+
+
+def _record_decision(
+    reg: Registry,
+    version: str,
+    decision: gate.Decision,
+    current: str | None,
+    challenger: Mapping[str, Any] | None,
+    champion: Mapping[str, Any] | None,
+) -> None:
+    """The decision on the version's tags and in the promotion log (before any alias moves)."""
     tracking.tag_version(
-        root,
-        name,
+        reg.root,
+        reg.name,
         version,
         {
             "gate.decision": "promoted" if decision.promote else "rejected",
@@ -140,34 +191,6 @@ def gate_challenger(
         metrics={k: v for k, v in metrics.items() if v is not None},
         extra={"candidate": version, "promoted": decision.promote},
     )
-    if decision.promote:
-        tracking.set_alias(root, name, CHAMPION, version)
-        log.info(
-            "promoted version %s to champion (was %s): %s",
-            version,
-            current or "none",
-            decision.reason,
-        )
-    else:
-        log.info(
-            "kept champion %s; version %s not promoted: %s",
-            current or "none",
-            version,
-            decision.reason,
-        )
-    tracking.tag_version(
-        root,
-        name,
-        version,
-        {
-            # The champion when the gate ran, and the one the evaluation's numbers compared
-            # against: they differ when the gate refused a stale comparison. Registration re-gates
-            # an unchanged model only when this pair changes (tunery/registry/registration.py).
-            "gate.champion_version": current or "none",
-            "gate.compared_version": compared or "none",
-        },
-    )
-    return decision
 
 
 @serialized

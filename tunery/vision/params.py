@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, ValidationError
 
@@ -27,6 +27,7 @@ from tunery.config import (
     _apply_override,
     _format_errors,
     load_raw,
+    stage_model_outputs,
 )
 from tunery.data.images import ImageChecks
 from tunery.errors import ConfigError
@@ -90,6 +91,7 @@ class VisionPretrainConfig(Section):
     probe_max_train: int = Field(default=2000, gt=0)  # train images for the linear probe
     checkpoint_dir: str = "checkpoints/pretrain"  # resume point, outside the DVC output
     out_dir: str = "models/encoder"  # init/ (the weights SimCLR started from), model/ (after it)
+    OUTPUTS: ClassVar[dict[str, str]] = {"encoder": "out_dir"}
 
 
 # --------------------------------------------------------------------------- finetune
@@ -180,6 +182,10 @@ class VisionParams(Section):
     def section(self, name: str) -> Section:
         """A stage's params: its own section; the register stage reads `registry`."""
         return getattr(self, {"register": "registry"}.get(name, name))
+
+    def model_outputs(self, stage: str) -> dict[str, str]:
+        """The model folders `stage` writes (tunery/stage.py logs those `tracking.log_models` names)."""
+        return stage_model_outputs(self, stage)
 
 
 def is_vision(tree: dict) -> bool:
