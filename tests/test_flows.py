@@ -241,6 +241,7 @@ def test_overhead_splits_the_time_outside_the_stages():
     assert got == {
         "wall_seconds": 10.0,
         "stage_seconds": 6.0,
+        "failed_attempts_seconds": 0.0,
         "overhead_seconds": 4.0,
         "overhead_share": 0.4,
         "dvc_seconds": 1.5,
@@ -249,3 +250,7 @@ def test_overhead_splits_the_time_outside_the_stages():
     }
     # A wall clock shorter than the stages (clocks of different processes) is no negative time.
     assert overhead(results, wall=5.0, tracking_seconds=0.0)["overhead_seconds"] == 0.0
+    # An attempt that timed out and was retried is neither stage time nor overhead.
+    retried = [results[0] | {"failed_attempts_seconds": 3600.0}, results[1]]
+    got = overhead(retried, wall=3610.0, tracking_seconds=1.0)
+    assert got["failed_attempts_seconds"] == 3600.0 and got["overhead_seconds"] == 4.0

@@ -350,6 +350,11 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
     print(
         f"wall {t['wall_seconds']:.0f} s; orchestration + tracking overhead "
         f"{t['overhead_seconds']:.1f} s ({100 * t['overhead_share']:.1f} %)"
+        + (
+            f"; failed stage attempts (retried) {t['failed_attempts_seconds']:.0f} s"
+            if t.get("failed_attempts_seconds")
+            else ""
+        )
     )
     print(run_summary.terminal(summary))
     return 0
