@@ -333,3 +333,26 @@ def test_dvc_repro_of_vision_registers_a_champion(tmp_path):
     assert doc["registry"]["version"] == register["version"]
     assert [r["row"] for r in doc["stage_value"]["rows"]][-1] == "deployed"
     assert not (proj / "vision" / ".dvc").exists()
+
+    # the champion scores a folder of PNGs through `tunery predict` (its default model)
+    import pandas as pd
+    from PIL import Image
+
+    pngs = proj / "incoming"
+    (pngs / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (28, 28), 40 * i).save(pngs / f"{i}.png")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(pngs / "sub" / "colour.png")  # converted
+    result = subprocess.run(
+        [sys.executable, "-m", "tunery.cli", "predict", str(pngs), "-o", str(proj / "scored.csv")],
+        cwd=proj / "vision",
+        env=tool_env(proj),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    scored = pd.read_csv(proj / "scored.csv")
+    classes = {c.removeprefix("prob_") for c in scored.columns if c.startswith("prob_")}
+    assert len(scored) == 4 and len(classes) == 10 and set(scored["prediction"]) <= classes
+    assert sorted(scored["image"]) == ["0.png", "1.png", "2.png", "sub/colour.png"]
+    assert scored["score"].between(0, 1).all()

@@ -79,10 +79,17 @@ def _load(args: argparse.Namespace, root: Path):
 
 
 def _registry(args: argparse.Namespace, root: Path):
-    """The registry a command acts on (`registry.model_name`, `tracking.experiment` of its params),
-    built once here and passed down."""
+    """The registry a command acts on (`registry.model_name`, `tracking.experiment` of its params:
+    the text pipeline's or, inside `vision/`, the image pipeline's), built once here and passed
+    down."""
     from tunery.registry.refs import Registry
+    from tunery.runner.vision import is_vision_params
 
+    path = _params_path(args, root)
+    if is_vision_params(path):
+        from tunery.vision.params import load_vision_params
+
+        return Registry.of(load_vision_params(path, args.set), root)
     return Registry.of(_load(args, root), root)
 
 
