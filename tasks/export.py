@@ -81,15 +81,7 @@ def run(cfg: ExportConfig, *, finetune_dir: Path, data_dir: Path, out_dir: Path)
         got = comp.run_batches(runner, encoded, cfg.batch_size, runner.input_names, n)
         check = comp.parity(ref, got, y_true)
         log.info("fp32 ONNX vs PyTorch on %d test texts: %s", len(test), check)
-        if (
-            check["max_abs_logit_diff"] > cfg.max_logit_diff
-            or check["agreement"] < cfg.min_agreement
-        ):
-            raise TuneryError(
-                f"ONNX parity failed on {data_dir / 'test.parquet'}: max |logit diff| "
-                f"{check['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff}), agreement "
-                f"{check['agreement']:.4f} (min {cfg.min_agreement}); nothing written"
-            )
+        comp.require_export_parity(check, cfg, data_dir / "test.parquet")
     return {
         "method": ft.info.get("method"),
         "opset": cfg.opset,

@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tunery.errors import TuneryError
 from tunery.io import atomic_dir
 from tunery.vision import finetune_dir, splits
 from tunery.vision.params import VisionExportConfig, VisionParams
@@ -61,15 +60,7 @@ def run(
         got = deploy.run_batches(deploy.runner(tmp / ox.MODEL_FILE), test_x)
         check = comp.parity(ref, got, test_y)
         log.info("fp32 ONNX vs PyTorch on %d test images: %s", len(test_y), check)
-        if (
-            check["max_abs_logit_diff"] > cfg.max_logit_diff
-            or check["agreement"] < cfg.min_agreement
-        ):
-            raise TuneryError(
-                f"ONNX parity failed on {data_dir / 'test.parquet'}: max |logit diff| "
-                f"{check['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff}), agreement "
-                f"{check['agreement']:.4f} (min {cfg.min_agreement}); nothing written"
-            )
+        comp.require_export_parity(check, cfg, data_dir / "test.parquet")
     return {
         "method": ft["info"].get("method"),
         "opset": cfg.opset,

@@ -92,6 +92,17 @@ def parity(ref_logits: np.ndarray, logits: np.ndarray, y_true: np.ndarray) -> di
     }
 
 
+def require_export_parity(check: dict[str, float], cfg: Any, checked_on: Path) -> None:
+    """Refuse an export whose graph strays from PyTorch on `checked_on`'s rows beyond
+    `cfg.max_logit_diff` / `cfg.min_agreement` (the text and image export stages alike)."""
+    if check["max_abs_logit_diff"] > cfg.max_logit_diff or check["agreement"] < cfg.min_agreement:
+        raise TuneryError(
+            f"ONNX parity failed on {checked_on}: max |logit diff| "
+            f"{check['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff}), agreement "
+            f"{check['agreement']:.4f} (min {cfg.min_agreement}); nothing written"
+        )
+
+
 def _macro_f1_weighted(y: np.ndarray, pred: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
     """Macro-F1 of each row of weights `w` (resamples x rows: how often each row was drawn).
 
