@@ -30,7 +30,9 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
     if isinstance(exc, StoreUnreachable):
         return False
-    return not (isinstance(exc, pipeline.StageFailed) and exc.user_error)
+    if isinstance(exc, pipeline.StageFailed):
+        return not (exc.user_error or exc.named)
+    return True
 
 
 @task(

@@ -18,6 +18,7 @@ one version to champion without training anything again.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import types
 from pathlib import Path
@@ -73,6 +74,38 @@ def test_a_stage_is_not_retried_when_its_server_went_away():
     assert not _retry_unless_user_error(None, None, state(gone))
     assert not _retry_unless_user_error(None, None, state(StageFailed("bad", user_error=True)))
     assert _retry_unless_user_error(None, None, state(StageFailed("flaky", user_error=False)))
+    assert not _retry_unless_user_error(
+        None, None, state(StageFailed("gone", user_error=False, named=True))
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage_exit", "printed", "user_error", "named", "run_exit"),
+    [
+        (3, "tunery x: error: params.yaml: bad key", True, True, 3),
+        (4, "tunery x: error: the registry refused", True, True, 4),
+        (1, "tunery x: error: the MLflow server at http://h:1 stopped answering", False, True, 1),
+        (1, "Traceback (most recent call last): a bug", False, False, 1),
+    ],
+)
+def test_a_failed_stage_is_classed_by_its_own_exit_code(
+    tmp_path, stage_exit, printed, user_error, named, run_exit
+):
+    """Through real DVC: the stage's exit code (not the words it printed) makes a user error; a
+    server that went away stays exit 1 (seen before: `tunery run` exited 3 for a dead server)."""
+    import subprocess
+    import sys
+
+    from tunery.runner.steps import StageFailed, dvc_command, tool_env
+
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True, env=tool_env())
+    script = f"import sys; print({printed!r}); sys.exit({stage_exit})"
+    stage = {"stages": {"x": {"cmd": f"{sys.executable} -c {json.dumps(script)}"}}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(stage))
+    with pytest.raises(StageFailed) as failed:
+        dvc_command(tmp_path, "repro", "x", on_line=lambda line: None)
+    assert (failed.value.user_error, failed.value.named) == (user_error, named)
+    assert failed.value.exit_code == run_exit
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

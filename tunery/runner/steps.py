@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 from tunery import metrics_files, orphans
-from tunery.errors import EXIT_FAILED, EXIT_INPUT, TuneryError
+from tunery.errors import EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED, TuneryError
 
 log = logging.getLogger("tunery.pipeline")
 
@@ -45,22 +46,45 @@ def tool_env() -> dict[str, str]:
 
 
 class StageFailed(TuneryError):
-    """A stage (or DVC) failed. `user_error` is set when the stage reported bad input or params:
-    re-running cannot help, so the flow does not retry it."""
+    """A stage (or DVC) failed. `user_error` is set when the stage exited 3 or 4 (bad input or
+    params, a refusal: `tunery run` exits with that code); `named` when the stage stopped on an
+    error it named itself ("tunery <stage>: error: ...", tunery/stage.py), e.g. its MLflow server
+    went away (exit 1). The flow retries neither (flows/pipeline.py): the same inputs meet the same
+    error, and a stage DVC saw fail on a dead server must not be skipped as done."""
 
-    def __init__(self, message: str, *, user_error: bool) -> None:
+    def __init__(
+        self, message: str, *, user_error: bool, named: bool = False, code: int | None = None
+    ) -> None:
         super().__init__(message)
-        self.user_error = user_error
-        self.exit_code = EXIT_INPUT if user_error else EXIT_FAILED
+        self.user_error, self.named = user_error, named
+        self.exit_code = code if code is not None else EXIT_INPUT if user_error else EXIT_FAILED
+
+
+# DVC's last line for a stage command that failed: "... failed to run: python -m tasks.X, exited with N".
+_STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
+
+
+def stage_exit_code(lines: list[str]) -> int | None:
+    """The exit code of the stage command DVC ran, from DVC's error line; None when DVC itself failed."""
+    for line in reversed(lines):
+        found = _STAGE_EXIT.search(line)
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def _finish(argv: tuple[str, ...], code: int, lines: list[str]) -> str:
     if code != 0:
         tail = "".join(lines[-15:])
-        # Stages print "tunery <stage>: error: ..." for bad input or params (tunery/stage.py).
-        user_error = any(line.startswith("tunery ") and ": error: " in line for line in lines)
+        # The stage's own exit code says what kind of failure it was (tunery/errors.py): a stage
+        # whose MLflow server went away names it and exits 1 (run time), not 3 (bad input).
+        stage_code = stage_exit_code(lines)
+        user_error = stage_code in (EXIT_INPUT, EXIT_REFUSED)
         raise StageFailed(
-            f"`dvc {' '.join(argv)}` failed (exit {code}):\n{tail}", user_error=user_error
+            f"`dvc {' '.join(argv)}` failed (exit {code}):\n{tail}",
+            user_error=user_error,
+            named=any(line.startswith("tunery ") and ": error: " in line for line in lines),
+            code=stage_code if user_error else EXIT_FAILED,
         )
     return "".join(lines)
 
