@@ -7,6 +7,7 @@ dvc.yaml order); Prefect adds retries, timeouts, streamed logs, a UI and a summa
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,29 @@ from prefect.runtime import flow_run as prefect_flow_run
 
 from tunery import env, run_summary, screen
 from tunery.config import load_params
+from tunery.errors import TuneryError
 from tunery.runner import steps as pipeline
+
+
+class _NamedErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task and flow run with the exception's traceback (~60 lines of the
+    engine's frames). A TuneryError is a message meant for the user, which the CLI prints last as
+    `tunery: error: ...`: its traceback only buries it, so the record keeps its text, not the frames."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TuneryError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_named_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NamedErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_NamedErrorsWithoutTraceback())
+
+
+_quiet_named_errors()
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:

@@ -1,5 +1,6 @@
 """The Prefect pipeline flow on a temporary project, with Prefect's test harness."""
 
+import logging
 import re
 import subprocess
 import sys
@@ -88,6 +89,15 @@ def test_transient_failure_is_retried(project, harness, monkeypatch):
     assert (project / "count").read_text() == "2"  # failed once, retried once
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_bad_input_is_not_retried(project, harness, monkeypatch):
     from flows.pipeline import pipeline_flow
     from tunery.runner.steps import StageFailed
@@ -97,9 +107,18 @@ def test_bad_input_is_not_retried(project, harness, monkeypatch):
     bad.loc[0, "text"] = ""
     bad.to_csv(project / "data" / "source" / "train.csv", index=False)
     monkeypatch.chdir(project)
-    with pytest.raises(StageFailed, match="empty_text") as err:
-        pipeline_flow(project=str(project), stages=["ingest"])
+    seen = _Records()
+    logging.getLogger("prefect.flow_runs").addHandler(seen)
+    try:
+        with pytest.raises(StageFailed, match="empty_text") as err:
+            pipeline_flow(project=str(project), stages=["ingest"])
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(seen)
     assert err.value.user_error
+    # Prefect's "Encountered exception" record keeps the error's text but not the engine's frames.
+    failed_records = [r for r in seen.records if "Encountered exception" in r.getMessage()]
+    assert failed_records and all(r.exc_info is None for r in failed_records)
+    assert "empty_text" in failed_records[0].getMessage()
     from mlflow.tracking import MlflowClient
 
     from tunery import tracking
