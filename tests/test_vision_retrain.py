@@ -191,6 +191,25 @@ def test_demo_drops_are_fashion_mnist_images_the_pipeline_has_not_used(tmp_path)
         landing.release_demo_shard(tmp_path, p, 30)
 
 
+def test_stale_stages_are_the_projects_own_and_always_changed_ones_do_not_count(tmp_path):
+    """Two pipeline folders in one DVC repository (the text root and vision/): each retrain looks
+    at its own dvc.yaml only, and an `always_changed` stage (vision's register) is not staleness."""
+    init_repo(tmp_path)
+    (tmp_path / "vision").mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "vision" / "b.txt").write_text("b")
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"one": {"cmd": "cp a.txt o", "deps": ["a.txt"], "outs": ["o"]}}})
+    )
+    two = {"cmd": "cp b.txt o", "deps": ["b.txt"], "outs": ["o"]}
+    register = {"cmd": "true", "always_changed": True}
+    (tmp_path / "vision" / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"two": two, "register": register}})
+    )
+    assert landing.stale_stages(tmp_path) == ["one"]
+    assert landing.stale_stages(tmp_path / "vision") == ["two"]
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_tunery_retrain_inside_vision_takes_in_a_demo_drop_and_gates(tmp_path):
@@ -199,8 +218,31 @@ def test_tunery_retrain_inside_vision_takes_in_a_demo_drop_and_gates(tmp_path):
     proj = tmp_path / "proj"
     for name in ("tunery", "tasks", "flows"):
         shutil.copytree(REPO / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml"):  # the text pipeline beside it, in the same DVC repo
+        shutil.copy(REPO / name, proj / name)
     vision = proj / "vision"
-    shutil.copytree(REPO / "vision", vision, ignore=shutil.ignore_patterns("metrics", "reports"))
+    shutil.copytree(
+        REPO / "vision",
+        vision,
+        ignore=shutil.ignore_patterns(
+            "metrics",
+            "reports",
+            "models",
+            "mlflow.db*",
+            "mlartifacts",
+            "checkpoints",
+            "plots",
+            "dvc.lock",
+            ".prefect",
+            ".cache",
+            "raw",
+            "prepared",
+        ),
+    )
+    for leftover in ("landing", "incoming"):  # only their committed files
+        for p in (vision / "data" / leftover).iterdir():
+            if p.name not in (".gitignore", "README.md"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     source = {
         "kind": "fashion_mnist",
         "path": str(fake_fashion_mnist(tmp_path / "fmnist", per_class=60)),
@@ -259,6 +301,7 @@ def test_tunery_retrain_inside_vision_takes_in_a_demo_drop_and_gates(tmp_path):
     )
     assert not (vision / ".dvc").exists()
 
-    # nothing new and nothing stale (the always-run register stage aside): nothing to do
+    # nothing new and nothing stale (the always-run register stage and the text pipeline's
+    # stages in the same DVC repository aside): nothing to do
     again = json.loads(tunery("retrain", "--json").stdout)
     assert again["status"] == "nothing to do", again

@@ -486,9 +486,13 @@ def _validate_schedule(root: Path, cron: str | None, interval: float | None) -> 
 
 def cmd_schedule(args: argparse.Namespace, root: Path) -> int:
     from flows.retrain import serve
+    from tunery.runner.vision import is_vision_params
 
     _validate_schedule(root, args.cron, args.interval)
-    _load_for_stages(args, root)
+    if is_vision_params(_params_path(args, root)):  # the image pipeline folder: same flow
+        _write_vision_params(args, root)
+    else:
+        _load_for_stages(args, root)
     when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
     print(f"serving the retrain flow ({when}) with the embedded Prefect server; Ctrl-C stops it.")
     serve(str(root), cron=args.cron, interval=args.interval)

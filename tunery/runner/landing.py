@@ -20,8 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunery.errors import TuneryError
 from tunery.modality import intake_of
 from tunery.runner import steps as pipeline
@@ -105,21 +103,19 @@ def take_in(root: Path, params: Any, new: list[Path]) -> list[Path]:
     return added
 
 
-def _always_changed(root: Path) -> set[str]:
-    """Stages marked `always_changed` (e.g. the image pipeline's register): stale by definition,
-    so they say nothing about new data or changed code."""
-    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    return {name for name, stage in stages.items() if (stage or {}).get("always_changed")}
-
-
 def stale_stages(root: Path) -> list[str]:
-    """Stages DVC considers out of date (changed code, params or data)."""
-    out = pipeline.dvc_command(root, "status", "--json", on_line=lambda line: None)
+    """The project's stages (its own dvc.yaml: not those of another pipeline folder in the same
+    DVC repository) that DVC considers out of date (changed code, params or data). A stage whose
+    only status is "always changed" (`always_changed: true`, e.g. the image pipeline's register)
+    says nothing about new data or code, so it is not counted."""
+    out = pipeline.dvc_command(root, "status", "--json", "dvc.yaml", on_line=lambda line: None)
     start = out.find("{")
     status = json.loads(out[start:]) if start != -1 else {}
-    always = _always_changed(root)
-    names = [name.rsplit(":", 1)[-1] for name in status if not name.endswith(".dvc")]
-    return [name for name in names if name not in always]
+    return [
+        name
+        for name, changes in status.items()
+        if not name.endswith(".dvc") and changes != ["always changed"]
+    ]
 
 
 def release_demo_shard(root: Path, params: Any, per_class: int) -> Path:

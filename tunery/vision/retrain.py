@@ -59,7 +59,8 @@ def check_drops(root: Path, params: Any, new: list[Path]) -> dict[Path, Any]:
     return candidates
 
 
-def _embed(root: Path, params: Any, paths: list[Path], model: Any) -> Any:
+def _embed(params: Any, paths: list[Path], model: Any) -> Any:
+    """Pooled SimCLR-encoder embeddings of image files, preprocessed as in training."""
     from tunery.vision.probe import embed
     from tunery.vision.processor import process_paths
 
@@ -88,8 +89,8 @@ def measure_drift(root: Path, params: Any, new_images: list[Path]) -> dict[str, 
     reference = splits.paths(splits.read(root / params.prepare.out_dir, "train"), root)
     reference = drift.sample_reference(reference, params.retrain.drift.reference_rows, seed)
     model = ViTForSimCLR.from_pretrained(model_dir, attn_implementation="eager")
-    new_x = _embed(root, params, list(new_images), model)
-    ref_x = _embed(root, params, reference, model)
+    new_x = _embed(params, list(new_images), model)
+    ref_x = _embed(params, reference, model)
     return {**drift.score(new_x, ref_x, seed=seed), "encoder": str(model_dir)}
 
 
