@@ -3,6 +3,10 @@
 With no new data and nothing stale it ends at once with "nothing to do" and trains nothing. The
 encoder is re-pretrained only when the `corpus` stage's policy moves the corpus snapshot; DVC skips
 `pretrain` otherwise. Scheduled with `tunery schedule` (flow.serve) or deployed with prefect.yaml.
+
+The same flow retrains the image pipeline (`project` its folder, e.g. vision/, whose params say
+`modality: image`): the intake, the drift and the gate are the same steps; the pipeline run is
+that folder's DVC stages, the last of which (`register`) runs the registry gate.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from flows.pipeline import pipeline_flow
-from tunery import env, metrics_files
-from tunery.config import load_params
+from tunery import env, metrics_files, modality, screen
 from tunery.errors import TuneryError
 from tunery.runner import landing as retrain
+
+
+def load_params(path: Path):
+    """The project's params, text or image (`modality: image`)."""
+    return modality.load_params(path)
 
 
 @task(name="take-in-new-data", cache_policy=NO_CACHE)
@@ -48,10 +56,10 @@ def measure_drift(root: str) -> dict[str, Any] | TuneryError | None:
     if not new:
         return None
     try:
-        texts = retrain.check_landed(root_path, params, new)
+        items = retrain.check_landed(root_path, params, new)
     except TuneryError as exc:
         return exc
-    result = retrain.measure_drift(root_path, params, texts)
+    result = retrain.measure_drift(root_path, params, items)
     if result is not None:
         from tunery import tracking
 
@@ -59,6 +67,27 @@ def measure_drift(root: str) -> dict[str, Any] | TuneryError | None:
         with tracking.stage_run(root_path, params.tracking.experiment, "drift", config) as run:
             run.log_metrics({f"drift.{k}": v for k, v in result.items()})
     return result
+
+
+@task(name="image-pipeline", cache_policy=NO_CACHE)
+def image_pipeline(root: str) -> dict[str, Any]:
+    """The image pipeline folder's DVC stages (tunery/runner/vision.py), its last one the gate."""
+    from tunery.runner import vision
+
+    logger = get_run_logger()
+    return vision.run(
+        Path(root),
+        [],
+        force=False,
+        on_line=lambda line: logger.info(line.rstrip()) if screen.shown(line) else None,
+    )
+
+
+def _run_pipeline(root: Path) -> dict[str, Any]:
+    """The project's pipeline: the text flow (stages, then the gate) or the image stages."""
+    if modality.is_image(load_params(root / "params.yaml")):
+        return image_pipeline(str(root))
+    return pipeline_flow(project=str(root))
 
 
 def _newest(root: Path) -> dict[str, Any]:
@@ -92,7 +121,7 @@ def retrain_flow(project: str | None = None, ignore_drift: bool = False) -> dict
                 [Path(a).name for a in added] or "none",
                 todo,
             )
-            result = pipeline_flow(project=str(root))
+            result = _run_pipeline(root)
             newest = _newest(root)
             if newest.get("rows"):
                 logger.info(

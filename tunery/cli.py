@@ -285,18 +285,26 @@ def _check_stage_names(root: Path, stages: list[str]) -> None:
         raise InputError(f"unknown stage(s) {', '.join(unknown)}: dvc.yaml has {', '.join(known)}")
 
 
-def _cmd_run_vision(args: argparse.Namespace, root: Path) -> int:
-    """`tunery run` in an image pipeline folder (vision/): its params written like the text
-    pipeline's, then its DVC stages (tunery/runner/vision.py)."""
+def _write_vision_params(args: argparse.Namespace, root: Path):
+    """The image pipeline's params with `-p`/`--set` written into its params.yaml (as the text
+    pipeline's are, so dvc.lock records what ran); the change said on stderr."""
     from tunery.config import write_params
-    from tunery.runner import vision
-    from tunery.vision.params import VisionParams
+    from tunery.vision.params import VisionParams, load_vision_params
 
     args.params_changed = write_params(
         root / PARAMS_FILE, args.set, source=_params_path(args, root), schema=VisionParams
     )
     for change in args.params_changed:
         print(f"params.yaml changed: {change}", file=sys.stderr)
+    return load_vision_params(root / PARAMS_FILE)
+
+
+def _cmd_run_vision(args: argparse.Namespace, root: Path) -> int:
+    """`tunery run` in an image pipeline folder (vision/): its params written like the text
+    pipeline's, then its DVC stages (tunery/runner/vision.py)."""
+    from tunery.runner import vision
+
+    _write_vision_params(args, root)
     result = vision.run(
         root,
         args.stages,
@@ -367,7 +375,47 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+def _print_drift(result: dict[str, Any]) -> None:
+    if result.get("drift"):
+        d = result["drift"]
+        print(
+            f"drift of the new data vs training: AUC {d['auc']:.3f} "
+            f"(0.5 = none), centroid distance {d['centroid_distance']:.4f}"
+        )
+
+
+def _cmd_retrain_vision(args: argparse.Namespace, root: Path) -> int:
+    """`tunery retrain` in an image pipeline folder: the same retrain flow (intake, drift, the
+    folder's DVC stages, the gate in its register stage), the image end of run."""
+    from tunery.runner import vision
+
+    params = _write_vision_params(args, root)
+    server = _start_flow_services(root, params)
+    from flows.retrain import retrain_flow
+
+    if server is not None:
+        server.wait()
+    result = retrain_flow(project=str(root), ignore_drift=args.ignore_drift)
+    if args.json:
+        _emit(args, {"ok": True, "command": "retrain", "modality": "image", **result})
+        return 0
+    _print_drift(result)
+    if result["status"] != "retrained":
+        print(
+            f"retrain: {result['status']}"
+            + (f" ({result['reason']})" if result.get("reason") else "")
+        )
+        return 0
+    print(f"\nretrain: took in {len(result['added'])} drop(s)")
+    print(vision.end_lines(result))
+    return 0
+
+
 def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
+    from tunery.runner.vision import is_vision_params
+
+    if is_vision_params(_params_path(args, root)):
+        return _cmd_retrain_vision(args, root)
     params = _load_for_stages(args, root)
     server = _start_flow_services(root, params)
     from flows.retrain import retrain_flow
@@ -395,12 +443,7 @@ def cmd_retrain(args: argparse.Namespace, root: Path) -> int:
             },
         )
         return 0
-    if result.get("drift"):
-        d = result["drift"]
-        print(
-            f"drift of the new data vs training: AUC {d['auc']:.3f} "
-            f"(0.5 = none), centroid distance {d['centroid_distance']:.4f}"
-        )
+    _print_drift(result)
     if not retrained:
         print(
             f"retrain: {result['status']}"
@@ -443,9 +486,13 @@ def _validate_schedule(root: Path, cron: str | None, interval: float | None) -> 
 
 def cmd_schedule(args: argparse.Namespace, root: Path) -> int:
     from flows.retrain import serve
+    from tunery.runner.vision import is_vision_params
 
     _validate_schedule(root, args.cron, args.interval)
-    _load_for_stages(args, root)
+    if is_vision_params(_params_path(args, root)):  # the image pipeline folder: same flow
+        _write_vision_params(args, root)
+    else:
+        _load_for_stages(args, root)
     when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
     print(f"serving the retrain flow ({when}) with the embedded Prefect server; Ctrl-C stops it.")
     serve(str(root), cron=args.cron, interval=args.interval)
@@ -553,9 +600,11 @@ def cmd_rollback(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_demo_shard(args: argparse.Namespace, root: Path) -> int:
+    from tunery import modality
     from tunery.runner.landing import release_demo_shard
 
-    dest = release_demo_shard(root, _load(args, root), args.per_class)
+    params = modality.load_params(_params_path(args, root), args.set)
+    dest = release_demo_shard(root, params, args.per_class)
     print(f"released {dest.relative_to(root)}; `tunery retrain` takes it in")
     return 0
 
@@ -875,10 +924,15 @@ def _data_commands(sub: Any) -> None:
     p.set_defaults(fn=cmd_data_withdraw)
 
     p = sub.add_parser(
-        "demo-shard", help="release the next shard of WordNet demo data into the landing folder"
+        "demo-shard",
+        help="release the next shard of demo data into the landing folder (WordNet glosses; "
+        "inside vision/: Fashion-MNIST images the pipeline has not used)",
     )
     p.add_argument(
-        "--per-class", type=_positive_int, default=40, help="glosses per category (default: 40)"
+        "--per-class",
+        type=_positive_int,
+        default=40,
+        help="glosses per category, or images per class inside vision/ (default: 40)",
     )
     _params_args(p)
     p.set_defaults(fn=cmd_demo_shard)

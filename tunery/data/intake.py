@@ -1,16 +1,22 @@
 """Adding labelled data: validate a file against the dataset it will join, then place it in the
-incoming folder for `ingest`."""
+incoming folder for `ingest`. `TEXT_INTAKE` is the text pipeline's retrain intake (the
+`tunery.modality.Intake` that tunery/runner/landing.py runs)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunery import metrics_files
-from tunery.config import IngestConfig
+from tunery.config import IngestConfig, Params, WordnetSource
 from tunery.data import dataset, files
 from tunery.errors import DataValidationError, TuneryError
 from tunery.io import atomic_path, file_md5
+
+log = logging.getLogger("tunery.retrain")
 
 
 def check_new(paths: list[Path], cfg: IngestConfig, *, root: Path) -> dict[Path, object]:
@@ -73,3 +79,72 @@ def withdraw(name: str, cfg: IngestConfig, *, root: Path, reason: str) -> dict[s
     with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     return {**record, "path": file, "dvc_file": file.with_name(file.name + ".dvc")}
+
+
+@dataclass(frozen=True)
+class TextIntake:
+    """Labelled text files (CSV/JSONL/Parquet) in the landing folder, checked by the text ingest's
+    rules, embedded with the text encoder."""
+
+    name: str = "text"
+
+    def landed(self, root: Path, params: Params) -> list[Path]:
+        folder = root / params.retrain.landing
+        if not folder.is_dir():
+            return []
+        return files.list_files(folder, files.LABELLED_SUFFIXES)
+
+    def check(self, root: Path, params: Params, new: list[Path]) -> list[str]:
+        checked = check_new(new, params.ingest, root=root)  # all or nothing
+        return [t for rows in checked.values() for t in rows["text"].astype(str)]
+
+    def add(self, root: Path, params: Params, item: Path) -> Path:
+        return add_file(item, params.ingest, root=root, checked=True)
+
+    def drift(self, root: Path, params: Params, items: list[str]) -> dict[str, Any] | None:
+        import pandas as pd
+
+        encoder = root / (params.finetune.encoder or params.pretrain.out_dir)
+        train = root / params.prepare.out_dir / "train.parquet"
+        if not (encoder / "config.json").is_file() or not train.is_file():
+            log.info("drift not measured: no encoder (%s) or training split yet", encoder)
+            return None
+        from tunery.evaluation import drift
+
+        reference = pd.read_parquet(train)["text"].astype(str).tolist()
+        cfg = params.retrain.drift
+        return drift.measure(
+            encoder, items, reference, reference_rows=cfg.reference_rows, seed=params.finetune.seed
+        )
+
+    def demo_drop(self, root: Path, params: Params, per_class: int) -> Path:
+        return wordnet_shard(root, params, per_class)
+
+
+def wordnet_shard(root: Path, params: Params, per_class: int) -> Path:
+    """Write the next WordNet demo shard into the landing folder (for the re-fine-tune demo)."""
+    from tunery.data import wordnet
+
+    source = params.ingest.source
+    if not isinstance(source, WordnetSource):
+        raise TuneryError(
+            "demo shards come from the WordNet demo source; ingest.source.kind is not wordnet"
+        )
+    taken = [
+        p
+        for folder in (root / params.ingest.incoming, root / params.retrain.landing)
+        if folder.is_dir()
+        for p in folder.glob("wordnet-shard-*.csv")
+    ]
+    index = len({p.name for p in taken})
+    df = wordnet.shard(source, index, per_class)
+    if df.empty:
+        raise TuneryError(f"WordNet has no glosses left for shard {index}; lower --per-class")
+    dest = root / params.retrain.landing / f"wordnet-shard-{index:03d}.csv"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        df.to_csv(tmp, index=False)
+    return dest
+
+
+TEXT_INTAKE = TextIntake()

@@ -3,7 +3,8 @@
 The text pipeline's `tunery run` drives its stages from a Prefect flow and registers afterwards;
 the image pipeline keeps registration as its last DVC stage (`register`), so here `tunery run` is
 `dvc repro` in the folder, streamed, plus the same end of run: the stages that ran, the
-stage-value table and the registry's decision. (The Prefect flow does not run image stages yet.)
+stage-value table and the registry's decision. The Prefect retrain flow (flows/retrain.py) runs
+the same `run` after taking new image drops in; the pipeline flow does not run image stages.
 """
 
 from __future__ import annotations

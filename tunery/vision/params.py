@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError
 
 from tunery.config import (
     BenchConfig,
+    DriftConfig,
     PipelineConfig,
     PrepareConfig,
     RegistryConfig,
@@ -75,6 +76,9 @@ ImageSource = Annotated[
 
 class VisionIngestConfig(Section):
     source: ImageSource
+    # Drops taken in by `tunery retrain` (a folder each: tunery/data/image_dataset.py) are
+    # appended to the source's images on the next run.
+    incoming: str = "data/incoming"
     checks: ImageChecks = ImageChecks()
     out_dir: str = "data/raw"  # labelled.parquet, unlabelled.parquet, images/ (the demo's PNGs)
 
@@ -164,6 +168,18 @@ class VisionEvaluateConfig(Section):
     report_dir: str = "reports/evaluate"
 
 
+# --------------------------------------------------------------------------- retrain
+class VisionRetrainConfig(Section):
+    """The scheduled retrain: labelled image drops (a folder each) land here, are checked with the
+    ingest's rules and taken in as a new data version (tunery/runner/landing.py). Drift is the
+    text pipeline's domain-classifier AUC, on the SimCLR encoder's image embeddings;
+    `drift.reference_rows` training images are the reference."""
+
+    landing: str = "data/landing"
+    push: bool = True  # `dvc push` each new data version to the default remote
+    drift: DriftConfig = DriftConfig(reference_rows=500)
+
+
 # --------------------------------------------------------------------------- root
 class VisionParams(Section):
     modality: Literal["image"] = MODALITY
@@ -178,6 +194,7 @@ class VisionParams(Section):
     export: VisionExportConfig = VisionExportConfig()
     compress: VisionCompressConfig = VisionCompressConfig()
     evaluate: VisionEvaluateConfig = VisionEvaluateConfig()
+    retrain: VisionRetrainConfig = VisionRetrainConfig()
 
     def section(self, name: str) -> Section:
         """A stage's params: its own section; the register stage reads `registry`."""
