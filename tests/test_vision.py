@@ -12,9 +12,11 @@ from PIL import Image
 
 from tunery.vision import augment as aug
 from tunery.vision.finetune import (
+    AugmentedCollator,
     FinetuneSettings,
     apply_lora,
     finetune,
+    init_head_from_probe,
     logits,
     merge,
     trainable_share,
@@ -217,6 +219,52 @@ def test_finetune_returns_test_accuracy(tmp_path, method):
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert (result["trainable_share"] < 1.0) == (method == "lora")
     assert not hasattr(result["model"], "peft_config")
+
+
+def test_augmented_collator_views_depend_on_the_batch_only():
+    """The fine-tune's views: labels kept, pixels changed, the same batch gives the same views
+    (a rerun sees what the first run saw), another batch other views."""
+    x, y = two_class_pixels(8)
+    data = ImageTensorDataset(x, y)
+    collate = AugmentedCollator(aug.AugmentConfig(crop_scale=(0.5, 1.0)), GREY, seed=3)
+    first = collate([data[i] for i in range(4)])
+    assert torch.equal(first["labels"], torch.as_tensor(y[:4]))
+    assert first["pixel_values"].shape == x[:4].shape
+    assert not torch.allclose(first["pixel_values"], x[:4])
+    assert torch.equal(collate([data[i] for i in range(4)])["pixel_values"], first["pixel_values"])
+    other = collate([data[i] for i in range(4, 8)])["pixel_values"]
+    assert not torch.allclose(other, first["pixel_values"])
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_head_from_probe_predicts_as_the_logistic_regression(classes):
+    """LP-FT's start: the classifier is the standardised logistic regression on the frozen CLS
+    embeddings (sklearn's two-class single row included), so it predicts what that model does."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from tunery.vision.probe import embed
+
+    x, _ = two_class_pixels(40)
+    y = [i % classes for i in range(40)]
+    model = build_classifier(GREY, [str(c) for c in range(classes)], spec=TINY)
+    init_head_from_probe(model, x, y)
+    feats = embed(model, x, pooling="cls")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(feats, y)
+    assert (logits(model, x).argmax(-1).numpy() == clf.predict(feats)).mean() >= 0.95
+
+
+def test_finetune_with_augment_needs_the_processor(tmp_path):
+    x, y = two_class_pixels(32)
+    model = build_classifier(GREY, ["top", "bottom"], spec=TINY)
+    settings = FinetuneSettings(max_steps=2, batch_size=8, augment=aug.AugmentConfig())
+    with pytest.raises(ValueError, match="processor"):
+        finetune(model, x[:16], y[:16], x[16:], y[16:], settings, out_dir=tmp_path)
+    result = finetune(
+        model, x[:16], y[:16], x[16:], y[16:], settings, out_dir=tmp_path, processor=GREY
+    )
+    assert 0.0 <= result["test_accuracy"] <= 1.0
 
 
 # --------------------------------------------------------------------------- ONNX

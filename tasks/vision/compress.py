@@ -159,7 +159,9 @@ def _stage(params: VisionParams, root: Path, tracking_run: Any) -> dict[str, Any
 def main(argv: list[str] | None = None) -> None:
     from tunery.stage import stage_main
     from tunery.vision.params import load_vision_params
+    from tunery.vision.threads import passive_omp
 
+    passive_omp()  # before torch loads (tunery/vision/threads.py)
     stage_main("compress", _stage, argv, loader=load_vision_params)
 
 

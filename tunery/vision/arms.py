@@ -43,6 +43,8 @@ def settings_for(cfg: Any, method: str) -> Any:
         lora_r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
+        augment=cfg.augment,
+        head_init=cfg.head_init,
         seed=cfg.seed,
     )
 
@@ -64,7 +66,14 @@ def train_arm(
     val_x, val_y = data["val"]
     with tempfile.TemporaryDirectory(prefix="tunery-vision-ft-") as work:
         r = finetune(
-            model, train_x, train_y, val_x, val_y, settings_for(cfg, method), out_dir=Path(work)
+            model,
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            settings_for(cfg, method),
+            out_dir=Path(work),
+            processor=processor,
         )
     model = r["model"]
     record: dict[str, Any] = {

@@ -120,6 +120,8 @@ class VisionFinetuneConfig(Section):
     max_steps: int = Field(default=150, gt=0)  # every arm: equal work
     weight_decay: float = Field(default=0.05, ge=0.0)
     warmup_share: float = Field(default=0.1, ge=0.0, lt=1.0)
+    augment: AugmentConfig | None = None  # views of the labelled images (augment.py), or none
+    head_init: Literal["random", "probe"] = "random"  # probe: LP-FT (tunery/vision/finetune.py)
     seed: int = 0
     # Arms (arms.json): probe (frozen SimCLR encoder + logreg), base (the method on the weights
     # SimCLR started from: no pretraining), pipeline (on SimCLR's output), full (all weights, on
