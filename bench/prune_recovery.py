@@ -64,7 +64,8 @@ def one(root: Path, params, prune: dict, work: Path) -> dict:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("tunery").setLevel(logging.INFO)
     root, out, settings = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
     params = load_params(root / "params.yaml")
     results = json.loads(out.read_text()) if out.exists() else []

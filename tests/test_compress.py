@@ -746,6 +746,25 @@ def test_compress_report_reads_what_is_there_or_nothing(tmp_path):
         "reference_throughput": 100.0,
         "macro_f1_delta": None,
     }
+    report.update(
+        selected="int8_dynamic",
+        eligible=["int8_dynamic"],
+        rejected_variants={
+            "pruned_int8_dynamic": {
+                "parity": {"macro_f1_delta": -0.011},
+                "bench": {"cpu": {"throughput": 380.0}},
+            }
+        },
+    )
+    assert compress_report.candidates(report) == [
+        {"variant": "int8_dynamic", "speedup": 2.5, "macro_f1_delta": -0.01, "status": "selected"},
+        {
+            "variant": "pruned_int8_dynamic",
+            "speedup": 3.8,
+            "macro_f1_delta": -0.011,
+            "status": "over budget",
+        },
+    ]
 
 
 def _kl_to(teacher, student, feeds) -> float:
