@@ -727,8 +727,12 @@ DEMO_OVERRIDES: dict[str, str] = {
     "arms beside the main one, and the pretrain gate; off by default: the main arm only",
     "evaluate.champion": "the demo compares against the registry champion; by default nothing is "
     "compared (no registry assumed)",
-    "compress.prune.heads": "pruning stays off (prune.enabled: false); 4 heads is the measured "
-    "demo setting for whoever turns it on",
+    "compress.prune.enabled": "the demo weighs pruned candidates beside the plain int8 (the "
+    "3x target); off by default: pruning plus recovery costs minutes a run",
+    "compress.prune.ffn_fraction": "the demo's measured setting: FFN 50 % + distillation recovered "
+    "fp32 macro-F1 on the glosses (bench/prune_distill.py)",
+    "compress.prune.recovery.steps": "300 distillation steps (~3.5 passes over the demo's train "
+    "split); off by default with pruning itself",
     "pretrain.init": "the demo continues from an installed base (all-MiniLM-L6-v2) instead of "
     "training a scratch encoder and its tokenizer",
     "pretrain.base": "the installed package the demo's base comes from",

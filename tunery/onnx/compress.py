@@ -6,7 +6,8 @@ agreement, accuracy and macro-F1 deltas, max |logit difference|; then file size 
 
 CPU int8 (dynamic, per-channel 7-bit weights) runs its token-wise ops on the real tokens only and
 its layer norms unfused (`quantize_int8_dynamic`); structured pruning (attention heads and FFN
-neurons by importance on calibration texts, `build_pruned`) gives the pruned_* variants.
+neurons by importance on calibration texts, `build_pruned`, optionally distilled back towards the
+unpruned model by `tunery.onnx.distill`) gives the pruned_* variants.
 
 Heavy imports (torch, onnx, onnxruntime, sklearn) happen inside functions.
 """
