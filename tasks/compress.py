@@ -49,7 +49,6 @@ def run(
 
     setup = vs.load_setup(cfg, finetune_dir=finetune_dir, export_dir=export_dir, data_dir=data_dir)
     singles, groups = vs.bench_inputs(cfg, setup)
-    reference_bench = vs.reference_bench(cfg, setup, singles, groups)
     with tempfile.TemporaryDirectory(
         dir=variants_dir.parent if variants_dir.parent.exists() else None
     ) as scratch:
@@ -57,6 +56,9 @@ def run(
         built = vs.build_variants(
             cfg, setup, export_dir=export_dir, work=work, singles=singles, groups=groups
         )
+        # PyTorch timed right after the variants (`build_variants` times them all at its end):
+        # the × PyTorch ratios are measured side by side, not minutes apart.
+        reference_bench = vs.reference_bench(cfg, setup, singles, groups)
         selected, eligible = comp.select(
             built.variants,
             target=cfg.target_provider,
