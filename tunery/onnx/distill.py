@@ -13,6 +13,9 @@ batch of training texts goes through the teacher (the unpruned fine-tune, frozen
 the last term (layer-wise distillation as in TinyBERT / the "prune, then distill" recipes) on the
 real tokens only, each layer's MSE divided by the teacher's mean square there, so that every layer
 weighs alike. Pruning heads and FFN neurons keeps the hidden size, so the states compare directly.
+The embeddings stay frozen (pruning leaves them as they are); batches are length-grouped.
+Measured on the demo (`bench/results/prune_recovery-cpu.json`): FFN 50 % removed cost -4.0 pt
+macro-F1 on val + test, 300 steps (logits only) brought it back to +0.01 pt.
 
 A short loop rather than `transformers.Trainer`: distillation needs a second model in the loss
 (a `compute_loss` override), its batches come from `length_batches` (the compress stage's
