@@ -11,7 +11,8 @@ machine distorts it less than wall time) vs PyTorch eager fp32.
 
     PYTHONPATH=. python bench/prune_distill.py PROJECT STEPS '[{"heads": 4, "ffn": 0.5}]' WORKDIR
 
-writes WORKDIR/results.json. Not part of the pipeline: the recovery is not wired into compress.
+writes WORKDIR/results.json. The recovery is now the compress stage's `prune.recovery`
+(`tunery.onnx.distill`); `bench/prune_recovery.py` runs the stage itself per setting.
 """
 
 import json

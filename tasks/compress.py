@@ -3,10 +3,11 @@
 Inputs:  `<export.out_dir>/{model.onnx, raw.onnx, tokenizer, labels.json}`, `<finetune.out_dir>/merged`
          (the PyTorch reference, and the source for pruning), `<prepare.out_dir>/{val,test}.parquet`
          (the accuracy checks; test alone for timing; val also fits the temperature),
-         `<prepare.out_dir>/train.parquet` (calibration texts).
+         `<prepare.out_dir>/train.parquet` (calibration texts; the pruned model's recovery).
 Outputs: `<variants_dir>/<variant>/` one deployable folder per variant kept (fp32, int8_dynamic, and
          when listed fp16, int8_static, with `prune.enabled` pruned_fp32/pruned_int8_dynamic when
-         within budget); `<out_dir>/` the selected variant with its calibrated probabilities as a
+         within budget: heads/FFN neurons removed, then `prune.recovery.steps` of distillation
+         towards the fine-tune on train, `tunery.onnx.distill`); `<out_dir>/` the selected variant with its calibrated probabilities as a
          second graph output (model.onnx, tokenizer, labels.json, tunery_model.json), loadable on
          its own by `tunery.Predictor`; `<report_dir>/report.{json,md}`,
          `plots/compress/tradeoff.png`; `metrics/compress.json`.
@@ -14,7 +15,9 @@ Outputs: `<variants_dir>/<variant>/` one deployable folder per variant kept (fp3
 Selection: the fastest variant on `target_provider` whose macro-F1 on val + test together is at
 most `max_f1_drop` below the PyTorch model's (point estimate; a paired bootstrap 95 % interval is
 reported beside it). A dynamic int8 variant over budget first keeps its most sensitive nodes in
-float (`int8.max_fallback_nodes`); a variant whose quantization fails is recorded, not fatal. The
+float (`int8.max_fallback_nodes`); a pruned variant over budget is recorded with its numbers
+(report table row "no: over budget"), not kept; a variant whose quantization fails is recorded,
+not fatal. The
 deployed graph gets `probabilities = Softmax(logits / T)`, T fitted on val (`tunery.onnx.calibration`).
 The stage fails, writing nothing, if none qualifies or the target provider is not available here.
 """
@@ -46,7 +49,6 @@ def run(
 
     setup = vs.load_setup(cfg, finetune_dir=finetune_dir, export_dir=export_dir, data_dir=data_dir)
     singles, groups = vs.bench_inputs(cfg, setup)
-    reference_bench = vs.reference_bench(cfg, setup, singles, groups)
     with tempfile.TemporaryDirectory(
         dir=variants_dir.parent if variants_dir.parent.exists() else None
     ) as scratch:
@@ -54,6 +56,9 @@ def run(
         built = vs.build_variants(
             cfg, setup, export_dir=export_dir, work=work, singles=singles, groups=groups
         )
+        # PyTorch timed right after the variants (`build_variants` times them all at its end):
+        # the × PyTorch ratios are measured side by side, not minutes apart.
+        reference_bench = vs.reference_bench(cfg, setup, singles, groups)
         selected, eligible = comp.select(
             built.variants,
             target=cfg.target_provider,

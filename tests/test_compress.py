@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import make_rows
 from tests.test_export import make_data_dir, make_finetune_dir
-from tunery.config import BenchConfig, CompressConfig, ExportConfig, PruneConfig
+from tunery.config import BenchConfig, CompressConfig, ExportConfig, PruneConfig, RecoveryConfig
 from tunery.errors import TuneryError
 from tunery.onnx import compress_report
 
@@ -411,7 +411,7 @@ def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
     monkeypatch.setattr(comp, "parity", parity)
     cfg = CompressConfig(
         variants=["fp32", "int8_dynamic"],
-        prune=PruneConfig(enabled=True, heads=1),
+        prune=PruneConfig(enabled=True, heads=1, recovery=RecoveryConfig(steps=2, batch_size=4)),
         max_f1_drop=0.01,
         bench=SMALL_BENCH,
     )
@@ -423,11 +423,16 @@ def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
         not report["selected"].startswith("pruned_") and metrics["selected"] == report["selected"]
     )
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["fp32", "int8_dynamic"]
-    assert report["rejected_variants"]["pruned_int8_dynamic"]["parity"]["macro_f1_delta"] == -0.02
-    assert (
-        "Rejected (outside the accuracy budget"
-        in (tmp_path / "r" / compress_report.MARKDOWN_FILE).read_text()
-    )
+    rejected = report["rejected_variants"]["pruned_int8_dynamic"]
+    assert rejected["parity"]["macro_f1_delta"] == -0.02
+    assert rejected["bench"]["cpu"]["throughput"] > 0  # timed: what it would have bought
+    recovery = rejected["pruning"]["recovery"]
+    assert recovery["steps"] == 2 and "macro_f1_drop_recovered" in recovery
+    md = (tmp_path / "r" / compress_report.MARKDOWN_FILE).read_text()
+    assert "Rejected (outside the accuracy budget" in md
+    rows = [line for line in md.splitlines() if line.startswith("| pruned_int8_dynamic |")]
+    assert len(rows) == 1 and "| -0.0200 |" in rows[0] and rows[0].endswith("no: over budget |")
+    assert "after distillation recovery (2 steps" in md
 
 
 def test_pruned_variant_within_the_budget_is_kept_and_can_be_selected(compressed, tmp_path):
@@ -444,6 +449,68 @@ def test_pruned_variant_within_the_budget_is_kept_and_can_be_selected(compressed
     assert {"pruned_fp32", "pruned_int8_dynamic"} <= set(report["eligible"])
     assert report["prune"]["heads"] == 1
     assert (tmp_path / "v" / "pruned_int8_dynamic" / "model.onnx").is_file()
+
+
+def test_a_selected_pruned_variant_is_deployed_with_its_own_temperature(
+    compressed, tmp_path, monkeypatch
+):
+    """The pruned, recovered int8 model, when selected, is calibrated on its own val logits and
+    the temperature is in the deployed graph (probabilities = Softmax(logits / T))."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from tunery.onnx import calibration as cal
+    from tunery.onnx import compress as comp
+    from tunery.onnx import variants as vs
+    from tunery.onnx.runtime import softmax
+
+    root, _, _ = compressed
+    real_select, real_calibrate, fitted = comp.select, vs.calibrate, {}
+
+    def select(variants, **kw):  # as if the pruned int8 variant were the fastest
+        return real_select({k: v for k, v in variants.items() if k.startswith("pruned_int8")}, **kw)
+
+    def calibrate(setup, logits):
+        j = setup.judge
+        fitted.update(logits=logits, encoded=j.encoded, val_rows=j.val_rows, y=j.y_true)
+        return real_calibrate(setup, logits)
+
+    monkeypatch.setattr(comp, "select", select)
+    monkeypatch.setattr(vs, "calibrate", calibrate)
+    cfg = CompressConfig(
+        variants=["fp32"],
+        prune=PruneConfig(
+            enabled=True, heads=1, ffn_fraction=0.25, recovery=RecoveryConfig(steps=3, batch_size=4)
+        ),
+        max_f1_drop=1.0,
+        bench=SMALL_BENCH,
+    )
+    metrics = _run_compress(root, tmp_path, cfg)
+    assert metrics["selected"] == "pruned_int8_dynamic"
+    manifest = json.loads((tmp_path / "d" / "tunery_model.json").read_text())
+    temperature = manifest["calibration"]["temperature"]
+    assert manifest["variant"] == "pruned_int8_dynamic"
+    assert temperature == compress_report.read(tmp_path / "r")["calibration"]["temperature"]
+    kept = onnx.load(str(tmp_path / "v" / "pruned_int8_dynamic" / "model.onnx"))
+    deployed = onnx.load(str(tmp_path / "d" / "model.onnx"))
+    t_init = {i.name: numpy_helper.to_array(i) for i in deployed.graph.initializer}
+    assert float(t_init["tunery_temperature"]) == pytest.approx(temperature)
+    assert len(deployed.graph.node) == len(kept.graph.node) + 2  # the pruned graph + Div, Softmax
+    runner = comp.onnx_runner(tmp_path / "d" / "model.onnx", "cpu")
+    ids = np.array([[101, 7, 8, 102]], np.int64)
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    logits, probs = runner.session.run(None, {k: inputs[k] for k in runner.input_names})
+    np.testing.assert_allclose(probs, softmax(logits / temperature), atol=1e-5)
+    # T was fitted on the pruned variant's own val logits (the first judged rows; batches as
+    # the stage runs them: dynamic int8 scales activations per batch)
+    pruned_logits = comp.run_batches(runner, fitted["encoded"], 64, runner.input_names, 3)
+    np.testing.assert_allclose(fitted["logits"], pruned_logits, atol=1e-4)
+    val = fitted["val_rows"]
+    y = fitted["y"][:val]
+    assert cal.calibrate(pruned_logits[:val], y, 3, fitted_on="val")["temperature"] == (
+        pytest.approx(temperature)
+    )
 
 
 def test_prune_config_needs_something_to_prune():
@@ -679,3 +746,118 @@ def test_compress_report_reads_what_is_there_or_nothing(tmp_path):
         "reference_throughput": 100.0,
         "macro_f1_delta": None,
     }
+    report.update(
+        selected="int8_dynamic",
+        eligible=["int8_dynamic"],
+        rejected_variants={
+            "pruned_int8_dynamic": {
+                "parity": {"macro_f1_delta": -0.011},
+                "bench": {"cpu": {"throughput": 380.0}},
+            }
+        },
+    )
+    assert compress_report.candidates(report) == [
+        {"variant": "int8_dynamic", "speedup": 2.5, "macro_f1_delta": -0.01, "status": "selected"},
+        {
+            "variant": "pruned_int8_dynamic",
+            "speedup": 3.8,
+            "macro_f1_delta": -0.011,
+            "status": "over budget",
+        },
+    ]
+
+
+def _kl_to(teacher, student, feeds) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    total = 0.0
+    with torch.no_grad():
+        for feed in feeds:
+            f = {k: torch.from_numpy(v) for k, v in feed.items()}
+            t, s = teacher(**f).logits, student(**f).logits
+            total += float(F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean"))
+    return total / len(feeds)
+
+
+def _recovery_data(teacher, feeds):
+    """The feeds' rows as unpadded texts, labelled by the teacher."""
+    import numpy as np
+    import torch
+
+    from tunery.onnx.distill import RecoveryData
+
+    encoded, labels = [], []
+    for f in feeds:
+        with torch.no_grad():
+            pred = teacher(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.argmax(-1)
+        for r in range(len(f["input_ids"])):
+            real = f["attention_mask"][r] > 0
+            encoded.append({k: v[r][real].tolist() for k, v in f.items()})
+            labels.append(int(pred[r]))
+    return RecoveryData(encoded, np.array(labels), ["input_ids", "attention_mask"])
+
+
+def test_distillation_recovery_brings_the_pruned_model_back_towards_the_teacher():
+    from tunery.config import RecoveryConfig
+    from tunery.onnx.compress import prune_ffn, prune_heads
+    from tunery.onnx.distill import recover
+
+    import torch
+
+    teacher, feeds = _bert(), _feeds(n=4)
+    with torch.no_grad():  # a random tiny BERT predicts ~uniformly: spread its logits
+        for p in teacher.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    data = _recovery_data(teacher, feeds)
+    student = prune_ffn(prune_heads(teacher, feeds, 2, refit="none"), feeds, 0.5, compensate=False)
+    before = _kl_to(teacher, student, feeds)
+    cfg = RecoveryConfig(steps=30, batch_size=8, lr=3.0e-3, kd_weight=1.0, hidden_weight=1.0)
+    student, record = recover(student, teacher, data, cfg)
+    assert _kl_to(teacher, student, feeds) < 0.5 * before
+    assert record["steps"] == 30 and record["last_loss"] < record["first_loss"]
+    assert not student.training
+    layer = student.bert.encoder.layer[0]  # recovery trains the pruned shapes, adds nothing
+    assert layer.attention.self.query.weight.shape == (8, 16)
+    assert layer.intermediate.dense.weight.shape == (20, 16)
+    assert teacher.bert.encoder.layer[0].intermediate.dense.weight.shape == (40, 16)
+    with pytest.raises(TuneryError, match="fewer than one batch"):
+        recover(student, teacher, data, RecoveryConfig(steps=1, batch_size=64))
+
+
+def test_build_pruned_exports_the_recovered_model(tmp_path):
+    """What `recover` returns is what is exported: the ONNX graph matches the recovered model."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunery.config import RecoveryConfig
+    from tunery.data.tokens import unpadded
+    from tunery.onnx import export as ox
+    from tunery.onnx.compress import CalibrationReader, build_pruned
+    from tunery.onnx.distill import recover
+    from tunery.onnx.runtime import create_session
+
+    ft = make_finetune_dir(tmp_path, train_steps=3)
+    model = ox.load_torch_model(ft / "merged")
+    tok = AutoTokenizer.from_pretrained(ft / "merged")
+    texts = ["a red animal that lives in the wild", "rice", "an old tool made of wood", "x"]
+    feeds = CalibrationReader(unpadded(tok, texts, max_length=32), ["input_ids", "attention_mask"])
+    data = _recovery_data(model, feeds._feeds)
+    kept = {}
+
+    def recovered(pruned):
+        kept["model"], record = recover(pruned, model, data, RecoveryConfig(steps=4, batch_size=4))
+        return kept["model"], record
+
+    info = build_pruned(
+        model, tok, feeds._feeds, tmp_path / "p.onnx", ffn_fraction=0.5, recover=recovered
+    )
+    assert info["recovery"]["steps"] == 4 and info["ffn_neurons_per_layer"] == 32
+    session, _ = create_session(tmp_path / "p.onnx", "cpu")
+    batch = tok(texts, padding=True, return_tensors="np")
+    feed = {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()}
+    with torch.no_grad():
+        want = kept["model"](**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+    np.testing.assert_allclose(session.run(None, feed)[0], want, atol=1e-4)

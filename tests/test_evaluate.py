@@ -339,6 +339,15 @@ def test_stage_value_rows_deltas_and_verdicts():
         "drop_macro_f1": 0.003,
         "size_mb": 22.0,
         "rows": 400,
+        "candidates": [
+            {"variant": "int8_dynamic", "speedup": 3.5, "macro_f1_delta": -0.003, "status": "x"},
+            {
+                "variant": "pruned_int8_dynamic",
+                "speedup": 4.4,
+                "macro_f1_delta": -0.017,
+                "status": "over budget",
+            },
+        ],
     }
     table = sv.build(
         arms=arms, baseline={"holdout": {"macro_f1": 0.7, "accuracy": 0.7}}, deployed=deployed
@@ -359,5 +368,6 @@ def test_stage_value_rows_deltas_and_verdicts():
     assert "NOT within 0.005" in v["finetune"]  # base 0.85 vs full 0.86: 1 pt apart
     assert "0.2500 uncalibrated -> 0.0200" in v["calibration"]
     assert "3.50x" in v["compress"]
+    assert v["compress"].endswith("also weighed: pruned_int8_dynamic 4.40x -0.0170 (over budget)")
     assert sv.terminal(table).count("\n") >= 6
     assert "one holdout text is 0.25 pt" in sv.terminal(table) and "400 texts" in sv.markdown(table)

@@ -213,6 +213,7 @@ def deployed_summary(
         "drop_macro_f1": (
             -numbers["macro_f1_delta"] if numbers["macro_f1_delta"] is not None else None
         ),
+        "candidates": compress_report.candidates(compress),
     }
 
 

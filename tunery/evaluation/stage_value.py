@@ -175,11 +175,23 @@ def verdicts(
             f"deployed {deployed['variant']}"
             + (f" at {speed:.2f}x PyTorch eager throughput" if speed else "")
             + (f", macro-F1 {-drop:+.4f} vs PyTorch on the judged rows" if drop is not None else "")
+            + _candidates(deployed.get("candidates") or [], deployed["variant"])
         )
     tfidf, served = _f1(rows, "tfidf"), deployed.get("macro_f1")
     if tfidf is not None and served is not None:
         out["baseline"] = f"served model {served - tfidf:+.4f} macro-F1 over {baseline_short}"
     return out
+
+
+def _candidates(candidates: list[Mapping[str, Any]], deployed: str) -> str:
+    """The other variants the compress stage weighed: speed-up, macro-F1 delta, why not chosen."""
+    others = [
+        f"{c['variant']} {_num(c.get('speedup'), '.2f')}x {_num(c.get('macro_f1_delta'), signed=True)}"
+        f" ({c['status']})"
+        for c in candidates
+        if c.get("variant") != deployed
+    ]
+    return f"; also weighed: {', '.join(others)}" if others else ""
 
 
 def _num(v: Any, fmt: str = ".4f", signed: bool = False) -> str:

@@ -6,7 +6,8 @@ agreement, accuracy and macro-F1 deltas, max |logit difference|; then file size 
 
 CPU int8 (dynamic, per-channel 7-bit weights) runs its token-wise ops on the real tokens only and
 its layer norms unfused (`quantize_int8_dynamic`); structured pruning (attention heads and FFN
-neurons by importance on calibration texts, `build_pruned`) gives the pruned_* variants.
+neurons by importance on calibration texts, `build_pruned`, optionally distilled back towards the
+unpruned model by `tunery.onnx.distill`) gives the pruned_* variants.
 
 Heavy imports (torch, onnx, onnxruntime, sklearn) happen inside functions.
 """
@@ -414,7 +415,9 @@ def prune_ffn(
     ||W_out[:, j]||: what removing it changes in the layer's output. With `compensate`, the mean
     contribution of the removed neurons is folded into the output bias (so the layer keeps its
     average output). Every layer keeps the same count, so the result is a plain model with a
-    smaller `intermediate_size` (saveable, exportable, fusable).
+    smaller `intermediate_size` (saveable, exportable, fusable). Plain slicing of the Linear
+    layers rather than `torch.nn.utils.prune`: that only masks weights (same shapes, same
+    FLOPs), and onnxruntime runs a masked matrix as fast as a full one.
     """
     import torch
 
@@ -541,10 +544,13 @@ def build_pruned(
     ffn_fraction: float = 0.0,
     opset: int = 17,
     max_length: int = 128,
+    recover: Callable[[Any], tuple[Any, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Prune `model` (heads, then FFN neurons), export and optimize it to `dest` (fp32 ONNX).
+    """Prune `model` (heads, then FFN neurons), `recover` it (e.g. `tunery.onnx.distill.recover`
+    bound to its teacher and data), export and optimize it to `dest` (fp32 ONNX).
 
-    Returns what was done: heads and FFN neurons kept per layer, the fused operators.
+    Returns what was done: heads and FFN neurons kept per layer, the fused operators, and what
+    `recover` reported.
     """
     from tunery.onnx import export as ox
 
@@ -555,6 +561,9 @@ def build_pruned(
     pruned = prune_heads(model, feeds, heads) if heads else model
     if ffn_fraction:
         pruned = prune_ffn(pruned, feeds, ffn_fraction)
+    recovery = None
+    if recover is not None:
+        pruned, recovery = recover(pruned)
     raw = dest.with_name(dest.stem + ".raw.onnx")
     ox.export_onnx(pruned, tokenizer, raw, opset=opset, max_length=max_length)
     kept = n_heads - heads
@@ -564,6 +573,7 @@ def build_pruned(
         "heads_per_layer": kept,
         "ffn_neurons_per_layer": int(pruned.config.intermediate_size),
         "fused_operators": fused,
+        **({"recovery": recovery} if recovery is not None else {}),
     }
 
 
@@ -733,12 +743,39 @@ def _markdown_header(report: dict[str, Any]) -> list[str]:
             + (f" Fallback: {c['fallback']}." if c.get("fallback") else "")
         )
     if report.get("prune"):
-        pr = report["prune"]
-        lines.append(
-            f"Pruning (pruned_* variants): {pr.get('heads', 0)} attention heads per layer, "
-            f"{pr.get('ffn_fraction', 0):.0%} of FFN neurons per layer, removed by importance."
-        )
+        lines.append(_pruning_line(report))
     return lines
+
+
+def _pruning_line(report: dict[str, Any]) -> str:
+    """What the pruned_* variants are: what was removed, what the recovery did and cost."""
+    pr = report["prune"]
+    done = next(
+        (
+            v["pruning"]
+            for group in ("variants", "rejected_variants")
+            for v in (report.get(group) or {}).values()
+            if v.get("pruning")
+        ),
+        {},
+    )
+    line = (
+        f"Pruning (pruned_* variants): {pr.get('heads', 0)} attention heads per layer, "
+        f"{pr.get('ffn_fraction', 0):.0%} of FFN neurons per layer, removed by importance"
+    )
+    rec = done.get("recovery") or {}
+    if "macro_f1_drop_pruned" in rec:
+        line += f"; PyTorch ΔmacroF1 {-rec['macro_f1_drop_pruned']:+.4f} as pruned"
+    if rec.get("steps"):
+        line += (
+            f", {-rec['macro_f1_drop_recovered']:+.4f} after distillation recovery "
+            f"({rec['steps']} steps x {rec['batch_size']} texts, KL T={rec['temperature']:g} "
+            f"weight {rec['kd_weight']:g} + CE, hidden-state weight {rec['hidden_weight']:g}: "
+            f"{rec['seconds']:.0f} s)"
+        )
+    if done.get("seconds") is not None:
+        line += f"; pruned model built in {done['seconds']:.0f} s"
+    return line + "."
 
 
 def _ratio(report: dict[str, Any], prov: str, t: dict[str, Any]) -> str:
@@ -769,10 +806,14 @@ def _markdown_table(report: dict[str, Any]) -> list[str]:
         )
     for name, v in report["variants"].items():
         lines += _variant_rows(report, name, v)
+    for name, v in (report.get("rejected_variants") or {}).items():
+        lines += _variant_rows(report, name, v, eligible="no: over budget")
     return lines
 
 
-def _variant_rows(report: dict[str, Any], name: str, v: dict[str, Any]) -> list[str]:
+def _variant_rows(
+    report: dict[str, Any], name: str, v: dict[str, Any], eligible: str | None = None
+) -> list[str]:
     p = v["parity"]
     ci = p.get("macro_f1_delta_ci95")
     interval = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"
@@ -788,7 +829,7 @@ def _variant_rows(report: dict[str, Any], name: str, v: dict[str, Any]) -> list[
             f"| {name} | {','.join(v['targets'])} | {v['size_mb']:.1f} | {p['agreement']:.3f} | "
             f"{p['accuracy_delta']:+.4f} | {p['macro_f1_delta']:+.4f} | {interval} | "
             f"{p['max_abs_logit_diff']:.2e} | {prov} | {timing} | "
-            f"{'yes' if name in report['eligible'] else 'no'} |"
+            f"{eligible or ('yes' if name in report['eligible'] else 'no')} |"
         )
     return rows
 

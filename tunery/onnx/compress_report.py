@@ -6,7 +6,8 @@
     selected                 the deployed variant (a key of `variants`)
     parity_passed            the deployed variant is within `max_f1_drop`: the promotion gate reads it
     calibration              the temperature baked into the deployed graph
-    variants                 every kept variant: size, parity (macro_f1_delta, ...), bench per provider
+    variants                 every kept variant: size, parity (macro_f1_delta, ...), bench per provider,
+                             build_s; pruned_* also `pruning` (what was removed, the recovery record)
     eligible, rejected, failed, rejected_variants, prune, bench_config   the rest of the story
 
 The one module that names, writes, checks and reads it: the compress stage builds the content
@@ -78,8 +79,11 @@ def parity_passed(report: Mapping[str, Any]) -> bool | None:
 def served_numbers(report: Mapping[str, Any], variant: str | None) -> dict[str, float | None]:
     """`variant`'s throughput on the report's target provider, the PyTorch reference's there, and
     its macro-F1 delta vs PyTorch (None for what the report does not hold)."""
+    return _numbers(report, (report.get("variants") or {}).get(variant) or {})
+
+
+def _numbers(report: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, float | None]:
     target = report.get("target_provider", "cpu")
-    entry = (report.get("variants") or {}).get(variant) or {}
     bench = (entry.get("bench") or {}).get(target) or {}
     reference = (report.get("reference_bench") or {}).get(target) or {}
     return {
@@ -87,3 +91,36 @@ def served_numbers(report: Mapping[str, Any], variant: str | None) -> dict[str, 
         "reference_throughput": reference.get("throughput"),
         "macro_f1_delta": (entry.get("parity") or {}).get("macro_f1_delta"),
     }
+
+
+def candidates(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every variant built, kept or rejected (over budget), with its throughput over PyTorch's on
+    the target provider, its macro-F1 delta and its status: selected | eligible | not eligible |
+    over budget (what each variant bought and cost, for the stage-value table)."""
+    out = []
+    groups = (("variants", None), ("rejected_variants", "over budget"))
+    for group, status in groups:
+        for name, entry in (report.get(group) or {}).items():
+            if not isinstance(entry, Mapping):
+                continue
+            numbers = _numbers(report, entry)
+            out.append(
+                {
+                    "variant": name,
+                    "speedup": (
+                        round(numbers["throughput"] / numbers["reference_throughput"], 2)
+                        if numbers["throughput"] and numbers["reference_throughput"]
+                        else None
+                    ),
+                    "macro_f1_delta": numbers["macro_f1_delta"],
+                    "status": status
+                    or (
+                        "selected"
+                        if name == report.get("selected")
+                        else "eligible"
+                        if name in (report.get("eligible") or [])
+                        else "not eligible"
+                    ),
+                }
+            )
+    return out
