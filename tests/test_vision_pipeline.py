@@ -286,6 +286,9 @@ def test_dvc_repro_of_vision_registers_a_champion(tmp_path):
         shutil.copytree(REPO / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     (proj / "vision").mkdir()
     shutil.copy(REPO / "vision" / "dvc.yaml", proj / "vision" / "dvc.yaml")
+    # The committed incoming folder (a dependency of the ingest stage), as a clone has it.
+    (proj / "vision" / "data" / "incoming").mkdir(parents=True)
+    shutil.copy(REPO / "vision/data/incoming/README.md", proj / "vision/data/incoming/README.md")
     source = {
         "kind": "fashion_mnist",
         "path": str(fake_fashion_mnist(tmp_path / "fmnist")),
