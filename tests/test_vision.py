@@ -281,6 +281,63 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path):
     assert encoder_of(model) is model.vit
 
 
+def test_int8_dynamic_keeps_the_patch_embedding_conv_in_float(tmp_path):
+    """Only the matmuls become int8: the Conv stays a float Conv (no ConvInteger), and the
+    variant still agrees with the float graph on these images."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from tunery.vision.export import export_onnx, onnx_logits
+    from tunery.vision.variants import build, float_convs
+
+    model = build_classifier(GREY, [str(i) for i in range(10)], spec=TINY).eval()
+    raw = export_onnx(model, tmp_path / "raw.onnx")
+    assert [n.split("/")[-3:] for n in float_convs(raw)] == [
+        ["patch_embeddings", "projection", "Conv"]
+    ]
+    build("int8_dynamic", raw, tmp_path / "int8.onnx", None, tmp_path)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    assert "Conv" in ops and "ConvInteger" not in ops and "MatMulInteger" in ops
+    x, _ = two_class_pixels(8)
+    ref, got = onnx_logits(raw, x), onnx_logits(tmp_path / "int8.onnx", x)
+    assert (ref.argmax(-1) == got.argmax(-1)).mean() >= 0.75
+
+
+def test_onnxruntime_waits_passively_where_the_process_asked_for_it(monkeypatch):
+    """One wait policy per process: OMP_WAIT_POLICY=PASSIVE (the image stages) turns
+    onnxruntime's spinning off too; unset (the text stages), its default stays."""
+    ort = pytest.importorskip("onnxruntime")
+    from tunery.onnx.runtime import session_options
+
+    def spinning(so) -> str:  # onnxruntime's default when the entry is absent: spin
+        key = "session.intra_op.allow_spinning"
+        try:
+            return so.get_session_config_entry(key)
+        except RuntimeError:  # "does not have configuration with key"
+            return "1"
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    so = session_options(ort, threads=1)
+    assert so.intra_op_num_threads == 1 and spinning(so) == "1"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert spinning(session_options(ort)) == "0"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert spinning(session_options(ort)) == "1"
+
+
+def test_torch_throughput_runs_on_the_bench_threads_and_restores_them():
+    from tunery.vision.deploy import torch_throughput
+
+    model = build_classifier(GREY, ["a", "b"], spec=TINY).eval()
+    x, _ = two_class_pixels(8)
+    before = torch.get_num_threads()
+    seen = []
+    real = model.forward
+    model.forward = lambda **kw: (seen.append(torch.get_num_threads()), real(**kw))[1]
+    assert torch_throughput(model, x, batch=4, batches=2, repeats=1, threads=1) > 0
+    assert set(seen) == {1} and torch.get_num_threads() == before
+
+
 def test_image_model_folder_carries_its_processor_contract(tmp_path):
     """The deployable folder format (tunery/onnx/export.py) for an image model: modality "image",
     the processor contract in the manifest (rebuilt exactly by `from_contract`), no tokenizer."""
