@@ -59,6 +59,7 @@ def _context(
             batch=b.throughput_batch,
             batches=b.throughput_batches,
             repeats=b.throughput_repeats,
+            threads=b.threads,
         ),
         "folder": {
             "labels": names,

@@ -116,12 +116,31 @@ def import_onnxruntime(cuda: bool = False) -> Any:
     return ort
 
 
+def passive_wait() -> bool:
+    """True when the process asked its OpenMP threads to sleep while waiting
+    (`OMP_WAIT_POLICY=PASSIVE`: the image stages set it, `tunery.vision.threads`)."""
+    import os
+
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 def session_options(ort: Any, *, threads: int = 0, strict_cuda: bool = False) -> Any:
+    """Session options for every onnxruntime session tunery starts.
+
+    onnxruntime's intra-op pool spins while it waits for work by default. Where the process has
+    chosen passive waiting for torch (`passive_wait`), its pool does the same, so both runtimes
+    are timed under one policy: on the 2-core machine shared with other jobs, the image int8
+    ViT ran 2,663 images/s spinning vs 3,107 not (torch 2,613, passive; bench/vision_int8.py).
+    The text stages leave the variable unset and keep onnxruntime's default (spinning was
+    5-10 % faster on a quiet machine for the text model, bench/README.md).
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if passive_wait():
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if strict_cuda:
         # Fail at session creation if any node would run on the CPU EP instead of CUDA.
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

@@ -71,13 +71,29 @@ def outputs(folder: Path, image_paths: Sequence[Path], device: str = "cpu") -> t
 
 
 def torch_throughput(
-    model: Any, pixel_values: Any, *, batch: int, batches: int, repeats: int
+    model: Any, pixel_values: Any, *, batch: int, batches: int, repeats: int, threads: int = 0
 ) -> float:
-    """Images/s of the PyTorch fp32 model in eager mode, the median of `repeats` passes."""
+    """Images/s of the PyTorch fp32 model in eager mode, the median of `repeats` passes.
+
+    `threads` (compress.bench.threads, 0: torch's default) is what the onnxruntime variants are
+    timed with too, so the ratio compares the two runtimes on the same cores.
+    """
     import torch
 
     feeds = [pixel_values[(i * batch) % len(pixel_values) :][:batch] for i in range(batches)]
     model.eval()
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _time_torch(model, feeds, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_torch(model: Any, feeds: list[Any], repeats: int) -> float:
+    import torch
+
     with torch.inference_mode():
         model(pixel_values=feeds[0])
         passes = []
