@@ -66,3 +66,58 @@ def test_probabilities_output_is_softmax_of_logits_over_t(tmp_path):
     got_logits, got = s.run(None, {"x": z})
     np.testing.assert_array_equal(got_logits, z)
     np.testing.assert_allclose(got, cal.probabilities(z, 2.0), rtol=1e-5)
+
+
+def _judged(z, y, val_rows):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(judge=SimpleNamespace(y_true=y, n=z.shape[1], val_rows=val_rows))
+
+
+def test_the_compress_stage_fits_on_val_and_test_together():
+    from tunery.onnx import variants as vs
+
+    z, y = _synthetic(n=600, temperature=2.0)
+    out = vs.calibrate(_judged(z, y, 250), z)
+    assert out["fitted_on"] == "val+test" and out["rows"] == 600 and out["fallback"] is None
+    assert out["temperature"] == cal.fit_temperature(z, y)  # every judged row, not val's 250
+    assert out["temperature"] != cal.fit_temperature(z[:250], y[:250])
+    no_val = vs.calibrate(_judged(z, y, 0), z)
+    assert no_val["fitted_on"] == "test" and no_val["rows"] == 600
+
+
+def test_the_compress_stage_falls_back_when_val_and_test_are_too_small():
+    from tunery.onnx import variants as vs
+
+    z, y = _synthetic(n=12, classes=10)
+    out = vs.calibrate(_judged(z, y, 5), z)
+    assert out["temperature"] == 1.0 and out["rows"] == 12
+    assert "val+test split too small" in out["fallback"]
+
+
+def test_ece_interval_and_floor():
+    from tunery.evaluation import metrics as ev
+
+    z, y = _synthetic(n=400, temperature=1.0)  # labels drawn from the probabilities: calibrated
+    p = cal.probabilities(z)
+    point = ev.calibration(y, p)[0]
+    lo, hi = ev.ece_interval(y, p)
+    assert lo < point < hi and ev.ece_interval(y, p) == [lo, hi]  # seeded
+    floor = ev.ece_floor(p)
+    assert 0.0 < floor < hi  # a calibrated model measures about its floor, not 0
+    big_z, _ = _synthetic(n=6400, temperature=1.0, seed=1)
+    assert ev.ece_floor(cal.probabilities(big_z)) < floor / 2  # ~1/sqrt(rows): 16x rows, ~1/4
+    assert (
+        ev.ece_interval([], np.zeros((0, 3))) == [0.0, 0.0]
+        and ev.ece_floor(np.zeros((0, 3))) == 0.0
+    )
+
+
+def test_vectorised_ece_is_calibrations_ece():
+    from tunery.evaluation import metrics as ev
+
+    z, y = _synthetic(n=300, temperature=0.7, seed=3)
+    p = cal.probabilities(z)
+    correct = p.argmax(1) == y
+    got = ev._binned_ece(p.max(1)[None], correct[None], 10)[0]
+    assert abs(got - ev.calibration(y, p, 10)[0]) < 1e-12

@@ -502,13 +502,12 @@ def test_a_selected_pruned_variant_is_deployed_with_its_own_temperature(
     inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
     logits, probs = runner.session.run(None, {k: inputs[k] for k in runner.input_names})
     np.testing.assert_allclose(probs, softmax(logits / temperature), atol=1e-5)
-    # T was fitted on the pruned variant's own val logits (the first judged rows; batches as
-    # the stage runs them: dynamic int8 scales activations per batch)
+    # T was fitted on the pruned variant's own logits on every judged row, val + test (batches
+    # as the stage runs them: dynamic int8 scales activations per batch)
     pruned_logits = comp.run_batches(runner, fitted["encoded"], 64, runner.input_names, 3)
     np.testing.assert_allclose(fitted["logits"], pruned_logits, atol=1e-4)
-    val = fitted["val_rows"]
-    y = fitted["y"][:val]
-    assert cal.calibrate(pruned_logits[:val], y, 3, fitted_on="val")["temperature"] == (
+    assert fitted["val_rows"] < len(fitted["y"])
+    assert cal.calibrate(pruned_logits, fitted["y"], 3)["temperature"] == (
         pytest.approx(temperature)
     )
 
@@ -565,7 +564,7 @@ def test_deployed_graph_serves_calibrated_probabilities(compressed):
     c = manifest["calibration"]
     assert c == report["calibration"] == metrics["calibration"]
     assert set(c) >= {"method", "temperature", "fitted_on", "rows", "val_ece_before"}
-    assert c["fitted_on"] == "val" and c["rows"] == 3 * VAL_PER_CLASS
+    assert c["fitted_on"] == "val+test" and c["rows"] == 3 * VAL_PER_CLASS + 30
     assert c["fallback"] is None and c["temperature"] != 1.0
     assert c["val_nll_after"] < c["val_nll_before"]
     assert manifest["outputs"] == ["logits", "probabilities"]
@@ -588,15 +587,20 @@ def test_deployed_graph_serves_calibrated_probabilities(compressed):
     assert deploy.metadata["calibration"]["temperature"] == c["temperature"]
 
 
-def test_without_a_val_split_the_temperature_falls_back(compressed, tmp_path):
+def test_a_judged_set_too_small_to_fit_keeps_t_1(compressed, tmp_path, monkeypatch):
+    """The fit pools val + test (33 rows here); when even that is too few rows per class, the
+    deployed graph keeps T = 1 and the report says why."""
     import shutil
+
+    from tunery.onnx import calibration as cal
 
     root, _, _ = compressed
     data = tmp_path / "data"
     data.mkdir()
     for name in ("train", "test"):
         shutil.copy(root / "prepared" / f"{name}.parquet", data / f"{name}.parquet")
-    make_rows(1, offset=200).to_parquet(data / "val.parquet")  # 3 rows for 3 classes: too few
+    make_rows(1, offset=200).to_parquet(data / "val.parquet")  # 3 val rows + 30 test rows
+    monkeypatch.setattr(cal, "MIN_ROWS_PER_CLASS", 12.0)  # 36 rows needed for 3 classes
     from tasks import compress
 
     cfg = CompressConfig(variants=["fp32"], bench=SMALL_BENCH)
@@ -611,11 +615,12 @@ def test_without_a_val_split_the_temperature_falls_back(compressed, tmp_path):
         plot_path=tmp_path / "p.png",
     )
     c = metrics["calibration"]
-    assert c["temperature"] == 1.0 and "too small" in c["fallback"] and c["rows"] == 3
+    assert c["temperature"] == 1.0 and c["rows"] == 33 and c["fitted_on"] == "val+test"
+    assert "val+test split too small" in c["fallback"]
     manifest = json.loads((tmp_path / "d" / "tunery_model.json").read_text())
     assert manifest["calibration"]["fallback"] == c["fallback"]
     assert (
-        "Fallback: val split too small"
+        "Fallback: val+test split too small"
         in (tmp_path / "r" / compress_report.MARKDOWN_FILE).read_text()
     )
 
