@@ -78,6 +78,59 @@ def calibration(
     return float(ece), bins
 
 
+ECE_RESAMPLES = 1000  # bootstrap resamples (interval) and simulated label draws (floor)
+
+
+def _binned_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:
+    """`calibration`'s ECE for each row of (resamples, rows) arrays at once:
+    sum over bins of |sum(correct) - sum(confidence)| / rows equals the weighted gap."""
+    r, n = confidence.shape
+    index = (
+        np.minimum((confidence * n_bins).astype(int), n_bins - 1) + n_bins * np.arange(r)[:, None]
+    )
+    size = r * n_bins
+    hits = np.bincount(index.ravel(), weights=correct.ravel().astype(float), minlength=size)
+    conf = np.bincount(index.ravel(), weights=confidence.ravel(), minlength=size)
+    return np.abs(hits - conf).reshape(r, n_bins).sum(axis=1) / n
+
+
+def ece_interval(
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    n_bins: int = 10,
+    *,
+    resamples: int = ECE_RESAMPLES,
+    seed: int = 0,
+) -> list[float]:
+    """95 % bootstrap percentile interval of `calibration`'s ECE (rows drawn with replacement)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n = len(probs)
+    if not n:
+        return [0.0, 0.0]
+    rows = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    correct = probs.argmax(axis=1) == np.asarray(y_true)
+    eces = _binned_ece(probs.max(axis=1)[rows], correct[rows], n_bins)
+    return [float(v) for v in np.percentile(eces, [2.5, 97.5])]
+
+
+def ece_floor(
+    probs: np.ndarray, n_bins: int = 10, *, draws: int = ECE_RESAMPLES, seed: int = 0
+) -> float:
+    """The ECE a perfectly calibrated model with these confidences would measure on these rows.
+
+    Each draw makes every row correct with probability equal to its confidence (calibrated by
+    construction) and scores it with `calibration`; the mean over draws is how far above 0 the
+    binned estimate sits from sampling noise alone at this many rows (it shrinks as 1/sqrt(rows)).
+    An ECE near its floor cannot be told from perfect calibration on this split.
+    """
+    confidence = np.asarray(probs, dtype=np.float64).max(axis=1) if len(probs) else np.zeros(0)
+    if not len(confidence):
+        return 0.0
+    rng = np.random.default_rng(seed)
+    sims = np.broadcast_to(confidence, (draws, len(confidence)))
+    return float(_binned_ece(sims, rng.random(sims.shape) < sims, n_bins).mean())
+
+
 def confident_wrong(
     texts: Sequence[str],
     y_true: Sequence[int],
@@ -115,6 +168,9 @@ def evaluate_predictions(
     probs = np.asarray(probs)
     report = classification_metrics(y_true, probs.argmax(axis=1).tolist(), labels)
     report["ece"], report["reliability"] = calibration(y_true, probs, n_bins)
+    # Beside the ECE, never instead of it: how sure the estimate is on this many rows.
+    report["ece_ci95"] = ece_interval(y_true, probs, n_bins)
+    report["ece_floor"] = ece_floor(probs, n_bins)
     report["confident_wrong"] = confident_wrong(texts, y_true, probs, labels, k)
     return report
 

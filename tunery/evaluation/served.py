@@ -207,6 +207,8 @@ def deployed_summary(
         "rows": holdout.get("rows"),
         "ece": round(holdout["ece"], 4),
         "ece_uncalibrated": round(uncalibrated["ece"], 4),
+        **_ece_spread(holdout, "ece"),
+        **_ece_spread(uncalibrated, "ece_uncalibrated"),
         "temperature": calib.get("temperature"),
         "size_mb": round(size, 1),
         "speedup": round(speed, 2) if speed else None,
@@ -215,6 +217,16 @@ def deployed_summary(
         ),
         "candidates": compress_report.candidates(compress),
     }
+
+
+def _ece_spread(report: dict[str, Any], key: str) -> dict[str, Any]:
+    """The ECE's bootstrap interval and sampling floor (`metrics.ece_interval`, `ece_floor`)."""
+    out = {}
+    if report.get("ece_ci95") is not None:
+        out[f"{key}_ci95"] = [round(v, 4) for v in report["ece_ci95"]]
+    if report.get("ece_floor") is not None:
+        out[f"{key}_floor"] = round(report["ece_floor"], 4)
+    return out
 
 
 def check_labels(data_dir: Path, clf: ServedModel, model_dir: Path) -> None:

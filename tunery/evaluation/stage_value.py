@@ -165,8 +165,16 @@ def verdicts(
         )
     if deployed.get("ece_uncalibrated") is not None and deployed.get("ece") is not None:
         out["calibration"] = (
-            f"holdout ECE {deployed['ece_uncalibrated']:.4f} uncalibrated -> "
-            f"{deployed['ece']:.4f} served (temperature {deployed.get('temperature') or 1.0:.3g})"
+            f"holdout ECE {deployed['ece_uncalibrated']:.4f}"
+            f"{_ci(deployed.get('ece_uncalibrated_ci95'))} uncalibrated -> {deployed['ece']:.4f}"
+            f"{_ci(deployed.get('ece_ci95'))} served (temperature "
+            f"{deployed.get('temperature') or 1.0:.3g})"
+            + (
+                f"; a perfectly calibrated model at the served confidences would measure "
+                f"{deployed['ece_floor']:.4f} on these rows (sampling floor)"
+                if deployed.get("ece_floor") is not None
+                else ""
+            )
         )
     if deployed.get("variant"):
         speed = deployed.get("speedup")
@@ -181,6 +189,10 @@ def verdicts(
     if tfidf is not None and served is not None:
         out["baseline"] = f"served model {served - tfidf:+.4f} macro-F1 over {baseline_short}"
     return out
+
+
+def _ci(interval: Any) -> str:
+    return f" [95 % {interval[0]:.3f}-{interval[1]:.3f}]" if interval else ""
 
 
 def _candidates(candidates: list[Mapping[str, Any]], deployed: str) -> str:
