@@ -211,6 +211,8 @@ def test_compress_judges_variants_and_deploys_a_calibrated_one(chain):
     assert report["selected"] in report["eligible"] and report["selected"] != "fp16"
     manifest = verify_model_dir(root / p.compress.out_dir)
     assert manifest["modality"] == "image" and manifest["calibration"]["temperature"] > 0
+    assert manifest["calibration"]["fitted_on"] == "val+test"  # every judged row, as for text
+    assert manifest["calibration"]["rows"] == report["judged_rows"]
     assert report["parity_passed"] is True
 
 

@@ -1,7 +1,7 @@
 """compress (images): ONNX variants of the exported ViT, each checked on the task; deploy one.
 
 Inputs:  `<export.out_dir>/model.onnx`, `<finetune.out_dir>/` (the PyTorch reference),
-         `<prepare.out_dir>/{val,test}.parquet` (judged together; val also fits the temperature),
+         `<prepare.out_dir>/{val,test}.parquet` (judged together; they also fit the temperature),
          `<prepare.out_dir>/train.parquet` (static int8 calibration images).
 Outputs: `<variants_dir>/<variant>/` a model folder per variant built; `<out_dir>/` the selected
          one with calibrated probabilities as a second output (modality image, the processor
@@ -48,7 +48,6 @@ def _context(
     b = cfg.bench
     return {
         "labels": names,
-        "val": (val_x, val_y),
         "judged": (judged_x, np.concatenate([val_y, test_y])),
         "ref": logits(model, judged_x).numpy(),
         "calibration": splits.pixels(train, root, processor),
@@ -102,7 +101,7 @@ def run(
             deployed = vs.deploy_selected(
                 vtmp / selected,
                 dtmp,
-                ctx["val"],
+                ctx["judged"],
                 folder_args,
                 {
                     "speedup_vs_pytorch": chosen.get("cpu_speedup_vs_pytorch"),

@@ -9,7 +9,7 @@ Each variant is judged against the PyTorch model on val + test together (agreeme
 macro-F1 deltas) and timed on each provider it targets that runs here. The rule is the text
 compress's (`tunery.onnx.compress.select`): the fastest variant on `target_provider` whose
 macro-F1 is at most `max_f1_drop` below PyTorch's. The deployed graph gets a second output,
-`probabilities = Softmax(logits / T)`, T fitted on val (`tunery.onnx.calibration`).
+`probabilities = Softmax(logits / T)`, T fitted on val + test (`tunery.onnx.calibration`).
 """
 
 from __future__ import annotations
@@ -168,19 +168,24 @@ def build_all(cfg: Any, src: Path, dest_dir: Path, context: dict[str, Any]) -> d
 
 
 def deploy_selected(
-    variant_dir: Path, dest: Path, val: tuple, folder_args: dict[str, Any], extra: dict[str, Any]
+    variant_dir: Path, dest: Path, fit: tuple, folder_args: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write the deployable folder: the selected variant with its calibrated probabilities."""
+    """Write the deployable folder: the selected variant with its calibrated probabilities.
+
+    `fit`: (pixel_values, labels) the temperature is fitted on, the judged val + test rows, as
+    for text (`tunery.onnx.variants.calibrate`: a temperature cannot change the argmax that is
+    all test is judged on here, and more rows give a steadier T).
+    """
     import tempfile
 
     from tunery.onnx import calibration as cal
     from tunery.onnx import export as ox
     from tunery.vision import deploy
 
-    x, y = val
+    x, y = fit
     src = variant_dir / ox.MODEL_FILE
-    val_logits = deploy.run_batches(deploy.runner(src), x)
-    fitted = cal.calibrate(val_logits, y, len(folder_args["labels"]))
+    logits = deploy.run_batches(deploy.runner(src), x)
+    fitted = cal.calibrate(logits, y, len(folder_args["labels"]), fitted_on="val+test")
     manifest = ox.verify_model_dir(variant_dir)
     with tempfile.TemporaryDirectory(prefix="tunery-deploy-") as work:
         calibrated = Path(work) / "calibrated.onnx"
