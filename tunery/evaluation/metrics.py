@@ -102,7 +102,12 @@ def ece_interval(
     resamples: int = ECE_RESAMPLES,
     seed: int = 0,
 ) -> list[float]:
-    """95 % bootstrap percentile interval of `calibration`'s ECE (rows drawn with replacement)."""
+    """95 % bootstrap percentile interval of `calibration`'s ECE (rows drawn with replacement).
+
+    The binned ECE is biased upwards by sampling noise (`ece_floor`) and a resample's repeated
+    rows add to that, so the interval sits mostly above the point estimate: read it as the
+    estimate's spread on this many rows, not as a range centred on the true calibration error.
+    """
     probs = np.asarray(probs, dtype=np.float64)
     n = len(probs)
     if not n:
