@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from tunery.vision.augment import AugmentConfig
 
 LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "fc1", "fc2")
+NORMS = ("layernorm_before", "layernorm_after", "layernorm")  # HF ViT's LayerNorm module names
 
 
 class FinetuneSettings(BaseModel):
@@ -35,6 +36,7 @@ class FinetuneSettings(BaseModel):
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_train_norms: bool = False  # the LayerNorms trained fully too (peft `modules_to_save`)
     augment: AugmentConfig | None = None  # a random view of each training image, or none
     head_init: str = "random"  # "random" or "probe": the classifier from a logistic regression
     seed: int = 0
@@ -49,7 +51,7 @@ def apply_lora(model: Any, settings: FinetuneSettings) -> Any:
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=list(settings.lora_targets),
-        modules_to_save=["classifier"],
+        modules_to_save=["classifier", *(NORMS if settings.lora_train_norms else ())],
     )
     return get_peft_model(model, config)
 
