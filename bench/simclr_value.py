@@ -80,7 +80,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench/results/simclr_value.json"))
     p.add_argument(
-        "--encoder", action="append", default=[], metavar="NAME=DIR",
+        "--encoder",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
         help="recipes mode: a pretrained encoder folder (repeat for several)",
     )
     p.add_argument("--project", type=Path, default=Path("vision"), help="recipes mode: vision/")
@@ -106,7 +109,9 @@ def recipe_data(project: Path) -> tuple[list[str], dict[str, Any]]:
 def recipe_scores(predict: Any, data: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     from tunery.vision.arms import scores
 
-    return {split: scores(predict(data[split][0]), data[split][1], labels) for split in ("val", "test")}
+    return {
+        split: scores(predict(data[split][0]), data[split][1], labels) for split in ("val", "test")
+    }
 
 
 def run_recipe(recipe: dict[str, Any], encoder: Path, labels: list[str], data: dict) -> dict:
@@ -126,8 +131,12 @@ def run_recipe(recipe: dict[str, Any], encoder: Path, labels: list[str], data: d
     model = build_classifier(data["processor"], labels, base_dir=encoder, seed=settings.seed)
     with tempfile.TemporaryDirectory(prefix="simclr_value-ft-") as work:
         r = finetune(
-            model, *data["train"], *data["val"], settings,
-            out_dir=Path(work), processor=data["processor"],
+            model,
+            *data["train"],
+            *data["val"],
+            settings,
+            out_dir=Path(work),
+            processor=data["processor"],
         )
     out = recipe_scores(lambda x: logits(r["model"], x).argmax(-1).numpy(), data, labels)
     return out | {"seconds": r["seconds"], "trainable_share": r["trainable_share"]}

@@ -142,9 +142,8 @@ def table(arms: dict, baseline: dict | None, deployed: dict) -> dict[str, Any]:
         baseline=baseline,
         deployed=deployed,
         baseline_what=PIXELS_WHAT,
-        arm_labels={
-            k: v.format(method=method) for k, v in ARM_LABELS.items()
-        } | ({"full": FULL_IS_METHOD} if method == "full" else {}),
+        arm_labels={k: v.format(method=method) for k, v in ARM_LABELS.items()}
+        | ({"full": FULL_IS_METHOD} if method == "full" else {}),
         unit="images",
         baseline_short="raw-pixel LR",
     )

@@ -36,7 +36,9 @@ class FinetuneSettings(BaseModel):
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    lora_train_norms: bool = False  # the LayerNorms trained fully too (peft `modules_to_save`)
+    # The LayerNorms trained fully too (peft `modules_to_save`); a bench knob: on a 600-step
+    # encoder it scored 0.744 / 0.748 val / test accuracy vs 0.744 / 0.764 without.
+    lora_train_norms: bool = False
     augment: AugmentConfig | None = None  # a random view of each training image, or none
     head_init: str = "random"  # "random" or "probe": the classifier from a logistic regression
     seed: int = 0
