@@ -3,7 +3,7 @@
 Arms, all with the same steps, schedule, seed and classifier initialisation:
 
   probe     SimCLR's encoder frozen, logistic regression on its mean-pooled embeddings
-  base      the method (full fine-tuning in the demo, or LoRA) on the weights SimCLR started from: no pretraining
+  base      the method (full in the demo, or LoRA) on the weights SimCLR started from
   pipeline  the same method on SimCLR's output
   full      every weight trained, on the encoder the pretrain gate chose (the reference)
   lora      with `method: full` (the demo's default) only: LoRA on that encoder, so the
