@@ -25,7 +25,7 @@ demo: setup wordnet  ## the whole pipeline on the embedded default (offline, CPU
 	$(VENV)/bin/tunery init
 	$(VENV)/bin/tunery run
 
-demo-vision: setup fashion-mnist  ## the image pipeline end to end (vision/: Fashion-MNIST, SimCLR, LoRA; CPU)
+demo-vision: setup fashion-mnist  ## the image pipeline end to end (vision/: Fashion-MNIST, SimCLR, fine-tuning; CPU)
 	$(VENV)/bin/dvc repro vision/dvc.yaml
 	@cat vision/reports/evaluate/stage_value.md vision/metrics/register.json
 

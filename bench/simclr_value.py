@@ -22,6 +22,18 @@ floor. Nothing is tuned on the test split: settings are fixed before the run.
         --out bench/results/simclr_value-full.json
 
 Needs Debian's `dataset-fashion-mnist` (`--data` for another folder with the four idx files).
+
+Recipes mode (`--encoder`): no pretraining; fine-tune recipes side by side on encoders the image
+pipeline's pretrain stage already wrote, on that pipeline's prepared splits, scored on val and
+test only (the holdout is never read: choose a default here, then report the holdout from a
+pipeline run). Each recipe is a JSON object of `FinetuneSettings` fields (plus `probe: true` for
+the frozen-encoder logistic regression); every recipe runs with the same seed on every encoder:
+
+    PYTHONPATH=. nice python bench/simclr_value.py --project vision \
+        --encoder s600=vision/models/encoder/model --encoder init=vision/models/encoder/init \
+        --recipes '{"lora": {"method": "lora", "learning_rate": 2e-3, "lora_r": 8,
+                    "lora_alpha": 16, "max_steps": 300}, "probe": {"probe": true}}' \
+        --out bench/results/simclr_value-recipes.json
 """
 
 from __future__ import annotations
@@ -67,7 +79,103 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench/results/simclr_value.json"))
+    p.add_argument(
+        "--encoder",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="recipes mode: a pretrained encoder folder (repeat for several)",
+    )
+    p.add_argument("--project", type=Path, default=Path("vision"), help="recipes mode: vision/")
+    p.add_argument("--recipes", default="{}", help="recipes mode: {name: FinetuneSettings fields}")
     return p.parse_args(argv)
+
+
+def recipe_data(project: Path) -> tuple[list[str], dict[str, Any]]:
+    """The image pipeline's prepared train/val/test splits (never the holdout), as pixels."""
+    from tunery.vision import splits
+    from tunery.vision.params import load_vision_params
+
+    params = load_vision_params(project / "params.yaml")
+    data_dir = project / params.prepare.out_dir
+    labels = splits.labels(data_dir)
+    data = {
+        name: splits.load(data_dir, name, project, params.processor, labels)[1:]
+        for name in ("train", "val", "test")
+    }
+    return labels, {"processor": params.processor, "finetune": params.finetune, **data}
+
+
+def recipe_scores(predict: Any, data: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    from tunery.vision.arms import scores
+
+    return {
+        split: scores(predict(data[split][0]), data[split][1], labels) for split in ("val", "test")
+    }
+
+
+def run_recipe(recipe: dict[str, Any], encoder: Path, labels: list[str], data: dict) -> dict:
+    """One recipe on one encoder: val and test macro-F1 / accuracy, seconds."""
+    from tunery.vision.arms import probe_arm
+    from tunery.vision.augment import AugmentConfig
+    from tunery.vision.finetune import FinetuneSettings, finetune, logits
+    from tunery.vision.vit import build_classifier
+
+    if recipe.get("probe"):
+        r = probe_arm(encoder, labels, {**data, "holdout": data["test"]})
+        return {split: r[split] for split in ("val", "test")} | {"seconds": r["train_seconds"]}
+    fields = dict(recipe)
+    if fields.get("augment") is not None:
+        fields["augment"] = AugmentConfig(**fields["augment"])
+    settings = FinetuneSettings(**{"seed": 0, **fields})
+    model = build_classifier(data["processor"], labels, base_dir=encoder, seed=settings.seed)
+    with tempfile.TemporaryDirectory(prefix="simclr_value-ft-") as work:
+        r = finetune(
+            model,
+            *data["train"],
+            *data["val"],
+            settings,
+            out_dir=Path(work),
+            processor=data["processor"],
+        )
+    out = recipe_scores(lambda x: logits(r["model"], x).argmax(-1).numpy(), data, labels)
+    return out | {"seconds": r["seconds"], "trainable_share": r["trainable_share"]}
+
+
+def recipes_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Recipes mode: every recipe on every encoder, plus the raw-pixel floor."""
+    from tunery.vision.probe import pixel_baseline
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    labels, data = recipe_data(args.project)
+    recipes = json.loads(args.recipes)
+    train_x, train_y = data["train"]
+    pixels = {
+        split: {"accuracy": pixel_baseline(train_x, train_y, *data[split])}
+        for split in ("val", "test")
+    }
+    results: dict[str, Any] = {}
+    for spec in args.encoder:
+        name, folder = spec.split("=", 1)
+        for recipe_name, recipe in recipes.items():
+            key = f"{recipe_name}@{name}"
+            results[key] = run_recipe(recipe, Path(folder), labels, data)
+            print(key, json.dumps(results[key]), flush=True)
+    payload = {
+        "bench": "simclr_value-recipes",
+        "project": str(args.project),
+        "encoders": args.encoder,
+        "recipes": recipes,
+        "sizes": {split: len(data[split][1]) for split in ("train", "val", "test")},
+        "pixel_logreg": pixels,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
 
 
 def load_data(args: argparse.Namespace, processor: Any) -> dict[str, Any]:
@@ -242,6 +350,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.encoder:
+        return recipes_main(args)
     with tempfile.TemporaryDirectory(prefix="simclr_value-") as tmp:
         payload = run(args, Path(tmp))
     args.out.parent.mkdir(parents=True, exist_ok=True)

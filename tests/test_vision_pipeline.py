@@ -166,15 +166,17 @@ def test_pretrain_keeps_its_starting_weights_and_probes_both(chain):
 def test_finetune_trains_every_arm_and_gates_pretraining(chain):
     root, p = chain["root"], chain["params"]
     arms = json.loads((root / p.finetune.out_dir / "arms.json").read_text())
-    assert list(arms["arms"]) == ["probe", "base", "pipeline", "full"]
+    assert p.finetune.method == "full"  # the demo's default: LoRA is the reference arm
+    assert list(arms["arms"]) == ["probe", "base", "pipeline", "full", "lora"]
     for arm in arms["arms"].values():
         assert {"val", "test", "holdout"} <= set(arm)
     gate = arms["pretrain_gate"]
     better = arms["arms"]["pipeline"]["val"]["macro_f1"] >= arms["arms"]["base"]["val"]["macro_f1"]
     assert gate["pays"] is better and arms["chosen"] == ("pipeline" if better else "base")
     assert ("steps aside" in gate["decision"]) is (not better)
-    assert arms["arms"]["full"]["trainable_share"] == 1.0
-    assert 0 < arms["arms"]["pipeline"]["trainable_share"] < 1  # LoRA + the classifier
+    assert arms["arms"]["full"] == arms["arms"][arms["chosen"]]  # the method itself
+    assert arms["arms"]["pipeline"]["trainable_share"] == 1.0
+    assert 0 < arms["arms"]["lora"]["trainable_share"] < 1  # LoRA + the classifier
 
 
 def test_pretrain_gate_steps_aside_when_simclr_loses():
@@ -224,7 +226,7 @@ def test_evaluate_writes_the_gate_input_stage_value_table_and_grid(chain):
     assert gate["champion"] is None
     table = json.loads((report_dir / "stage_value.json").read_text())
     rows = [r["row"] for r in table["rows"]]
-    assert rows == ["tfidf", "probe", "base", "pipeline", "full", "deployed"]
+    assert rows == ["tfidf", "probe", "base", "pipeline", "full", "lora", "deployed"]
     assert table["rows"][0]["what"] == "logistic regression on raw pixels"
     assert all(r["macro_f1"] is not None for r in table["rows"])
     assert "pretrain" in table["verdicts"] and "baseline" in table["verdicts"]
@@ -249,7 +251,7 @@ def test_a_bad_image_stops_ingest_naming_it_and_nothing_is_written(tmp_path):
 def test_vision_params_file_loads_and_refuses_mistakes(tmp_path):
     p = load_vision_params(REPO / "vision" / "params.yaml")
     assert p.registry.model_name == "tunery-image-classifier"
-    assert p.finetune.method == "lora" and p.section("register") is p.registry
+    assert p.finetune.method == "full" and p.section("register") is p.registry
     # what tunery/stage.py logs as LoggedModels (tracking.log_models picks among these)
     assert p.model_outputs("pretrain") == {"encoder": p.pretrain.out_dir}
     assert p.model_outputs("evaluate") == {} and p.model_outputs("register") == {}
@@ -361,3 +363,28 @@ def test_dvc_repro_of_vision_registers_a_champion(tmp_path):
     assert len(scored) == 4 and len(classes) == 10 and set(scored["prediction"]) <= classes
     assert sorted(scored["image"]) == ["0.png", "1.png", "2.png", "sub/colour.png"]
     assert scored["score"].between(0, 1).all()
+
+
+def test_stage_value_table_of_a_full_fine_tune_shows_lora_as_the_reference():
+    from tunery.vision import evaluation as vev
+
+    def arm(f1: float, method: str) -> dict:
+        return {"method": method, "holdout": {"macro_f1": f1, "accuracy": f1}, "params": 1000}
+
+    arms = {
+        "chosen": "pipeline",
+        "pretrain_gate": {},
+        "arms": {
+            "probe": arm(0.78, "probe"),
+            "base": arm(0.72, "full"),
+            "pipeline": arm(0.80, "full"),
+            "full": arm(0.80, "full"),
+            "lora": arm(0.77, "lora"),
+        },
+    }
+    deployed = {"variant": "fp32", "macro_f1": 0.80, "method": "full", "shipped_arm": "pipeline"}
+    table = vev.table(arms, {"holdout": {"macro_f1": 0.76, "accuracy": 0.76}}, deployed)
+    what = {r["row"]: r["what"] for r in table["rows"]}
+    assert list(what) == ["tfidf", "probe", "base", "pipeline", "full", "lora", "deployed"]
+    assert what["full"] == vev.FULL_IS_METHOD and what["lora"].startswith("LoRA")
+    assert what["pipeline"] == "full on this pipeline's SimCLR encoder"

@@ -1,11 +1,11 @@
-"""finetune (images): LoRA (default) on SimCLR's ViT, with the arms that judge it.
+"""finetune (images): full fine-tuning (default) or LoRA of SimCLR's ViT, and the arms judging it.
 
 Inputs:  `<prepare.out_dir>/{train,val,test,holdout}.parquet` + `labels.json` (train: the
          low-label set; every arm is scored on val, test and holdout; only val chooses),
          `<pretrain.out_dir>/{init,model}` (tunery/vision/encoder_dir.py).
 Outputs: `<out_dir>/` (tunery/vision/finetune_dir.py): the shipped classifier (LoRA merged),
-         labels, finetune.json, arms.json (probe, base = no pretraining, pipeline, full, and the
-         pretrain gate's decision); `metrics/finetune.json`.
+         labels, finetune.json, arms.json (probe, base = no pretraining, pipeline, full, lora
+         when the method is full, and the pretrain gate's decision); `metrics/finetune.json`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ ARM_LABELS = {
     "probe": "SimCLR encoder frozen + logistic regression (probe)",
     "base": "{method} from random weights (no pretraining)",
     "pipeline": "{method} on this pipeline's SimCLR encoder",
+    "lora": "LoRA on the shipped encoder (the PEFT alternative)",
 }
+FULL_IS_METHOD = "full fine-tuning (the method: the same arm as above)"
 GRID_FILE = "confident_wrong.png"
 
 
@@ -140,7 +142,8 @@ def table(arms: dict, baseline: dict | None, deployed: dict) -> dict[str, Any]:
         baseline=baseline,
         deployed=deployed,
         baseline_what=PIXELS_WHAT,
-        arm_labels={k: v.format(method=method) for k, v in ARM_LABELS.items()},
+        arm_labels={k: v.format(method=method) for k, v in ARM_LABELS.items()}
+        | ({"full": FULL_IS_METHOD} if method == "full" else {}),
         unit="images",
         baseline_short="raw-pixel LR",
     )
