@@ -461,8 +461,8 @@ def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
     assert len(rows) == 1 and "| -0.0200 |" in rows[0] and rows[0].endswith("no: over budget |")
     assert "after distillation recovery (2 steps" in md
     if prune.get("layers"):
-        assert rejected["pruning"]["layers"] == 1 and rejected["pruning"]["kept_layers"] == [0]
-        assert "1 encoder layers dropped (top: kept 0)" in md
+        assert rejected["pruning"]["layers"] == 1 and rejected["pruning"]["kept_layers"] == [1]
+        assert "1 encoder layers dropped (spread: kept 1)" in md
 
 
 def test_pruned_variant_within_the_budget_is_kept_and_can_be_selected(compressed, tmp_path):
@@ -549,7 +549,7 @@ def test_prune_config_needs_something_to_prune():
     with pytest.raises(ValidationError, match="layers, heads and/or ffn_fraction"):
         PruneConfig(enabled=True)
     assert PruneConfig(enabled=False).heads == 0
-    assert PruneConfig(enabled=True, layers=2).layer_choice == "top"
+    assert PruneConfig(enabled=True, layers=2).layer_choice == "spread"
     with pytest.raises(ValidationError, match="layer_choice"):
         PruneConfig(enabled=True, layers=1, layer_choice="bottom")
     with pytest.raises(ValidationError, match="layers"):
