@@ -96,7 +96,9 @@ def speed(root: Path, params, settings: list[dict], work: Path, rounds: int) -> 
     _, groups = vs.bench_inputs(cfg, setup)
     export_dir = root / params.export.out_dir
     graphs = {"fp32": export_dir / ox.MODEL_FILE, "int8_dynamic": work / "int8.onnx"}
-    comp.quantize_int8_dynamic(graphs["fp32"], graphs["int8_dynamic"], **cfg.int8.quantize_options())
+    comp.quantize_int8_dynamic(
+        graphs["fp32"], graphs["int8_dynamic"], **cfg.int8.quantize_options()
+    )
     drops = {}
     for i, prune in enumerate(settings):
         pr = cfg.prune.model_validate({"enabled": True, **prune})

@@ -278,7 +278,8 @@ def test_dropping_layers_keeps_a_plain_model_with_the_chosen_layers():
     dropped = drop_layers(model, [0, 2])
     assert dropped.config.num_hidden_layers == 2 and model.config.num_hidden_layers == 3
     assert len(dropped.bert.encoder.layer) == 2 and len(model.bert.encoder.layer) == 3
-    for new, old in zip(dropped.bert.encoder.layer, [model.bert.encoder.layer[i] for i in (0, 2)]):
+    originals = [model.bert.encoder.layer[i] for i in (0, 2)]
+    for new, old in zip(dropped.bert.encoder.layer, originals, strict=True):
         for (name, a), b in zip(new.state_dict().items(), old.state_dict().values(), strict=True):
             assert torch.equal(a, b), name  # each kept layer as it was
     feed = {k: torch.from_numpy(v) for k, v in feeds[0].items()}
@@ -834,11 +835,11 @@ def _recovery_data(teacher, feeds):
 
 
 def test_distillation_recovery_brings_the_pruned_model_back_towards_the_teacher():
+    import torch
+
     from tunery.config import RecoveryConfig
     from tunery.onnx.compress import prune_ffn, prune_heads
     from tunery.onnx.distill import recover
-
-    import torch
 
     teacher, feeds = _bert(), _feeds(n=4)
     with torch.no_grad():  # a random tiny BERT predicts ~uniformly: spread its logits

@@ -562,7 +562,9 @@ def drop_layers(model: Any, keep: Sequence[int]) -> Any:
     model = copy.deepcopy(model).eval()
     layers = _encoder_layers(model, "Layer")
     if not keep or any(not 0 <= i < len(layers) for i in keep) or len(set(keep)) != len(keep):
-        raise TuneryError(f"drop_layers: {list(keep)} is not a set of layers of 0..{len(layers) - 1}")
+        raise TuneryError(
+            f"drop_layers: {list(keep)} is not a set of layers of 0..{len(layers) - 1}"
+        )
     encoder = model.base_model.encoder
     encoder.layer = torch.nn.ModuleList([layers[i] for i in keep])
     for new_index, layer in enumerate(encoder.layer):  # cache/layer-type lookups index by position
