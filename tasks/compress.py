@@ -6,7 +6,7 @@ Inputs:  `<export.out_dir>/{model.onnx, raw.onnx, tokenizer, labels.json}`, `<fi
          `<prepare.out_dir>/train.parquet` (calibration texts; the pruned model's recovery).
 Outputs: `<variants_dir>/<variant>/` one deployable folder per variant kept (fp32, int8_dynamic, and
          when listed fp16, int8_static, with `prune.enabled` pruned_fp32/pruned_int8_dynamic when
-         within budget: heads/FFN neurons removed, then `prune.recovery.steps` of distillation
+         within budget: whole layers/heads/FFN neurons removed, then `prune.recovery.steps` of distillation
          towards the fine-tune on train, `tunery.onnx.distill`); `<out_dir>/` the selected variant with its calibrated probabilities as a
          second graph output (model.onnx, tokenizer, labels.json, tunery_model.json), loadable on
          its own by `tunery.Predictor`; `<report_dir>/report.{json,md}`,

@@ -263,6 +263,33 @@ def test_head_pruning_refit_reproduces_the_attention_output_best():
         prune_heads(model, feeds, 1, refit="magic")
 
 
+def test_dropping_layers_keeps_a_plain_model_with_the_chosen_layers():
+    import torch
+
+    from tunery.onnx.compress import drop_layers, kept_layers
+
+    assert kept_layers(6, 2) == [0, 1, 2, 3]  # top: the last layers go
+    assert kept_layers(6, 2, "spread") == [0, 2, 3, 5]
+    assert kept_layers(6, 3, "spread") == [0, 2, 5] and kept_layers(6, 5, "spread") == [5]
+    assert kept_layers(6, 0, "spread") == list(range(6))
+    with pytest.raises(TuneryError, match="at least one must stay"):
+        kept_layers(3, 3)
+    model, feeds = _bert(layers=3), _feeds()
+    dropped = drop_layers(model, [0, 2])
+    assert dropped.config.num_hidden_layers == 2 and model.config.num_hidden_layers == 3
+    assert len(dropped.bert.encoder.layer) == 2 and len(model.bert.encoder.layer) == 3
+    originals = [model.bert.encoder.layer[i] for i in (0, 2)]
+    for new, old in zip(dropped.bert.encoder.layer, originals, strict=True):
+        for (name, a), b in zip(new.state_dict().items(), old.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name  # each kept layer as it was
+    feed = {k: torch.from_numpy(v) for k, v in feeds[0].items()}
+    with torch.no_grad():
+        out = dropped(**feed, output_hidden_states=True)
+    assert out.logits.shape == (4, 3) and len(out.hidden_states) == 3
+    with pytest.raises(TuneryError, match="not a set of layers"):
+        drop_layers(model, [0, 3])
+
+
 def test_build_pruned_exports_a_fused_smaller_graph_matching_pytorch(tmp_path):
     import numpy as np
     import onnx
@@ -388,8 +415,9 @@ def _run_compress(root, tmp_path, cfg):
     )
 
 
+@pytest.mark.parametrize("prune", [{"heads": 1}, {"layers": 1}], ids=["heads", "layers"])
 def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
-    compressed, tmp_path, monkeypatch
+    compressed, tmp_path, monkeypatch, prune
 ):
     from tunery.onnx import compress as comp
 
@@ -411,7 +439,7 @@ def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
     monkeypatch.setattr(comp, "parity", parity)
     cfg = CompressConfig(
         variants=["fp32", "int8_dynamic"],
-        prune=PruneConfig(enabled=True, heads=1, recovery=RecoveryConfig(steps=2, batch_size=4)),
+        prune=PruneConfig(enabled=True, **prune, recovery=RecoveryConfig(steps=2, batch_size=4)),
         max_f1_drop=0.01,
         bench=SMALL_BENCH,
     )
@@ -433,6 +461,9 @@ def test_pruned_variant_outside_the_budget_is_not_kept_or_selected(
     rows = [line for line in md.splitlines() if line.startswith("| pruned_int8_dynamic |")]
     assert len(rows) == 1 and "| -0.0200 |" in rows[0] and rows[0].endswith("no: over budget |")
     assert "after distillation recovery (2 steps" in md
+    if prune.get("layers"):
+        assert rejected["pruning"]["layers"] == 1 and rejected["pruning"]["kept_layers"] == [1]
+        assert "1 encoder layers dropped (spread: kept 1)" in md
 
 
 def test_pruned_variant_within_the_budget_is_kept_and_can_be_selected(compressed, tmp_path):
@@ -515,9 +546,14 @@ def test_a_selected_pruned_variant_is_deployed_with_its_own_temperature(
 def test_prune_config_needs_something_to_prune():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="heads > 0 and/or ffn_fraction"):
+    with pytest.raises(ValidationError, match="layers, heads and/or ffn_fraction"):
         PruneConfig(enabled=True)
     assert PruneConfig(enabled=False).heads == 0
+    assert PruneConfig(enabled=True, layers=2).layer_choice == "spread"
+    with pytest.raises(ValidationError, match="layer_choice"):
+        PruneConfig(enabled=True, layers=1, layer_choice="bottom")
+    with pytest.raises(ValidationError, match="layers"):
+        PruneConfig(enabled=True, layers=-1)
 
 
 def test_judged_on_val_and_test_with_a_paired_interval(compressed):
@@ -804,11 +840,11 @@ def _recovery_data(teacher, feeds):
 
 
 def test_distillation_recovery_brings_the_pruned_model_back_towards_the_teacher():
+    import torch
+
     from tunery.config import RecoveryConfig
     from tunery.onnx.compress import prune_ffn, prune_heads
     from tunery.onnx.distill import recover
-
-    import torch
 
     teacher, feeds = _bert(), _feeds(n=4)
     with torch.no_grad():  # a random tiny BERT predicts ~uniformly: spread its logits
@@ -831,7 +867,8 @@ def test_distillation_recovery_brings_the_pruned_model_back_towards_the_teacher(
         recover(student, teacher, data, RecoveryConfig(steps=1, batch_size=64))
 
 
-def test_build_pruned_exports_the_recovered_model(tmp_path):
+@pytest.mark.parametrize("layers", [0, 1])
+def test_build_pruned_exports_the_recovered_model(tmp_path, layers):
     """What `recover` returns is what is exported: the ONNX graph matches the recovered model."""
     import numpy as np
     import torch
@@ -852,14 +889,26 @@ def test_build_pruned_exports_the_recovered_model(tmp_path):
     data = _recovery_data(model, feeds._feeds)
     kept = {}
 
-    def recovered(pruned):
-        kept["model"], record = recover(pruned, model, data, RecoveryConfig(steps=4, batch_size=4))
+    def recovered(pruned, teacher_layers):
+        kept["layers"] = teacher_layers
+        cfg = RecoveryConfig(steps=4, batch_size=4, hidden_weight=1.0)
+        kept["model"], record = recover(pruned, model, data, cfg, teacher_layers=teacher_layers)
         return kept["model"], record
 
     info = build_pruned(
-        model, tok, feeds._feeds, tmp_path / "p.onnx", ffn_fraction=0.5, recover=recovered
+        model,
+        tok,
+        feeds._feeds,
+        tmp_path / "p.onnx",
+        ffn_fraction=0.5,
+        layers=layers,
+        layer_choice="spread",
+        recover=recovered,
     )
     assert info["recovery"]["steps"] == 4 and info["ffn_neurons_per_layer"] == 32
+    assert info["kept_layers"] == kept["layers"] == ([1] if layers else [0, 1])
+    assert info["layers"] == 2 - layers == kept["model"].config.num_hidden_layers
+    assert info["fused_operators"]["Attention"] == 2 - layers  # the graph has the kept layers
     session, _ = create_session(tmp_path / "p.onnx", "cpu")
     batch = tok(texts, padding=True, return_tensors="np")
     feed = {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()}

@@ -5,9 +5,9 @@ agreement, accuracy and macro-F1 deltas, max |logit difference|; then file size 
 (batch-1 p50/p95, throughput at a larger batch) on each provider it can run on.
 
 CPU int8 (dynamic, per-channel 7-bit weights) runs its token-wise ops on the real tokens only and
-its layer norms unfused (`quantize_int8_dynamic`); structured pruning (attention heads and FFN
-neurons by importance on calibration texts, `build_pruned`, optionally distilled back towards the
-unpruned model by `tunery.onnx.distill`) gives the pruned_* variants.
+its layer norms unfused (`quantize_int8_dynamic`); structured pruning (whole encoder layers,
+attention heads and FFN neurons by importance on calibration texts, `build_pruned`, optionally
+distilled back towards the unpruned model by `tunery.onnx.distill`) gives the pruned_* variants.
 
 Heavy imports (torch, onnx, onnxruntime, sklearn) happen inside functions.
 """
@@ -534,6 +534,48 @@ def _refit_output(out: Any, new_out: Any, st: _HeadStats, idx: Any, *, refit: st
         new_out.bias += (w[:, dropped] @ mean[dropped]).float()
 
 
+def kept_layers(n_layers: int, drop: int, choice: str = "top") -> list[int]:
+    """The encoder layers kept when `drop` of `n_layers` are removed: `top` keeps the first
+    ones; `spread` keeps evenly spaced ones, the first and the last among them."""
+    keep = n_layers - drop
+    if not 0 < keep <= n_layers:
+        raise TuneryError(
+            f"compress.prune.layers: cannot remove {drop} of the model's {n_layers} layers "
+            "(at least one must stay)"
+        )
+    if choice == "top" or keep == n_layers:
+        return list(range(keep))
+    if choice != "spread":
+        raise TuneryError(f"compress.prune.layer_choice must be top or spread (got {choice!r})")
+    if keep == 1:
+        return [n_layers - 1]
+    return sorted({round(i * (n_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def drop_layers(model: Any, keep: Sequence[int]) -> Any:
+    """A copy of `model` with only the encoder layers `keep` (in order): a plain model with a
+    smaller `num_hidden_layers` (saveable, exportable, fusable), each kept layer's weights as
+    they were. Layer dropping in the style of Sajjad et al. ("Poor Man's BERT") and DistilBERT's
+    initialisation; the recovery then distils it towards the full model."""
+    import torch
+
+    model = copy.deepcopy(model).eval()
+    layers = _encoder_layers(model, "Layer")
+    if not keep or any(not 0 <= i < len(layers) for i in keep) or len(set(keep)) != len(keep):
+        raise TuneryError(
+            f"drop_layers: {list(keep)} is not a set of layers of 0..{len(layers) - 1}"
+        )
+    encoder = model.base_model.encoder
+    encoder.layer = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(encoder.layer):  # cache/layer-type lookups index by position
+        attn = getattr(layer.attention, "self", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(keep)
+    log.info("dropped layers: %d -> %d (kept %s)", len(layers), len(keep), list(keep))
+    return model
+
+
 def build_pruned(
     model: Any,
     tokenizer: Any,
@@ -542,34 +584,45 @@ def build_pruned(
     *,
     heads: int = 0,
     ffn_fraction: float = 0.0,
+    layers: int = 0,
+    layer_choice: str = "top",
     opset: int = 17,
     max_length: int = 128,
-    recover: Callable[[Any], tuple[Any, dict[str, Any]]] | None = None,
+    recover: Callable[[Any, list[int]], tuple[Any, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Prune `model` (heads, then FFN neurons), `recover` it (e.g. `tunery.onnx.distill.recover`
-    bound to its teacher and data), export and optimize it to `dest` (fp32 ONNX).
+    """Prune `model` (whole layers, then heads, then FFN neurons), `recover` it (e.g.
+    `tunery.onnx.distill.recover` bound to its teacher and data; it gets the pruned model and,
+    per kept layer, the teacher layer it came from), export and optimize it to `dest` (fp32 ONNX).
 
-    Returns what was done: heads and FFN neurons kept per layer, the fused operators, and what
-    `recover` reported.
+    Returns what was done: layers kept, heads and FFN neurons kept per layer, the fused
+    operators, and what `recover` reported.
     """
     from tunery.onnx import export as ox
 
-    if not heads and not ffn_fraction:
-        raise TuneryError("compress.prune: set heads and/or ffn_fraction to prune something")
+    if not heads and not ffn_fraction and not layers:
+        raise TuneryError(
+            "compress.prune: set layers, heads and/or ffn_fraction to prune something"
+        )
     model_type, n_heads, hidden = ox.model_shape(model)
     size = hidden // max(n_heads, 1)
-    pruned = prune_heads(model, feeds, heads) if heads else model
+    n_layers = len(_encoder_layers(model, "Layer"))
+    kept_idx = kept_layers(n_layers, layers, layer_choice)
+    pruned = drop_layers(model, kept_idx) if layers else model
+    if heads:
+        pruned = prune_heads(pruned, feeds, heads)
     if ffn_fraction:
         pruned = prune_ffn(pruned, feeds, ffn_fraction)
     recovery = None
     if recover is not None:
-        pruned, recovery = recover(pruned)
+        pruned, recovery = recover(pruned, kept_idx)
     raw = dest.with_name(dest.stem + ".raw.onnx")
     ox.export_onnx(pruned, tokenizer, raw, opset=opset, max_length=max_length)
     kept = n_heads - heads
     fused = ox.optimize(raw, dest, model_type=model_type, num_heads=kept, hidden_size=kept * size)
     raw.unlink(missing_ok=True)
     return {
+        "layers": len(kept_idx),
+        "kept_layers": kept_idx,
         "heads_per_layer": kept,
         "ffn_neurons_per_layer": int(pruned.config.intermediate_size),
         "fused_operators": fused,
@@ -759,8 +812,16 @@ def _pruning_line(report: dict[str, Any]) -> str:
         ),
         {},
     )
+    layers = ""
+    if pr.get("layers"):
+        kept = done.get("kept_layers")
+        layers = (
+            f"{pr['layers']} encoder layers dropped ({pr.get('layer_choice', 'top')}"
+            + (f": kept {', '.join(map(str, kept))}" if kept else "")
+            + "), "
+        )
     line = (
-        f"Pruning (pruned_* variants): {pr.get('heads', 0)} attention heads per layer, "
+        f"Pruning (pruned_* variants): {layers}{pr.get('heads', 0)} attention heads per layer, "
         f"{pr.get('ffn_fraction', 0):.0%} of FFN neurons per layer, removed by importance"
     )
     rec = done.get("recovery") or {}

@@ -12,7 +12,9 @@ batch of training texts goes through the teacher (the unpruned fine-tune, frozen
 
 the last term (layer-wise distillation as in TinyBERT / the "prune, then distill" recipes) on the
 real tokens only, each layer's MSE divided by the teacher's mean square there, so that every layer
-weighs alike. Pruning heads and FFN neurons keeps the hidden size, so the states compare directly.
+weighs alike. Pruning heads and FFN neurons keeps the hidden size, so the states compare directly;
+when whole layers were dropped, each kept layer is compared with the teacher layer it was copied
+from (`teacher_layers`).
 The embeddings stay frozen (pruning leaves them as they are); batches are length-grouped.
 Measured on the demo (`bench/results/prune_recovery-cpu.json`): FFN 50 % removed cost -4.0 pt
 macro-F1 on val + test, 300 steps (logits only) brought it back to +0.01 pt.
@@ -47,9 +49,19 @@ class RecoveryData:
     input_names: Sequence[str]
 
 
-def recover(student: Any, teacher: Any, data: RecoveryData, cfg: Any) -> tuple[Any, dict]:
+def recover(
+    student: Any,
+    teacher: Any,
+    data: RecoveryData,
+    cfg: Any,
+    *,
+    teacher_layers: Sequence[int] | None = None,
+) -> tuple[Any, dict]:
     """Train `student` (in place) towards `teacher` for `cfg.steps` steps; returns it in eval mode
-    and what the recovery did (steps, seconds, first/last loss)."""
+    and what the recovery did (steps, seconds, first/last loss).
+
+    `teacher_layers[i]`: the teacher layer whose hidden state student layer i is compared with
+    (the layer it was copied from when layers were dropped); default: the same index."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -70,7 +82,7 @@ def recover(student: Any, teacher: Any, data: RecoveryData, cfg: Any) -> tuple[A
     batches = _length_grouped(data, rng, cfg.batch_size)
     for step in range(cfg.steps):
         feed, labels = _feed(data, next(batches))
-        loss = _loss(student, teacher, feed, labels, cfg)
+        loss = _loss(student, teacher, feed, labels, cfg, teacher_layers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -131,7 +143,14 @@ def _feed(data: RecoveryData, idx: np.ndarray) -> tuple[dict, Any]:
     return {k: torch.from_numpy(v) for k, v in feed.items()}, torch.from_numpy(data.labels[idx])
 
 
-def _loss(student: Any, teacher: Any, feed: dict, labels: Any, cfg: Any) -> Any:
+def _loss(
+    student: Any,
+    teacher: Any,
+    feed: dict,
+    labels: Any,
+    cfg: Any,
+    teacher_layers: Sequence[int] | None = None,
+) -> Any:
     import torch
     import torch.nn.functional as F
 
@@ -148,17 +167,18 @@ def _loss(student: Any, teacher: Any, feed: dict, labels: Any, cfg: Any) -> Any:
     loss = cfg.kd_weight * kd + (1 - cfg.kd_weight) * F.cross_entropy(s_out.logits, labels)
     if hidden:
         mask = feed["attention_mask"].bool() if "attention_mask" in feed else None
-        loss = loss + cfg.hidden_weight * _hidden_mse(
-            s_out.hidden_states, t_out.hidden_states, mask
-        )
+        t_hidden = t_out.hidden_states[1:]
+        if teacher_layers is not None:
+            t_hidden = [t_hidden[i] for i in teacher_layers]
+        loss = loss + cfg.hidden_weight * _hidden_mse(s_out.hidden_states[1:], t_hidden, mask)
     return loss
 
 
 def _hidden_mse(student: Sequence[Any], teacher: Sequence[Any], mask: Any) -> Any:
-    """Mean over the layers (embeddings excluded: they are not pruned) of the MSE on real tokens,
-    each divided by the teacher's mean square at that layer."""
+    """Mean over the layers (the layers' outputs, embeddings excluded: they are not pruned) of
+    the MSE on real tokens, each divided by the teacher's mean square at that layer."""
     terms = []
-    for s, t in zip(student[1:], teacher[1:], strict=True):
+    for s, t in zip(student, teacher, strict=True):
         if mask is not None:
             s, t = s[mask], t[mask]
         terms.append(((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-8))

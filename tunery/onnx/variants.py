@@ -354,7 +354,7 @@ def _build_variant(
 
 
 def build_pruned(cfg: CompressConfig, setup: Setup, dest: Path) -> dict[str, Any]:
-    """The pruned model (heads, FFN), distilled back towards the fine-tune when
+    """The pruned model (layers, heads, FFN), distilled back towards the fine-tune when
     `prune.recovery.steps`, as fp32 ONNX at `dest`; what it did is kept in `setup.pruning`
     (every pruned_* variant's record shows it: what the pruning cost and the recovery bought)."""
     from tunery.onnx import compress as comp
@@ -367,6 +367,8 @@ def build_pruned(cfg: CompressConfig, setup: Setup, dest: Path) -> dict[str, Any
         dest,
         heads=cfg.prune.heads,
         ffn_fraction=cfg.prune.ffn_fraction,
+        layers=cfg.prune.layers,
+        layer_choice=cfg.prune.layer_choice,
         opset=setup.opset,
         max_length=setup.ft.max_length,
         recover=functools.partial(_recover, cfg, setup),
@@ -375,9 +377,12 @@ def build_pruned(cfg: CompressConfig, setup: Setup, dest: Path) -> dict[str, Any
     return setup.pruning
 
 
-def _recover(cfg: CompressConfig, setup: Setup, pruned: Any) -> tuple[Any, dict[str, Any]]:
+def _recover(
+    cfg: CompressConfig, setup: Setup, pruned: Any, teacher_layers: list[int]
+) -> tuple[Any, dict[str, Any]]:
     """The pruned PyTorch model's macro-F1 drop on the judged rows before and after the
-    distillation recovery (`tunery.onnx.distill`; none with `recovery.steps: 0`)."""
+    distillation recovery (`tunery.onnx.distill`; none with `recovery.steps: 0`); the
+    hidden-state term compares each kept layer with the teacher layer it came from."""
     from tunery.onnx import compress as comp
     from tunery.onnx import distill
 
@@ -394,7 +399,9 @@ def _recover(cfg: CompressConfig, setup: Setup, pruned: Any) -> tuple[Any, dict[
     if rec.steps:
         if setup.train is None:
             raise TuneryError("compress.prune.recovery: no training texts were loaded")
-        pruned, done = distill.recover(pruned, setup.model, setup.train, rec)
+        pruned, done = distill.recover(
+            pruned, setup.model, setup.train, rec, teacher_layers=teacher_layers
+        )
         record.update(done, macro_f1_drop_recovered=round(drop(pruned), 5))
     log.info("pruned model (PyTorch) on the judged rows: %s", record)
     return pruned, record
