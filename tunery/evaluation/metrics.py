@@ -128,9 +128,9 @@ def ece_floor(
     binned estimate sits from sampling noise alone at this many rows (it shrinks as 1/sqrt(rows)).
     An ECE near its floor cannot be told from perfect calibration on this split.
     """
-    confidence = np.asarray(probs, dtype=np.float64).max(axis=1) if len(probs) else np.zeros(0)
-    if not len(confidence):
+    if not len(probs):
         return 0.0
+    confidence = np.asarray(probs, dtype=np.float64).max(axis=1)
     rng = np.random.default_rng(seed)
     sims = np.broadcast_to(confidence, (draws, len(confidence)))
     return float(_binned_ece(sims, rng.random(sims.shape) < sims, n_bins).mean())
