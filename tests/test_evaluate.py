@@ -371,3 +371,16 @@ def test_stage_value_rows_deltas_and_verdicts():
     assert v["compress"].endswith("also weighed: pruned_int8_dynamic 4.40x -0.0170 (over budget)")
     assert sv.terminal(table).count("\n") >= 6
     assert "one holdout text is 0.25 pt" in sv.terminal(table) and "400 texts" in sv.markdown(table)
+
+
+def test_stage_value_with_full_as_the_method_has_one_full_row_and_says_no_peft_arm():
+    from tunery.evaluation import stage_value as sv
+
+    def arm(f1: float) -> dict:
+        return {"method": "full", "holdout": {"macro_f1": f1, "accuracy": f1}, "params": 10}
+
+    arms = {"chosen": "pipeline", "arms": {"pipeline": arm(0.9), "full": arm(0.9)}}
+    deployed = {"variant": "fp32", "macro_f1": 0.9, "method": "full"}
+    table = sv.build(arms=arms, baseline=None, deployed=deployed)
+    assert [r["row"] for r in table["rows"]] == ["pipeline", "deployed"]
+    assert table["verdicts"]["finetune"].startswith("full fine-tuning is the method (shipped)")

@@ -28,7 +28,6 @@ ARM_LABELS = {
     "pipeline": "{method} on this pipeline's SimCLR encoder",
     "lora": "LoRA on the shipped encoder (the PEFT alternative)",
 }
-FULL_IS_METHOD = "full fine-tuning (the method: the same arm as above)"
 GRID_FILE = "confident_wrong.png"
 
 
@@ -142,8 +141,7 @@ def table(arms: dict, baseline: dict | None, deployed: dict) -> dict[str, Any]:
         baseline=baseline,
         deployed=deployed,
         baseline_what=PIXELS_WHAT,
-        arm_labels={k: v.format(method=method) for k, v in ARM_LABELS.items()}
-        | ({"full": FULL_IS_METHOD} if method == "full" else {}),
+        arm_labels={k: v.format(method=method) for k, v in ARM_LABELS.items()},
         unit="images",
         baseline_short="raw-pixel LR",
     )
