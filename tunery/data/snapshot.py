@@ -74,7 +74,9 @@ def refresh(
     the policy. Returns the metrics (`moved`, `change_share`, `reason`, `<unit>`: the new keys)."""
     for path in sources.values():
         if not Path(path).is_file():
-            raise DataValidationError(path, "missing_file", "the corpus stage reads it: run the stages before it first")
+            raise DataValidationError(
+                path, "missing_file", "the corpus stage reads it: run the stages before it first"
+            )
     new = keys(sources)
     current = {name: Path(out_dir) / name for name in sources}
     has_snapshot = all(p.is_file() for p in current.values())

@@ -55,7 +55,9 @@ def pool_keys(files: Mapping[str, Path]) -> set[str]:
 def missing_images(files: Mapping[str, Path], root: Path) -> str | None:
     """Why a snapshot's pool cannot be trained on again (some of its image files are gone, e.g. a
     withdrawn drop), or None."""
-    gone = [p for p in splits.paths(_pool(files[UNLABELLED], files[TRAIN]), root) if not p.is_file()]
+    gone = [
+        p for p in splits.paths(_pool(files[UNLABELLED], files[TRAIN]), root) if not p.is_file()
+    ]
     if not gone:
         return None
     return f"{len(gone)} of the snapshot's images are gone (e.g. {gone[0]})"
