@@ -1,6 +1,8 @@
 """Adding labelled data: validate a file against the dataset it will join, then place it in the
-incoming folder for `ingest`. `TEXT_INTAKE` is the text pipeline's retrain intake (the
-`tunery.modality.Intake` that tunery/runner/landing.py runs)."""
+incoming folder for `ingest`; withdrawing what was taken in (a text file, or an image drop folder:
+the image pipeline's adding is `tunery.vision.retrain.add_drop`), recorded in `withdrawn.jsonl`.
+`TEXT_INTAKE` is the text pipeline's retrain intake (the `tunery.modality.Intake` that
+tunery/runner/landing.py runs)."""
 
 from __future__ import annotations
 
