@@ -59,6 +59,10 @@ def test_a_drop_folder_is_checked_copied_versioned_and_ingested(proj, capsys):
     code, _, err = tunery(capsys, "data", "add", str(source))  # the same drop again
     assert code != 0 and "already taken in" in err
 
+    landed = drop(root / "data" / "landing" / "week-02", start=4000)  # from the landing folder:
+    assert tunery(capsys, "data", "add", str(landed))[0] == 0  # taken out of it, as a retrain does
+    assert not landed.exists() and (root / "data" / "incoming" / "week-02").is_dir()
+
 
 def test_a_manifest_drop_is_a_folder_and_a_lone_manifest_is_refused(proj, capsys):
     root, _ = proj

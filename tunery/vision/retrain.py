@@ -61,8 +61,9 @@ def check_drops(root: Path, params: Any, new: list[Path]) -> dict[Path, Any]:
 
 def add_drop(root: Path, params: Any, path: Path) -> Path:
     """`tunery data add` in the image pipeline: one drop folder (a folder per class, or a manifest
-    beside its images) checked as a retrain checks it, then copied into `ingest.incoming` (the
-    source folder stays). A lone manifest file is refused: its images are not inside it."""
+    beside its images) checked as a retrain checks it, then copied into `ingest.incoming`; the
+    source folder stays, but one in `retrain.landing` leaves it, as a retrain's (the next retrain
+    would find it taken in). A lone manifest file is refused: its images are not inside it."""
     path = Path(path)
     if path.is_file():
         raise DataValidationError(
@@ -76,7 +77,10 @@ def add_drop(root: Path, params: Any, path: Path) -> Path:
     if not path.is_dir():
         raise DataValidationError(path, "missing_file", "no such folder")
     check_drops(root, params, [path])
-    return IMAGE_INTAKE.add(root, params, path)
+    dest = IMAGE_INTAKE.add(root, params, path)
+    if path.resolve().parent == (root / params.retrain.landing).resolve():
+        shutil.rmtree(path)
+    return dest
 
 
 def _embed(params: Any, paths: list[Path], model: Any) -> Any:
