@@ -317,7 +317,8 @@ def test_dvc_repro_of_vision_registers_a_champion(tmp_path):
         return result.stdout + result.stderr
 
     out = repro()
-    for stage in ("ingest", "prepare", "pretrain", "finetune", "export", "compress", "evaluate"):
+    stages = "ingest prepare corpus pretrain finetune export compress evaluate".split()
+    for stage in stages:
         assert f"Running stage 'vision/dvc.yaml:{stage}'" in out
     register = json.loads((proj / "vision" / "metrics" / "register.json").read_text())
     assert register["registered"] and register["promoted"], register

@@ -213,7 +213,7 @@ def test_stale_stages_are_the_projects_own_and_always_changed_ones_do_not_count(
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_tunery_retrain_inside_vision_takes_in_a_demo_drop_and_gates(tmp_path):
-    from tunery import tracking
+    from tunery import metrics_files, tracking
 
     proj = tmp_path / "proj"
     for name in ("tunery", "tasks", "flows"):
@@ -252,6 +252,9 @@ def test_tunery_retrain_inside_vision_takes_in_a_demo_drop_and_gates(tmp_path):
     tree = tiny_tree(source)
     tree["evaluate"]["champion"] = "registry"
     tree["retrain"] = yaml.safe_load((REPO / "vision" / "params.yaml").read_text())["retrain"]
+    # the drop's ~16 train images are ~8 % of this tiny pool (~200 images): under 20 % SimCLR's
+    # snapshot stays, so the retrain fine-tunes on the new labels from the same encoder
+    tree["corpus"]["change_threshold"] = 0.2
     (vision / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     init_repo(proj)
 
@@ -268,6 +271,8 @@ def test_tunery_retrain_inside_vision_takes_in_a_demo_drop_and_gates(tmp_path):
 
     first = json.loads(tunery("run", "--json").stdout)
     assert first["registry"]["promoted"], first["registry"]
+    assert {"corpus", "pretrain"} <= set(first["stages_ran"])
+    assert metrics_files.read(vision, "corpus")["reason"] == "no snapshot yet"
     name = tree["registry"]["model_name"]
 
     # a corrupt image in a drop: the retrain stops naming it, and nothing moves
@@ -286,7 +291,12 @@ def test_tunery_retrain_inside_vision_takes_in_a_demo_drop_and_gates(tmp_path):
     assert doc["status"] == "retrained" and doc["modality"] == "image"
     assert [Path(a).name for a in doc["added"]] == ["fashion-mnist-shard-000"]
     assert 0.0 <= doc["drift"]["auc"] <= 1.0 and doc["drift"]["new_rows"] == 40
-    assert {"ingest", "prepare", "finetune", "evaluate", "register"} <= set(doc["stages_ran"])
+    assert {"ingest", "prepare", "corpus", "finetune", "evaluate", "register"} <= set(
+        doc["stages_ran"]
+    )
+    corpus = metrics_files.read(vision, "corpus")
+    assert "pretrain" not in doc["stages_ran"] and not corpus["moved"], corpus
+    assert 0 < corpus["change_share"] <= 0.2 and "<= threshold 20.0%" in corpus["reason"]
     assert (vision / "data" / "incoming" / "fashion-mnist-shard-000.dvc").is_file()
     assert not list((vision / "data" / "landing").iterdir()) or [
         p.name for p in (vision / "data" / "landing").iterdir()

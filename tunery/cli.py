@@ -500,16 +500,31 @@ def cmd_schedule(args: argparse.Namespace, root: Path) -> int:
 
 
 # --------------------------------------------------------------------------- data and registry
-def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
-    from tunery.data.intake import add_file
+def _add_image_drop(args: argparse.Namespace, root: Path, params: Any) -> Path:
+    """`data add` inside the image pipeline folder: a drop folder (tunery/vision/retrain.py)."""
+    from tunery.vision.retrain import add_drop
 
-    params = _load(args, root)
-    cfg = params.ingest
     if args.allow_new_labels:
-        cfg = cfg.model_copy(update={"allow_new_labels": True})
-    dest = add_file(Path(args.path), cfg, root=root)
+        raise InputError(
+            "--allow-new-labels is the text pipeline's; for images declare the classes in "
+            "ingest.checks.labels (params.yaml here), then a drop may bring any of them"
+        )
+    return add_drop(root, params, Path(args.path))
+
+
+def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
+    from tunery import modality
+    from tunery.data.intake import add_file
     from tunery.runner.steps import dvc_command
 
+    params = modality.load_params(_params_path(args, root), args.set)
+    if modality.is_image(params):
+        dest = _add_image_drop(args, root, params)
+    else:
+        cfg = params.ingest
+        if args.allow_new_labels:
+            cfg = cfg.model_copy(update={"allow_new_labels": True})
+        dest = add_file(Path(args.path), cfg, root=root)
     dvc_command(root, "add", str(dest.relative_to(root)))
     if args.push:
         dvc_command(root, "push")
@@ -520,17 +535,23 @@ def cmd_data_add(args: argparse.Namespace, root: Path) -> int:
 
 
 def cmd_data_withdraw(args: argparse.Namespace, root: Path) -> int:
+    import shutil
+
+    from tunery import modality
     from tunery.data.intake import WITHDRAWN_LOG, withdraw
     from tunery.runner.steps import dvc_command
 
-    params = _load(args, root)
-    record = withdraw(args.name, params.ingest, root=root, reason=args.reason)
+    params = modality.load_params(_params_path(args, root), args.set)
+    drops = modality.is_image(params)  # the image pipeline takes in drop folders
+    record = withdraw(args.name, params.ingest, root=root, reason=args.reason, drops=drops)
     if record["dvc_file"].is_file():
         dvc_command(root, "remove", str(record["dvc_file"].relative_to(root)))
+    if record["path"].is_dir():
+        shutil.rmtree(record["path"])
     record["path"].unlink(missing_ok=True)
     print(
-        f"withdrew {record['file']} ({record['rows']} rows; it was part of data version "
-        f"{record['in_data_version'] or 'none yet'}), recorded in "
+        f"withdrew {record['file']} ({record['rows']} {'images' if drops else 'rows'}; it was "
+        f"part of data version {record['in_data_version'] or 'none yet'}), recorded in "
         f"{Path(params.ingest.incoming).parent / WITHDRAWN_LOG}; the next `tunery run` or `tunery retrain` "
         "ingests without it (a new data version) and re-trains"
     )
@@ -904,21 +925,30 @@ def _data_commands(sub: Any) -> None:
     p = data.add_parser(
         "add", help="validate a labelled file and append it to the dataset (new data version)"
     )
-    p.add_argument("path", help="CSV, JSONL or Parquet file with the configured text/label columns")
+    p.add_argument(
+        "path",
+        help="CSV, JSONL or Parquet file with the configured text/label columns; inside vision/: "
+        "a drop folder (a folder per class, or a manifest with image/label columns beside its images)",
+    )
     p.add_argument("--push", action="store_true", help="also `dvc push` to the configured remote")
     p.add_argument(
         "--allow-new-labels",
         action="store_true",
-        help="accept labels the data does not have yet (adds classes; default: refused)",
+        help="accept labels the data does not have yet (adds classes; default: refused; text only: "
+        "images declare their classes in ingest.checks.labels)",
     )
     _params_args(p)
     p.set_defaults(fn=cmd_data_add)
 
     p = data.add_parser(
         "withdraw",
-        help="take a file that was taken in back out (recorded; the next run is a new data version)",
+        help="take a file (a drop inside vision/) that was taken in back out (recorded; the next run "
+        "is a new data version)",
     )
-    p.add_argument("name", help="the file's name in the incoming folder (see `ls data/incoming`)")
+    p.add_argument(
+        "name",
+        help="the file's name in the incoming folder (see `ls data/incoming`); inside vision/: a drop's",
+    )
     p.add_argument("--reason", required=True, help="why (recorded in data/withdrawn.jsonl)")
     _params_args(p)
     p.set_defaults(fn=cmd_data_withdraw)

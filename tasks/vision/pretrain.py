@@ -1,7 +1,9 @@
 """pretrain (images): SimCLR on the unlabelled pool, a ViT from scratch (or a base folder's).
 
-Inputs:  `<ingest.out_dir>/unlabelled.parquet` and `<prepare.out_dir>/train.parquet` (the pool:
-         images only, labels unused), `<prepare.out_dir>/val.parquet` (the probe's score).
+Inputs:  the corpus stage's snapshot, `<corpus.out_dir>/` (tunery/vision/corpus.py):
+         `unlabelled.parquet` and `train.parquet` (the pool: images only, labels unused),
+         `val.parquet` (the probe's score), `labels.json`. Not prepare's outputs: a small drop of
+         labelled images leaves the snapshot, and so this stage, as it is (`corpus.pretrain_policy`).
 Outputs: `<out_dir>/` (tunery/vision/encoder_dir.py): `init/` the weights SimCLR started from,
          `model/` after SimCLR, `pretrain.json`; `metrics/pretrain.json` (steps, images/s, the
          loss, the probe: SimCLR vs its starting weights, frozen, on val).
@@ -21,12 +23,13 @@ from tunery.vision.params import VisionParams
 
 def _stage(params: VisionParams, root: Path, tracking_run: Any) -> dict[str, Any]:
     cfg = params.pretrain
+    snapshot = root / params.corpus.out_dir
     metrics = pretraining.run(
         cfg,
         params.processor,
         root=root,
-        raw_dir=root / params.ingest.out_dir,
-        data_dir=root / params.prepare.out_dir,
+        raw_dir=snapshot,
+        data_dir=snapshot,
         out_dir=root / cfg.out_dir,
         checkpoint_dir=root / cfg.checkpoint_dir,
     )

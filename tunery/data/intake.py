@@ -1,6 +1,8 @@
 """Adding labelled data: validate a file against the dataset it will join, then place it in the
-incoming folder for `ingest`. `TEXT_INTAKE` is the text pipeline's retrain intake (the
-`tunery.modality.Intake` that tunery/runner/landing.py runs)."""
+incoming folder for `ingest`; withdrawing what was taken in (a text file, or an image drop folder:
+the image pipeline's adding is `tunery.vision.retrain.add_drop`), recorded in `withdrawn.jsonl`.
+`TEXT_INTAKE` is the text pipeline's retrain intake (the `tunery.modality.Intake` that
+tunery/runner/landing.py runs)."""
 
 from __future__ import annotations
 
@@ -49,28 +51,58 @@ def add_file(path: Path, cfg: IngestConfig, *, root: Path, checked: bool = False
 WITHDRAWN_LOG = "withdrawn.jsonl"  # beside the incoming folder: never read as a labelled file
 
 
-def withdraw(name: str, cfg: IngestConfig, *, root: Path, reason: str) -> dict[str, object]:
-    """Take a file that was taken in back out of the dataset, and record it.
+def _taken_in(folder: Path, drops: bool) -> list[Path]:
+    """What was taken in: labelled files (text) or drop folders (images)."""
+    if drops:
+        from tunery.data.image_dataset import list_drops
 
-    The file leaves `cfg.incoming` (with its DVC tracking, by the caller: `dvc remove`), so the
-    next ingest writes a new data version without it. The record keeps what it was (md5, rows)
-    and the data version it was part of, so that version stays explainable.
+        return list_drops(folder)
+    return files.list_files(folder, files.LABELLED_SUFFIXES) if folder.is_dir() else []
+
+
+def _describe(item: Path, drops: bool) -> tuple[str, int]:
+    """(md5, rows) of a taken-in item: a file's md5 (DVC's) and rows; for a drop folder, the md5 of
+    its sorted `<path> <md5>` lines and its image files (one row each in ingest's table)."""
+    if not drops:
+        return file_md5(item), len(files.read_table(item))
+    import hashlib
+
+    from tunery.data.images import IMAGE_SUFFIXES
+
+    found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
+    lines = "".join(f"{p.relative_to(item).as_posix()} {file_md5(p)}\n" for p in found)
+    count = sum(p.suffix.lower() in IMAGE_SUFFIXES for p in found)
+    return hashlib.md5(lines.encode()).hexdigest(), count
+
+
+def withdraw(
+    name: str, cfg: Any, *, root: Path, reason: str, drops: bool = False
+) -> dict[str, object]:
+    """Take a file (text) or a drop folder (`drops`: images) that was taken in back out of the
+    dataset, and record it.
+
+    It leaves `cfg.incoming` (with its DVC tracking, by the caller: `dvc remove`), so the next
+    ingest writes a new data version without it. The record keeps what it was (md5, rows: images
+    for a drop) and the data version it was part of, so that version stays explainable.
     """
     import json
     import time
 
     folder = root / cfg.incoming
-    file = folder / Path(name).name
-    if not file.is_file():
-        present = sorted(p.name for p in files.list_files(folder, files.LABELLED_SUFFIXES))
-        raise TuneryError(f"{file}: no such incoming file (taken in: {present or 'none'})")
+    item = folder / Path(name).name
+    taken = _taken_in(folder, drops)
+    if item not in taken:
+        what = "drop" if drops else "file"
+        present = [p.name for p in taken]
+        raise TuneryError(f"{item}: no such incoming {what} (taken in: {present or 'none'})")
     if not reason.strip():
-        raise TuneryError("withdrawing a file needs --reason (it is recorded)")
+        raise TuneryError("withdrawing data needs --reason (it is recorded)")
+    md5, rows = _describe(item, drops)
     version = (metrics_files.read(root, "ingest") or {}).get("data_version")
     record = {
-        "file": file.name,
-        "md5": file_md5(file),
-        "rows": len(files.read_table(file)),
+        "file": item.name,
+        "md5": md5,
+        "rows": rows,
         "reason": reason,
         "in_data_version": version,
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -78,7 +110,7 @@ def withdraw(name: str, cfg: IngestConfig, *, root: Path, reason: str) -> dict[s
     log_path = folder.parent / WITHDRAWN_LOG
     with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
-    return {**record, "path": file, "dvc_file": file.with_name(file.name + ".dvc")}
+    return {**record, "path": item, "dvc_file": item.with_name(item.name + ".dvc")}
 
 
 @dataclass(frozen=True)

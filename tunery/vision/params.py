@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError
 
 from tunery.config import (
     BenchConfig,
+    CorpusConfig,
     DriftConfig,
     PipelineConfig,
     PrepareConfig,
@@ -191,6 +192,7 @@ class VisionParams(Section):
     processor: ProcessorConfig = ProcessorConfig()
     ingest: VisionIngestConfig
     prepare: PrepareConfig
+    corpus: CorpusConfig = CorpusConfig()  # the text section: SimCLR's pool snapshot and policy
     pretrain: VisionPretrainConfig = VisionPretrainConfig()
     finetune: VisionFinetuneConfig = VisionFinetuneConfig()
     export: VisionExportConfig = VisionExportConfig()

@@ -1,8 +1,9 @@
 """The image pretrain stage's work: SimCLR on the pool, then a probe against the starting weights.
 
 The pool is the unlabelled images plus the train split's images (labels unused; never val, test
-or holdout). The starting weights are kept (`init/`), so the fine-tune's "no pretraining" arm
-starts from exactly what SimCLR started from. The probe (logistic regression on frozen mean-pooled
+or holdout), read in the pipeline from the corpus stage's snapshot (tunery/vision/corpus.py). The
+starting weights are kept (`init/`), so the fine-tune's "no pretraining" arm starts from exactly
+what SimCLR started from. The probe (logistic regression on frozen mean-pooled
 embeddings, train split -> val split) tells, before any fine-tuning, whether SimCLR taught the
 encoder anything a random ViT's features do not already give.
 """
@@ -16,20 +17,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from tunery.io import atomic_dir
 from tunery.vision import encoder_dir, splits
+from tunery.vision.corpus import pool_frame
 
 log = logging.getLogger("tunery.pretrain")
-
-
-def pool_frame(raw_dir: Path, data_dir: Path) -> pd.DataFrame:
-    """The unlabelled pool and the train split's images, each image once (by bytes)."""
-    unlabelled = pd.read_parquet(Path(raw_dir) / "unlabelled.parquet")
-    train = splits.read(data_dir, "train").drop(columns=["label", "split"], errors="ignore")
-    both = pd.concat([unlabelled, train], ignore_index=True)
-    return both.drop_duplicates("sha256").reset_index(drop=True)
 
 
 def build(cfg: Any, processor: Any, root: Path) -> Any:

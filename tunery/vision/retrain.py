@@ -59,6 +59,30 @@ def check_drops(root: Path, params: Any, new: list[Path]) -> dict[Path, Any]:
     return candidates
 
 
+def add_drop(root: Path, params: Any, path: Path) -> Path:
+    """`tunery data add` in the image pipeline: one drop folder (a folder per class, or a manifest
+    beside its images) checked as a retrain checks it, then copied into `ingest.incoming`; the
+    source folder stays, but one in `retrain.landing` leaves it, as a retrain's (the next retrain
+    would find it taken in). A lone manifest file is refused: its images are not inside it."""
+    path = Path(path)
+    if path.is_file():
+        raise DataValidationError(
+            path,
+            "file_type",
+            "an image drop is a folder: a folder per class (<drop>/<label>/*.png) or one manifest "
+            "(CSV/JSONL/Parquet, `image` and `label` columns, paths relative to it) beside its "
+            f"images; add the folder that holds them (`tunery data add {path.parent}` when it is "
+            "that drop), or put the manifest and its images into a folder of their own",
+        )
+    if not path.is_dir():
+        raise DataValidationError(path, "missing_file", "no such folder")
+    check_drops(root, params, [path])
+    dest = IMAGE_INTAKE.add(root, params, path)
+    if path.resolve().parent == (root / params.retrain.landing).resolve():
+        shutil.rmtree(path)
+    return dest
+
+
 def _embed(params: Any, paths: list[Path], model: Any) -> Any:
     """Pooled SimCLR-encoder embeddings of image files, preprocessed as in training."""
     from tunery.vision.probe import embed
