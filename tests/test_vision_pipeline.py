@@ -217,8 +217,11 @@ def test_compress_judges_variants_and_deploys_a_calibrated_one(chain):
     }
     assert "parity" in report["variants"]["int8_dynamic"]
     assert "parity" in report["variants"]["pruned_int8_dynamic"]
-    assert report["prune"]["kept_layers"] == [1] and report["prune"]["recovery"]["steps"] == 2
-    assert "Pruned: layers [1] kept" in (root / p.compress.report_dir / "report.md").read_text()
+    assert report["prune"]["heads_per_layer"] == 1 and report["prune"]["recovery"]["steps"] == 2
+    assert (
+        "Pruned: layers [0, 1] kept, 1 heads"
+        in (root / p.compress.report_dir / "report.md").read_text()
+    )
     assert (
         report["variants"]["fp16"].get("skipped") or "cuda" in report["variants"]["fp16"]["bench"]
     )

@@ -91,3 +91,18 @@ def test_build_pruned_exports_a_graph_of_the_pruned_model(tmp_path):
     assert onnx_logits(tmp_path / "pruned.onnx", x).shape == (32, 4)
     with pytest.raises(TuneryError, match="to prune something"):
         prune.build_pruned(model, [x], x, VisionPruneConfig(), tmp_path / "none.onnx")
+
+
+def test_cpu_clock_needs_one_thread_and_the_bench_records_both_clocks():
+    from pydantic import ValidationError
+
+    from tunery.vision import deploy
+    from tunery.vision.params import VisionCompressConfig
+
+    with pytest.raises(ValidationError, match="threads 1"):
+        VisionCompressConfig(clock="cpu", bench={"threads": 0})
+    cfg = VisionCompressConfig(clock="cpu", bench={"threads": 1, "throughput_repeats": 2})
+    x = torch.zeros(8, 1, 28, 28)
+    timed = deploy.bench(lambda feed: sum(range(20000)), x, cfg.bench, cfg.clock)
+    assert timed["throughput_clock"] == "cpu"
+    assert timed["throughput"] > 0 and timed["throughput_wall"] > 0
