@@ -9,15 +9,18 @@ The ViT is the demo's (vision/params.yaml: 96 wide, 4 layers, 7x7 patches), from
 or with random weights (timing does not depend on the weights). The variants are built with the
 stage's own functions (`tunery.vision.variants.build`): fp32, int8_dynamic (patch-embedding Conv
 in float), the int8 graph as the stage built it before (Conv quantized too), int8_static (QDQ),
-and int8 after onnxruntime's transformer optimizer (model_type "vit") where its attention fusion
+int8 after onnxruntime's transformer optimizer (model_type "vit") where its attention fusion
 is made to match (the export's float->float Cast pair after Softmax removed, the score scale
-written as Div; QAttention in int8).
+written as Div; QAttention in int8), and int8 dynamic of pruned copies (`tunery.vision.prune`:
+1 or 2 of 4 heads, 1 of 4 layers, and/or half of each FFN removed; no recovery: the timing does
+not depend on the weights; `compress.prune` in vision/params.yaml is what the stage builds).
 
 Three measurements, all in this one process, interleaved rounds, medians, ratios to PyTorch:
 - wall throughput at batch 64 (the compress stage's bench) at the default threads, onnxruntime
   spinning and not, and with one thread on both sides;
 - CPU time per batch with one thread (`time.thread_time`: robust to other jobs on the machine);
-- per-operator time of the int8 graph (onnxruntime's profiler), one thread and the default.
+- per-operator time of the int8 graph (onnxruntime's profiler), one thread and the default, and
+  of the fp32 graph and PyTorch eager (torch.profiler) on one thread.
 With `--text`, the text int8 folder's wall throughput spinning vs not (the text stages keep
 onnxruntime's default). Writes JSON, prints a table. Numbers for reading, never a test.
 """
@@ -126,7 +129,58 @@ def build_variants(model: Any, work: Path, calib: Any) -> tuple[dict[str, Path],
         plain_layer_norm=True,
         float_nodes=["/inner/vit/embeddings/patch_embeddings/projection/Conv"],
     )
+    files |= pruned_variants(model, work, calib)
     return files, {"fused_by_the_optimizer": fused}
+
+
+PRUNED = {  # name: (layers removed, heads removed, FFN share removed)
+    "pruned_ffn50_int8": (0, 0, 0.5),
+    "pruned_heads3_int8": (0, 1, 0.0),
+    "pruned_heads3_ffn50_int8": (0, 1, 0.5),
+    "pruned_heads2_ffn50_int8": (0, 2, 0.5),
+    "pruned_layers3_int8": (1, 0, 0.0),
+    "pruned_layers3_ffn50_int8": (1, 0, 0.5),
+}
+
+
+def pruned_variants(model: Any, work: Path, calib: Any) -> dict[str, Path]:
+    """int8 dynamic of pruned copies, as the stage builds pruned_int8_dynamic (no recovery)."""
+    from tunery.vision.params import VisionPruneConfig
+    from tunery.vision.prune import build_pruned
+    from tunery.vision.variants import build
+
+    files = {}
+    for name, (layers, heads, ffn) in PRUNED.items():
+        cfg = VisionPruneConfig(enabled=True, layers=layers, heads=heads, ffn_fraction=ffn)
+        build_pruned(model, [calib[:64], calib[64:]], calib, cfg, work / f"{name}.fp32.onnx")
+        files[name] = work / f"{name}.onnx"
+        build("pruned_int8_dynamic", work / f"{name}.fp32.onnx", files[name], calib, work)
+    return files
+
+
+def torch_profile(model: Any, x: np.ndarray, runs: int = 20) -> dict[str, Any]:
+    """PyTorch eager's own operators on one thread (torch.profiler, self CPU time per batch)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    xt = torch.from_numpy(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            model(pixel_values=xt)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(runs):
+                    model(pixel_values=xt)
+    finally:
+        torch.set_num_threads(before)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {
+        "threads": 1,
+        "self_cpu_ms_per_batch": round(total / runs / 1e3, 3),
+        "ops_ms": {e.key: round(e.self_cpu_time_total / runs / 1e3, 3) for e in rows},
+    }
 
 
 def session(path: Path, threads: int, spin: bool) -> Any:
@@ -271,6 +325,11 @@ def main() -> None:
             for name in ("int8_dynamic", "int8_dynamic_conv_quantized")
             for t in (1, 0)
         }
+        profiles["fp32_1t"] = op_profile(files["fp32"], x, 1)
+        profiles["pruned_heads3_ffn50_int8_1t"] = op_profile(
+            files["pruned_heads3_ffn50_int8"], x, 1
+        )
+        profiles["torch_eager_1t"] = torch_profile(model, x)
     b = args.batch
     out = {
         "bench": "vision_int8",

@@ -60,6 +60,8 @@ def tiny_tree(source: dict) -> dict:
     tree["compress"]["variants"] = ["fp32", "int8_dynamic", "fp16"]
     tree["compress"]["max_f1_drop"] = 1.0
     tree["compress"]["calibration_samples"] = 8
+    tree["compress"]["prune"]["recovery"].update(steps=2, batch_size=4)
+    tree["compress"]["prune"]["images"] = 8
     tree["compress"]["bench"] = {
         "warmup": 1,
         "latency_runs": 2,
@@ -119,6 +121,7 @@ def chain(tmp_path_factory) -> dict:
         variants_dir=root / c.variants_dir,
         out_dir=root / c.out_dir,
         report_dir=root / c.report_dir,
+        raw_dir=root / p.ingest.out_dir,
     )
     out["evaluate"] = evaluate.run(
         p.evaluate,
@@ -205,8 +208,20 @@ def test_compress_judges_variants_and_deploys_a_calibrated_one(chain):
 
     root, p = chain["root"], chain["params"]
     report = json.loads((root / p.compress.report_dir / "report.json").read_text())
-    assert set(report["variants"]) == {"fp32", "int8_dynamic", "fp16"}
+    assert set(report["variants"]) == {
+        "fp32",
+        "int8_dynamic",
+        "fp16",
+        "pruned_fp32",
+        "pruned_int8_dynamic",
+    }
     assert "parity" in report["variants"]["int8_dynamic"]
+    assert "parity" in report["variants"]["pruned_int8_dynamic"]
+    assert report["prune"]["heads_per_layer"] == 1 and report["prune"]["recovery"]["steps"] == 2
+    assert (
+        "Pruned: layers [0, 1] kept, 1 heads"
+        in (root / p.compress.report_dir / "report.md").read_text()
+    )
     assert (
         report["variants"]["fp16"].get("skipped") or "cuda" in report["variants"]["fp16"]["bench"]
     )

@@ -70,13 +70,29 @@ def outputs(folder: Path, image_paths: Sequence[Path], device: str = "cpu") -> t
     return logits, run_batches(runner(model, device, PROBABILITIES), pv)
 
 
+def clock(name: str) -> Any:
+    """The timer of a bench: `wall` (perf_counter) or `cpu`, the CPU time of the calling thread
+    (`time.thread_time`). With one thread both runtimes compute on the calling thread (torch
+    with `set_num_threads(1)`, onnxruntime with `intra_op_num_threads` 1, no pool), so `cpu`
+    is what a pass costs on a core of its own: the wall time of a quiet machine, unmoved by
+    other jobs taking the core mid-pass."""
+    return time.thread_time if name == "cpu" else time.perf_counter
+
+
 def torch_throughput(
-    model: Any, pixel_values: Any, *, batch: int, batches: int, repeats: int, threads: int = 0
+    model: Any,
+    pixel_values: Any,
+    *,
+    batch: int,
+    batches: int,
+    repeats: int,
+    threads: int = 0,
+    timer: str = "wall",
 ) -> float:
     """Images/s of the PyTorch fp32 model in eager mode, the median of `repeats` passes.
 
     `threads` (compress.bench.threads, 0: torch's default) is what the onnxruntime variants are
-    timed with too, so the ratio compares the two runtimes on the same cores.
+    timed with too, so the ratio compares the two runtimes on the same cores; `timer`: `clock`.
     """
     import torch
 
@@ -86,27 +102,28 @@ def torch_throughput(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _time_torch(model, feeds, repeats)
+        return _time_torch(model, feeds, repeats, clock(timer))
     finally:
         torch.set_num_threads(before)
 
 
-def _time_torch(model: Any, feeds: list[Any], repeats: int) -> float:
+def _time_torch(model: Any, feeds: list[Any], repeats: int, now: Any) -> float:
     import torch
 
     with torch.inference_mode():
         model(pixel_values=feeds[0])
         passes = []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = now()
             for f in feeds:
                 model(pixel_values=f)
-            passes.append(time.perf_counter() - t)
+            passes.append(now() - t)
     return round(sum(len(f) for f in feeds) / float(np.median(passes)), 1)
 
 
-def bench(run: Any, pixel_values: Any, cfg: Any) -> dict[str, float]:
-    """Batch-1 latency p50/p95 (ms) and throughput (images/s, median of the repeats) of `run`."""
+def bench(run: Any, pixel_values: Any, cfg: Any, timer: str = "wall") -> dict[str, Any]:
+    """Batch-1 latency p50/p95 (ms) and throughput (images/s, median of the repeats) of `run`,
+    timed by `timer` (`clock`); `throughput_wall` is the wall-clock one either way."""
     x = np.ascontiguousarray(pixel_values.numpy(), dtype=np.float32)
     singles = [x[i % len(x)][None] for i in range(cfg.latency_runs)]
     b = cfg.throughput_batch
@@ -118,15 +135,19 @@ def bench(run: Any, pixel_values: Any, cfg: Any) -> dict[str, float]:
         t = time.perf_counter()
         run({INPUT_NAME: feed})
         times.append(time.perf_counter() - t)
-    passes = []
+    now, passes, walls = clock(timer), [], []
     for _ in range(cfg.throughput_repeats):
-        t = time.perf_counter()
+        t, w = now(), time.perf_counter()
         for feed in groups:
             run({INPUT_NAME: feed})
-        passes.append(time.perf_counter() - t)
+        passes.append(now() - t)
+        walls.append(time.perf_counter() - w)
+    images = sum(len(g) for g in groups)
     return {
         "latency_p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
         "latency_p95_ms": round(float(np.percentile(times, 95)) * 1e3, 3),
-        "throughput": round(sum(len(g) for g in groups) / float(np.median(passes)), 1),
+        "throughput": round(images / float(np.median(passes)), 1),
+        "throughput_wall": round(images / float(np.median(walls)), 1),
+        "throughput_clock": timer,
         "throughput_batch": b,
     }

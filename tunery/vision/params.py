@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from tunery.config import (
     BenchConfig,
@@ -23,6 +23,7 @@ from tunery.config import (
     DriftConfig,
     PipelineConfig,
     PrepareConfig,
+    PruneConfig,
     RegistryConfig,
     Section,
     TrackingConfig,
@@ -143,6 +144,14 @@ class VisionExportConfig(Section):
 VisionVariant = Literal["fp32", "fp16", "int8_dynamic", "int8_static"]
 
 
+class VisionPruneConfig(PruneConfig):
+    """The text compress's pruning settings (`tunery.config.PruneConfig`: layers, heads, FFN
+    share, `recovery`) for the ViT (`tunery.vision.prune`), plus the images the recovery
+    distils on: up to `images` of the unlabelled pool, and the train split's (labels unused)."""
+
+    images: int = Field(default=4096, ge=0)
+
+
 class VisionCompressConfig(Section):
     """The text compress's rule: the fastest variant on `target_provider` whose macro-F1 on val +
     test is at most `max_f1_drop` below PyTorch's; fp16 targets CUDA only."""
@@ -155,9 +164,23 @@ class VisionCompressConfig(Section):
     max_f1_drop: float = Field(default=0.005, ge=0.0, le=1.0)
     rank_by: Literal["throughput", "latency_p50"] = "throughput"
     bench: BenchConfig = BenchConfig()
+    # What throughput is timed by (tunery/vision/deploy.py `clock`): cpu, the calling thread's CPU
+    # time (needs bench.threads 1: both runtimes then compute on that thread), or wall.
+    clock: Literal["cpu", "wall"] = "wall"
+    # enabled: pruned_fp32 and pruned_int8_dynamic join the variants, judged by the same rule.
+    prune: VisionPruneConfig = VisionPruneConfig()
     variants_dir: str = "models/variants"
     out_dir: str = "models/deploy"  # the deployable model (modality image, calibrated)
     report_dir: str = "reports/compress"
+
+    @model_validator(mode="after")
+    def _cpu_clock_on_one_thread(self) -> VisionCompressConfig:
+        if self.clock == "cpu" and self.bench.threads != 1:
+            raise ValueError(
+                "compress.clock cpu needs compress.bench.threads 1 (with more threads the work "
+                "runs outside the calling thread, which is all its clock sees)"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -42,10 +42,15 @@ class PixelReader:
         self._it = iter(self._feeds)
 
 
+PRUNED = ("pruned_fp32", "pruned_int8_dynamic")  # with compress.prune.enabled
+
+
 def build(name: str, src: Path, dest: Path, calibration: Any, work: Path) -> None:
-    """Write variant `name` of the fp32 graph `src` to `dest`."""
+    """Write variant `name` of the fp32 graph `src` to `dest` (a pruned_* variant: `src` is the
+    pruned model's graph, `pruned_source`, made like the unpruned one's)."""
     from tunery.onnx import compress as comp
 
+    name = name.removeprefix("pruned_")
     if name == "fp32":
         shutil.copyfile(src, dest)
     elif name == "int8_dynamic":
@@ -110,7 +115,9 @@ def judge_and_time(
     record["parity"] = comp.parity(ref_logits, logits, y)
     record["parity"]["judged_on"] = here[0]
     record["bench"] = {
-        p: deploy.bench(deploy.runner(path, p, threads=cfg.bench.threads), bench_x, cfg.bench)
+        p: deploy.bench(
+            deploy.runner(path, p, threads=cfg.bench.threads), bench_x, cfg.bench, cfg.clock
+        )
         for p in here
     }
     return record
@@ -127,6 +134,22 @@ def variant_line(name: str, v: dict[str, Any], torch_tp: float) -> str:
     )
 
 
+def prune_line(info: dict[str, Any]) -> str:
+    """report.md's line on what the pruning did (or why it failed)."""
+    if "error" in info:
+        return f"Pruning failed: {info['error']}"
+    rec = info.get("recovery")
+    done = (
+        f", then {rec['steps']} distillation steps on {rec['images']} images ({rec['seconds']} s)"
+        if rec
+        else ", no recovery"
+    )
+    return (
+        f"Pruned: layers {info['kept_layers']} kept, {info['heads_per_layer']} heads and "
+        f"{info['ffn_neurons_per_layer']} FFN neurons per layer{done}."
+    )
+
+
 def select(variants: dict[str, dict[str, Any]], cfg: Any) -> tuple[str, list[str]]:
     """The text compress's rule over the variants that were judged."""
     from tunery.onnx import compress as comp
@@ -139,15 +162,45 @@ def select(variants: dict[str, dict[str, Any]], cfg: Any) -> tuple[str, list[str
     )
 
 
+def pruned_source(cfg: Any, context: dict[str, Any], dest: Path) -> dict[str, Any]:
+    """The pruned and recovered ViT as an fp32 graph at `dest` (`tunery.vision.prune`), from the
+    PyTorch reference, scored on the calibration images, distilled on `context["pool"]`."""
+    from tunery.vision.prune import build_pruned
+
+    calib = context["calibration"]
+    batches = [calib[i : i + 64] for i in range(0, len(calib), 64)]
+    return build_pruned(context["model"], batches, context["pool"], cfg.prune, dest)
+
+
 def build_all(cfg: Any, src: Path, dest_dir: Path, context: dict[str, Any]) -> dict[str, Any]:
     """Build, judge and time every listed variant into `dest_dir/<name>/` (a model folder each,
-    `tunery.onnx.export.write_model_dir`); a variant that fails is recorded, not fatal."""
+    `tunery.onnx.export.write_model_dir`); a variant that fails is recorded, not fatal. With
+    `prune.enabled`, pruned_fp32 and pruned_int8_dynamic too; what the pruning did goes to
+    `context["prune"]`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tunery-pruned-") as pruned_work:
+        sources = {name: src for name in cfg.variants}
+        if cfg.prune.enabled:
+            pruned = Path(pruned_work) / "pruned.onnx"
+            try:
+                context["prune"] = pruned_source(cfg, context, pruned)
+                sources |= {name: pruned for name in PRUNED}
+            except Exception as exc:  # pruning failing: recorded, the other variants stand
+                log.warning("pruning failed: %s", exc)
+                context["prune"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        return _build_each(cfg, sources, dest_dir, context)
+
+
+def _build_each(
+    cfg: Any, sources: dict[str, Path], dest_dir: Path, context: dict[str, Any]
+) -> dict[str, Any]:
     import tempfile
 
     from tunery.onnx import export as ox
 
     variants: dict[str, Any] = {}
-    for name in cfg.variants:
+    for name, src in sources.items():
         folder = dest_dir / name
         folder.mkdir(parents=True)
         try:
