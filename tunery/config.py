@@ -305,6 +305,10 @@ class RecoveryConfig(Section):
     kd_weight: float = Field(default=0.5, ge=0.0, le=1.0)  # KL share; the rest cross-entropy
     # Layer-wise distillation: MSE of each layer's hidden states to the teacher's (normalized).
     hidden_weight: float = Field(default=0.0, ge=0.0)
+    # Quantization-aware recovery: the student's Linear layers (and its frozen embeddings) are
+    # fake-quantized the way onnxruntime's dynamic int8 quantizes them (`distill.fake_quantized`),
+    # so it learns weights that survive the int8 graph; the export stays a float graph.
+    quant_aware: bool = False
     seed: int = 0
 
 
@@ -394,6 +398,17 @@ class CompressConfig(Section):
     report_dir: str = "reports/compress"
 
     OUTPUTS: ClassVar[dict[str, str]] = {"variants": "variants_dir", "deploy": "out_dir"}
+
+    @model_validator(mode="after")
+    def _quant_aware_matches_int8(self) -> CompressConfig:
+        # The recovery's fake quantization mirrors per-channel 7-bit weights only.
+        int8 = self.int8
+        if self.prune.recovery.quant_aware and not (int8.per_channel and int8.reduce_range):
+            raise ValueError(
+                "compress.prune.recovery.quant_aware mirrors int8 per_channel + reduce_range "
+                "(7-bit per-channel weights); set both true or quant_aware false"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- pretrain
