@@ -109,3 +109,28 @@ def test_quant_aware_needs_the_int8_options_it_mirrors():
     CompressConfig(prune=prune)
     with pytest.raises(ValueError, match="quant_aware mirrors"):
         CompressConfig(prune=prune, int8=Int8Config(reduce_range=False))
+
+
+def test_the_compress_report_says_the_recovery_was_quantization_aware():
+    from tunery.onnx.compress import _pruning_line
+
+    rec = {
+        "macro_f1_drop_pruned": 0.1,
+        "macro_f1_drop_recovered": 0.01,
+        "steps": 300,
+        "batch_size": 32,
+        "temperature": 2.0,
+        "kd_weight": 0.5,
+        "hidden_weight": 0.0,
+        "seconds": 120.0,
+    }
+    prune = {"ffn_fraction": 0.5}
+    line = _pruning_line(
+        {"prune": prune, "variants": {"pruned_fp32": {"pruning": {"recovery": rec}}}}
+    )
+    assert "quantization-aware" not in line
+    rec["quant_aware"] = True
+    line = _pruning_line(
+        {"prune": prune, "variants": {"pruned_fp32": {"pruning": {"recovery": rec}}}}
+    )
+    assert "quantization-aware (int8 fake-quantized): 120 s)" in line

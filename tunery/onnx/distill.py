@@ -207,7 +207,11 @@ _WEIGHT_Q = 64  # reduce_range: int8 weights in [-64, 64]
 def fake_quantized(model: Any) -> Iterator[Any]:
     """`model` with its Linear layers' inputs and weights fake-quantized as the int8 graph computes
     them (straight-through gradients: torch's fake_quantize ops) and its embedding parameters
-    replaced by their uint8-rounded values; everything is restored on exit."""
+    replaced by their uint8-rounded values; everything is restored on exit.
+
+    Each Linear alone reproduces its int8 node to ~1e-5 of the logits on the demo model; all of
+    them at once, rounding differences compound (mean |logit - int8 graph's| 0.066 vs the float
+    model's 0.109 on the demo's val + test): the same kind of error, not the same bits."""
     import torch
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -261,6 +265,7 @@ def _seen_tokens(model: Any) -> dict[int, str]:
 
 
 def _fake_quant_forward(lin: Any, tokens: dict, seen: str) -> Any:
+    import torch
     import torch.nn.functional as F
 
     def forward(x: Any) -> Any:
@@ -273,8 +278,6 @@ def _fake_quant_forward(lin: Any, tokens: dict, seen: str) -> Any:
         else:
             mask = real
         return F.linear(fake_quant_uint8(x, mask), fake_quant_weight(lin.weight), lin.bias)
-
-    import torch
 
     return forward
 
