@@ -831,8 +831,9 @@ def _pruning_line(report: dict[str, Any]) -> str:
         line += (
             f", {-rec['macro_f1_drop_recovered']:+.4f} after distillation recovery "
             f"({rec['steps']} steps x {rec['batch_size']} texts, KL T={rec['temperature']:g} "
-            f"weight {rec['kd_weight']:g} + CE, hidden-state weight {rec['hidden_weight']:g}: "
-            f"{rec['seconds']:.0f} s)"
+            f"weight {rec['kd_weight']:g} + CE, hidden-state weight {rec['hidden_weight']:g}"
+            + (", quantization-aware (int8 fake-quantized)" if rec.get("quant_aware") else "")
+            + f": {rec['seconds']:.0f} s)"
         )
     if done.get("seconds") is not None:
         line += f"; pruned model built in {done['seconds']:.0f} s"
