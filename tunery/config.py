@@ -753,15 +753,10 @@ DEMO_OVERRIDES: dict[str, str] = {
     "compared (no registry assumed)",
     "compress.prune.enabled": "the demo weighs pruned candidates beside the plain int8 (the "
     "3x target); off by default: pruning plus recovery costs minutes a run",
-    "compress.prune.layers": "the demo's measured setting: 2 of 6 layers dropped (spread) and a "
-    "quantization-aware recovery kept the pruned int8 within budget on the glosses "
-    "(bench/results/prune_quant_aware-cpu.json)",
-    "compress.prune.recovery.steps": "600 distillation steps (~7 passes over the demo's train "
+    "compress.prune.ffn_fraction": "the demo's measured setting: FFN 50 % + distillation recovered "
+    "fp32 macro-F1 on the glosses (bench/prune_distill.py)",
+    "compress.prune.recovery.steps": "300 distillation steps (~3.5 passes over the demo's train "
     "split); off by default with pruning itself",
-    "compress.prune.recovery.hidden_weight": "with layers dropped, the hidden-state term helped "
-    "the 4-layer model (-0.43 vs -0.55 pt PyTorch, bench/results/prune_layers-cpu.json)",
-    "compress.prune.recovery.quant_aware": "the 4-layer model loses ~0.6 pt more as int8 unless "
-    "it learns under int8 rounding (-1.05 -> -0.17 pt); ~1.3x a recovery step",
     "pretrain.init": "the demo continues from an installed base (all-MiniLM-L6-v2) instead of "
     "training a scratch encoder and its tokenizer",
     "pretrain.base": "the installed package the demo's base comes from",
