@@ -357,7 +357,7 @@ def _calibrate(
             h.remove()
 
 
-def _linear(lin: Any, idx: Any, dim: int) -> Any:
+def sliced_linear(lin: Any, idx: Any, dim: int) -> Any:
     """A copy of nn.Linear `lin` keeping output features `idx` (dim 0) or input features (dim 1)."""
     import torch
 
@@ -374,7 +374,7 @@ class _Stats(dict):
     """Sums over the real tokens of the calibration texts, kept by a forward hook (`__call__`)."""
 
 
-class _FfnStats(_Stats):
+class FfnStats(_Stats):
     """The FFN's hidden activations (the input of its output projection): |x| and x sums."""
 
     def __init__(self) -> None:
@@ -386,7 +386,7 @@ class _FfnStats(_Stats):
         self["n"] += x.shape[0]
 
 
-class _HeadStats(_Stats):
+class HeadStats(_Stats):
     """The attention context before W_O: each head's contribution norm, sums, and (for the
     least-squares refit) the Gram matrix."""
 
@@ -425,7 +425,7 @@ def prune_ffn(
     layers = _encoder_layers(model, "FFN")
     width = layers[0].intermediate.dense.out_features
     keep = max(1, round(width * (1.0 - fraction)))
-    stats = [_FfnStats() for _ in layers]
+    stats = [FfnStats() for _ in layers]
     _calibrate(model, feeds, {ly.output.dense: st for ly, st in zip(layers, stats, strict=True)})
     with torch.no_grad():
         for layer, st in zip(layers, stats, strict=True):
@@ -433,13 +433,13 @@ def prune_ffn(
             n = max(st["n"], 1)
             score = torch.as_tensor(st["abs"] / n).float() * down.weight.norm(dim=0)
             idx = torch.topk(score, keep).indices.sort().values
-            new_down = _linear(down, idx, 1)
+            new_down = sliced_linear(down, idx, 1)
             if compensate and down.bias is not None and st["n"]:
                 dropped = torch.ones(width, dtype=torch.bool)
                 dropped[idx] = False
                 mean = torch.as_tensor(st["sum"] / n).float()
                 new_down.bias += down.weight[:, dropped] @ mean[dropped]
-            layer.intermediate.dense, layer.output.dense = _linear(up, idx, 0), new_down
+            layer.intermediate.dense, layer.output.dense = sliced_linear(up, idx, 0), new_down
     model.config.intermediate_size = keep
     log.info("pruned FFN: %d -> %d neurons per layer", width, keep)
     return model
@@ -481,7 +481,7 @@ def prune_heads(
         raise TuneryError(f"prune_heads: refit must be lstsq, mean or none (got {refit!r})")
     keep = n_heads - heads
     stats = [
-        _HeadStats(ly.attention.output.dense.weight, n_heads, size, gram=refit == "lstsq")
+        HeadStats(ly.attention.output.dense.weight, n_heads, size, gram=refit == "lstsq")
         for ly in layers
     ]
     _calibrate(
@@ -496,23 +496,23 @@ def prune_heads(
     return model
 
 
-def _drop_heads(layer: Any, st: _HeadStats, *, keep: int, size: int, refit: str, ridge: float):
+def _drop_heads(layer: Any, st: HeadStats, *, keep: int, size: int, refit: str, ridge: float):
     """Keep the `keep` most important heads of one layer; refit its output projection."""
     import torch
 
     attn, out = layer.attention.self, layer.attention.output.dense
     kept = torch.topk(torch.as_tensor(st["score"]).float(), keep).indices.sort().values
     idx = (kept[:, None] * size + torch.arange(size)).flatten()
-    new_out = _linear(out, idx, 1)
+    new_out = sliced_linear(out, idx, 1)
     if st["n"] and out.bias is not None and refit != "none":
-        _refit_output(out, new_out, st, idx, refit=refit, ridge=ridge)
+        refit_output(out, new_out, st, idx, refit=refit, ridge=ridge)
     for name in ("query", "key", "value"):
-        setattr(attn, name, _linear(getattr(attn, name), idx, 0))
+        setattr(attn, name, sliced_linear(getattr(attn, name), idx, 0))
     layer.attention.output.dense = new_out
     attn.num_attention_heads, attn.all_head_size = keep, keep * size
 
 
-def _refit_output(out: Any, new_out: Any, st: _HeadStats, idx: Any, *, refit: str, ridge: float):
+def refit_output(out: Any, new_out: Any, st: HeadStats, idx: Any, *, refit: str, ridge: float):
     """The pruned W_O (`new_out`) refitted to the full layer's output: lstsq, or the mean."""
     import torch
 

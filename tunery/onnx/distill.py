@@ -81,7 +81,7 @@ def recover(
     rng = np.random.default_rng(cfg.seed)
     teacher.eval()
     student.train()
-    opt = torch.optim.AdamW(_trained(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trained_parameters(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(
         opt, int(cfg.warmup_ratio * cfg.steps), max(cfg.steps, 1)
     )
@@ -91,7 +91,7 @@ def recover(
     with fake_quantized(student) if quant_aware else contextlib.nullcontext():
         for step in range(cfg.steps):
             feed, labels = _feed(data, next(batches))
-            loss = _loss(student, teacher, feed, labels, cfg, teacher_layers)
+            loss = distill_loss(student, teacher, feed, labels, cfg, teacher_layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -110,7 +110,7 @@ def recover(
     return student, record
 
 
-def _trained(student: Any) -> list[Any]:
+def trained_parameters(student: Any) -> list[Any]:
     """The student's parameters but its embeddings (frozen): pruning does not touch them, and
     their AdamW update (the 30k-word matrix holds half of MiniLM's weights) is cost for nothing."""
     embeddings = getattr(getattr(student, "base_model", None), "embeddings", None)
@@ -152,7 +152,7 @@ def _feed(data: RecoveryData, idx: np.ndarray) -> tuple[dict, Any]:
     return {k: torch.from_numpy(v) for k, v in feed.items()}, torch.from_numpy(data.labels[idx])
 
 
-def _loss(
+def distill_loss(
     student: Any,
     teacher: Any,
     feed: dict,

@@ -3,8 +3,8 @@
 The text pipeline's pruning (`tunery.onnx.compress.prune_ffn/prune_heads/drop_layers`) walks
 BERT's module tree (`encoder.layer[i].attention.self.query`, `.intermediate.dense`); transformers'
 ViT names the same parts `vit.layers[i].attention.{q,k,v,o}_proj` and `.mlp.fc1/fc2`. The
-importance scores and the refit are the text side's own (`_FfnStats`, `_HeadStats`, `_linear`,
-`_refit_output`, reused as they are); only where they are read and written differs. The
+importance scores and the refit are the text side's own (`FfnStats`, `HeadStats`, `sliced_linear`,
+`refit_output`, reused as they are); only where they are read and written differs. The
 calibration is a few batches of images instead of token features (no padding mask: every patch
 token is real).
 """
@@ -77,13 +77,13 @@ def prune_ffn(model: Any, batches: Sequence[Any], fraction: float) -> Any:
     `tunery.onnx.compress.prune_ffn`'s rule)."""
     import torch
 
-    from tunery.onnx.compress import _FfnStats, _linear
+    from tunery.onnx.compress import FfnStats, sliced_linear
 
     model = copy.deepcopy(model).eval()
     layers = vit_layers(model)
     width = layers[0].mlp.fc1.out_features
     keep = max(1, round(width * (1.0 - fraction)))
-    stats = [_FfnStats() for _ in layers]
+    stats = [FfnStats() for _ in layers]
     _calibrate(model, batches, {ly.mlp.fc2: st for ly, st in zip(layers, stats, strict=True)})
     with torch.no_grad():
         for layer, st in zip(layers, stats, strict=True):
@@ -91,13 +91,13 @@ def prune_ffn(model: Any, batches: Sequence[Any], fraction: float) -> Any:
             n = max(st["n"], 1)
             score = torch.as_tensor(st["abs"] / n).float() * down.weight.norm(dim=0)
             idx = torch.topk(score, keep).indices.sort().values
-            new_down = _linear(down, idx, 1)
+            new_down = sliced_linear(down, idx, 1)
             dropped = torch.ones(width, dtype=torch.bool)
             dropped[idx] = False
             new_down.bias += (
                 down.weight[:, dropped] @ torch.as_tensor(st["sum"] / n).float()[dropped]
             )
-            layer.mlp.fc1, layer.mlp.fc2 = _linear(up, idx, 0), new_down
+            layer.mlp.fc1, layer.mlp.fc2 = sliced_linear(up, idx, 0), new_down
     model.config.intermediate_size = keep
     log.info("pruned FFN: %d -> %d neurons per layer", width, keep)
     return model
@@ -108,7 +108,7 @@ def prune_heads(model: Any, batches: Sequence[Any], heads: int, *, ridge: float 
     first, o_proj refitted by ridge least squares (`tunery.onnx.compress.prune_heads`'s rule)."""
     import torch
 
-    from tunery.onnx.compress import _HeadStats, _linear, _refit_output
+    from tunery.onnx.compress import HeadStats, refit_output, sliced_linear
 
     model = copy.deepcopy(model).eval()
     layers = vit_layers(model)
@@ -116,7 +116,7 @@ def prune_heads(model: Any, batches: Sequence[Any], heads: int, *, ridge: float 
     if not 0 < heads < n_heads:
         raise TuneryError(f"cannot remove {heads} of {n_heads} attention heads per layer")
     keep = n_heads - heads
-    stats = [_HeadStats(ly.attention.o_proj.weight, n_heads, size, gram=True) for ly in layers]
+    stats = [HeadStats(ly.attention.o_proj.weight, n_heads, size, gram=True) for ly in layers]
     _calibrate(
         model, batches, {ly.attention.o_proj: st for ly, st in zip(layers, stats, strict=True)}
     )
@@ -125,10 +125,10 @@ def prune_heads(model: Any, batches: Sequence[Any], heads: int, *, ridge: float 
             attn = layer.attention
             kept = torch.topk(torch.as_tensor(st["score"]).float(), keep).indices.sort().values
             idx = (kept[:, None] * size + torch.arange(size)).flatten()
-            new_out = _linear(attn.o_proj, idx, 1)
-            _refit_output(attn.o_proj, new_out, st, idx, refit="lstsq", ridge=ridge)
+            new_out = sliced_linear(attn.o_proj, idx, 1)
+            refit_output(attn.o_proj, new_out, st, idx, refit="lstsq", ridge=ridge)
             for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(attn, name, _linear(getattr(attn, name), idx, 0))
+                setattr(attn, name, sliced_linear(getattr(attn, name), idx, 0))
             attn.o_proj, attn.num_attention_heads = new_out, keep
     model.config.num_attention_heads = keep
     model.config.head_dim = size

@@ -1,9 +1,9 @@
 """Distillation recovery of a pruned image ViT towards the unpruned fine-tune.
 
-The loss is the text recovery's (`tunery.onnx.distill._loss`: temperature-scaled KL to the
+The loss is the text recovery's (`tunery.onnx.distill.distill_loss`: temperature-scaled KL to the
 teacher's logits, the cross-entropy share, the normalized per-layer hidden-state MSE with kept
 layers mapped to the teacher layers they were copied from), and so is what is trained (all but
-the embeddings, `distill._trained`). What differs is the feed: `distill.recover` draws
+the embeddings, `distill.trained_parameters`). What differs is the feed: `distill.recover` draws
 length-grouped batches of token features with labels (`RecoveryData`); here a batch is
 `pixel_values` drawn at random from images that need no label — the unlabelled pool SimCLR
 learned from plus the train split — with the teacher's argmax standing in for the label in the
@@ -49,7 +49,9 @@ def recover(
     rng = np.random.default_rng(cfg.seed)
     teacher.eval()
     student.train()
-    opt = torch.optim.AdamW(distill._trained(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        distill.trained_parameters(student), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     sched = get_linear_schedule_with_warmup(
         opt, int(cfg.warmup_ratio * cfg.steps), max(cfg.steps, 1)
     )
@@ -59,7 +61,9 @@ def recover(
         x = pixel_values[next(batches)]
         with torch.no_grad():
             labels = teacher(pixel_values=x).logits.argmax(-1)
-        loss = distill._loss(student, teacher, {"pixel_values": x}, labels, cfg, teacher_layers)
+        loss = distill.distill_loss(
+            student, teacher, {"pixel_values": x}, labels, cfg, teacher_layers
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
