@@ -78,6 +78,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=5.0e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="the GPU's dense bf16 peak for MFU (989: H100/H200 SXM); unused on CPU",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results/simclr_value.json"))
     p.add_argument(
         "--encoder",
@@ -237,7 +243,30 @@ def pretrain_arm(args: argparse.Namespace, processor: Any, data: dict, work: Pat
         out_dir=work / "simclr",
     )
     result["params"] = sum(p.numel() for p in model.vit.parameters())
+    result["utilisation"] = utilisation(
+        result, sum(p.numel() for p in model.parameters()), args, processor.size
+    )
     return {"model": model, "result": result, "spec": spec.model_dump(), **settings.model_dump()}
+
+
+def utilisation(result: dict, params: int, args: argparse.Namespace, size: int) -> dict:
+    """Model-FLOPs utilisation of the SimCLR step on a GPU: 6 x all parameters (ViT + projection
+    head) x tokens per view (patches + CLS) x 2 views x images/s over `--peak-tflops`; the
+    attention's score FLOPs (~2 % at 17 tokens) are left out, as in bench/pretrain.py's `mfu`.
+    On CPU the FLOP rate is given and MFU is null (no peak to hold it to)."""
+    import torch
+
+    tokens = (size // args.patch) ** 2 + 1
+    flops_per_image = 6 * params * tokens * 2
+    rate = flops_per_image * result.get("images_per_s", 0.0)
+    cuda = torch.cuda.is_available()
+    return {
+        "flops_formula": "6 * N_all_params * (patches + 1) * 2 views per image",
+        "model_flops_per_image": flops_per_image,
+        "model_gflops_per_s": round(rate / 1e9, 3),
+        "peak_tflops": args.peak_tflops if cuda else None,
+        "mfu": round(rate / (args.peak_tflops * 1e12), 4) if cuda else None,
+    }
 
 
 def probe_arms(processor: Any, data: dict, work: Path) -> dict[str, dict[str, float]]:

@@ -412,3 +412,5 @@ def test_bench_runs_on_a_fake_fashion_mnist(tmp_path):
         "finetune_lora@0.0003",
     }
     assert result["pretrain"]["images_per_s"] > 0
+    use = result["pretrain"]["utilisation"]  # on CPU: the FLOP rate, no MFU
+    assert use["model_gflops_per_s"] > 0 and use["mfu"] is None
