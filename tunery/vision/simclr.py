@@ -2,9 +2,11 @@
 
 The objective is the model's own `forward` (as the text side's SimCSE): `ViTForSimCLR` takes two
 views of a batch and returns the NT-Xent loss, so the Trainer's checkpoints (safetensors), resume,
-gradient accumulation and DDP under `torchrun` apply unchanged. The views are made in the collator
-(`SimCLRCollator`), seeded from the batch's dataset indices, so a resumed run sees the views the
-uninterrupted one would have. The encoder sits under `vit`, so `ViTForImageClassification`
+gradient accumulation and DDP under `torchrun` apply unchanged; under DDP the loss gathers every
+process's projections, so the negatives are the global batch's (as in the paper), and
+`simclr.batch_size` is the global batch. The views are made in the collator (`SimCLRCollator`),
+seeded from the batch's dataset indices, so a resumed run sees the views the uninterrupted one
+would have. The encoder sits under `vit`, so `ViTForImageClassification`
 (`vit.build_classifier(base_dir=<saved SimCLR folder>)`) loads it and drops the projection head,
 which SimCLR throws away after pretraining anyway.
 """
@@ -32,7 +34,15 @@ log = logging.getLogger("tunery.vision.simclr")
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent: for each of the 2N views, cross-entropy of its partner among the other 2N - 1
-    (cosine similarities over `temperature`); the mean over all 2N views."""
+    (cosine similarities over `temperature`); the mean over all 2N views.
+
+    Under DDP (torch.distributed initialised, world size > 1) the negatives are the global
+    batch's, as in SimCLR: see `_nt_xent_global`. One process: the local batch, as always.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _nt_xent_global(z1, z2, temperature)
     import torch.nn.functional as F
 
     n = z1.shape[0]
@@ -40,6 +50,33 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     sim = z @ z.T / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, partner)
+
+
+def _nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """This rank's 2n rows against all W ranks' 2Wn views (gathered differentiably, same n on
+    every rank), the mean over this rank's rows.
+
+    The global views are ordered as one process would order them, [all first views; all second
+    views], so this rank's row i of `z1` sits at rank * n + i and its partner at W * n + rank * n
+    + i. The gather's backward sums every rank's gradient into each rank's own views, so rank r's
+    gradient is that of sum_r' L_r' through its own images; DDP averages over the W ranks:
+    (1/W) sum_r' L_r' is the mean over all 2Wn rows, i.e. one process's loss on the global batch.
+    """
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.nn.functional import all_gather
+
+    n, world, rank = z1.shape[0], dist.get_world_size(), dist.get_rank()
+    local = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    views = F.normalize(torch.cat([*all_gather(z1), *all_gather(z2)]).float(), dim=-1)
+    sim = local @ views.T / temperature
+    rows = torch.arange(2 * n, device=local.device)
+    own = torch.where(rows < n, rank * n + rows, world * n + rank * n + rows - n)
+    sim = sim.masked_fill(
+        own[:, None] == torch.arange(2 * world * n, device=local.device), float("-inf")
+    )
+    partner = torch.where(rows < n, own + world * n, own - world * n)
     return F.cross_entropy(sim, partner)
 
 
@@ -133,13 +170,31 @@ def build_simclr(
     )
 
 
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """`simclr.batch_size` is the global batch (as `finetune.batch_size` on the text side): under
+    torchrun each of the processes takes its share, and NT-Xent gathers the views of all, so
+    the negatives, the steps and the schedule do not depend on the number of processes."""
+    if batch_size % processes:
+        from tunery.errors import ConfigError
+
+        raise ConfigError(
+            f"simclr.batch_size {batch_size} is the global batch and must divide evenly among "
+            f"the {processes} training processes"
+        )
+    return batch_size // processes
+
+
 def _args(settings: SimCLRSettings, out_dir: Path) -> Any:
     from transformers import TrainingArguments
 
+    from tunery.modeling.training import world_size
+
     cuda = torch.cuda.is_available()
+    processes = world_size()
+    ddp = {"ddp_backend": "nccl" if cuda else "gloo"} if processes > 1 else {}
     return TrainingArguments(
         output_dir=str(out_dir),
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=per_process_batch(settings.batch_size, processes),
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
         lr_scheduler_type="cosine",
@@ -157,6 +212,7 @@ def _args(settings: SimCLRSettings, out_dir: Path) -> Any:
         disable_tqdm=True,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
+        **ddp,
     )
 
 
@@ -175,6 +231,11 @@ def pretrain(
     Checkpoints (`save_steps`) go to `out_dir/checkpoint-<step>`; `resume` continues from the
     last one. Returns the run's numbers: steps, images seen, seconds, images/s (each image
     counted once though it is encoded twice), first and last logged loss, the loss history.
+
+    Under torchrun (DDP) `settings.batch_size` is the global batch, split among the processes
+    (`per_process_batch`), and the loss is NT-Xent over the global batch (`nt_xent`); rank 0
+    writes `out_dir/model`. The views differ from one process's: each process's collator seeds
+    them from its own share of the indices.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -193,12 +254,14 @@ def pretrain(
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
-    model.save_pretrained(out_dir / "model")
+    if trainer.is_world_process_zero():  # under torchrun: one writer, the others wait for it
+        model.save_pretrained(out_dir / "model")
+    trainer.accelerator.wait_for_everyone()
     history = [
         {"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h
     ]
     steps = trainer.state.global_step - _step_of(checkpoint)
-    images = steps * settings.batch_size * args.gradient_accumulation_steps * args.world_size
+    images = steps * settings.batch_size * args.gradient_accumulation_steps  # the global batch
     return {
         "steps": trainer.state.global_step,
         "images": images,
@@ -207,6 +270,7 @@ def pretrain(
         "loss_first": history[0]["loss"] if history else None,
         "loss_last": history[-1]["loss"] if history else None,
         "stopped_by_budget": bool(budget and budget.stopped_at is not None),
+        "world_size": args.world_size,  # training processes (torchrun); images: the global count
         "history": history,
     }
 
