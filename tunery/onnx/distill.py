@@ -69,16 +69,33 @@ def recover(
 
     `teacher_layers[i]`: the teacher layer whose hidden state student layer i is compared with
     (the layer it was copied from when layers were dropped); default: the same index."""
-    import torch
-    from transformers import get_linear_schedule_with_warmup
-
     if len(data.encoded) < cfg.batch_size:
         raise TuneryError(
             f"compress.prune.recovery: {len(data.encoded)} training texts, fewer than one batch "
             f"of batch_size={cfg.batch_size}"
         )
-    torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    groups = _length_grouped(data, rng, cfg.batch_size)
+    batches = (_feed(data, idx) for idx in groups)
+    return student, train_towards(student, teacher, batches, cfg, teacher_layers=teacher_layers)
+
+
+def train_towards(
+    student: Any,
+    teacher: Any,
+    batches: Iterator[tuple[dict, Any]],
+    cfg: Any,
+    *,
+    teacher_layers: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The recovery loop both pipelines share: `cfg.steps` AdamW steps (linear warm-up and
+    decay) of `distill_loss` on `batches` ((feed, labels) pairs, drawn lazily: the teacher is in
+    eval mode by then), under `fake_quantized` when `cfg.quant_aware`; leaves `student` in eval
+    mode and returns what it did (steps, seconds, first/last loss, the settings)."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(cfg.seed)
     teacher.eval()
     student.train()
     opt = torch.optim.AdamW(trained_parameters(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -86,11 +103,10 @@ def recover(
         opt, int(cfg.warmup_ratio * cfg.steps), max(cfg.steps, 1)
     )
     started, losses = time.monotonic(), []
-    batches = _length_grouped(data, rng, cfg.batch_size)
     quant_aware = getattr(cfg, "quant_aware", False)
     with fake_quantized(student) if quant_aware else contextlib.nullcontext():
         for step in range(cfg.steps):
-            feed, labels = _feed(data, next(batches))
+            feed, labels = next(batches)
             loss = distill_loss(student, teacher, feed, labels, cfg, teacher_layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -100,14 +116,13 @@ def recover(
             if step % 100 == 0 or step == cfg.steps - 1:
                 log.info("prune recovery: step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     student.eval()
-    record = {
+    return {
         "steps": cfg.steps,
         "seconds": round(time.monotonic() - started, 1),
         "first_loss": round(losses[0], 5) if losses else None,
         "last_loss": round(float(np.mean(losses[-20:])), 5) if losses else None,
         **cfg.model_dump(exclude={"steps"}),
     }
-    return student, record
 
 
 def trained_parameters(student: Any) -> list[Any]:
