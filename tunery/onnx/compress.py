@@ -419,30 +419,37 @@ def prune_ffn(
     layers rather than `torch.nn.utils.prune`: that only masks weights (same shapes, same
     FLOPs), and onnxruntime runs a masked matrix as fast as a full one.
     """
-    import torch
-
     model = copy.deepcopy(model).eval()
     layers = _encoder_layers(model, "FFN")
     width = layers[0].intermediate.dense.out_features
     keep = max(1, round(width * (1.0 - fraction)))
     stats = [FfnStats() for _ in layers]
     _calibrate(model, feeds, {ly.output.dense: st for ly, st in zip(layers, stats, strict=True)})
-    with torch.no_grad():
-        for layer, st in zip(layers, stats, strict=True):
-            up, down = layer.intermediate.dense, layer.output.dense
-            n = max(st["n"], 1)
-            score = torch.as_tensor(st["abs"] / n).float() * down.weight.norm(dim=0)
-            idx = torch.topk(score, keep).indices.sort().values
-            new_down = sliced_linear(down, idx, 1)
-            if compensate and down.bias is not None and st["n"]:
-                dropped = torch.ones(width, dtype=torch.bool)
-                dropped[idx] = False
-                mean = torch.as_tensor(st["sum"] / n).float()
-                new_down.bias += down.weight[:, dropped] @ mean[dropped]
-            layer.intermediate.dense, layer.output.dense = sliced_linear(up, idx, 0), new_down
+    for layer, st in zip(layers, stats, strict=True):
+        layer.intermediate.dense, layer.output.dense = sliced_ffn(
+            layer.intermediate.dense, layer.output.dense, st, keep, compensate=compensate
+        )
     model.config.intermediate_size = keep
     log.info("pruned FFN: %d -> %d neurons per layer", width, keep)
     return model
+
+
+def sliced_ffn(up: Any, down: Any, st: FfnStats, keep: int, *, compensate: bool = True):
+    """One FFN's (up, down) Linear pair with its `keep` most important neurons (`prune_ffn`'s
+    rule; shared with the image pipeline's ViT, whose pair is `mlp.fc1/fc2`)."""
+    import torch
+
+    with torch.no_grad():
+        n = max(st["n"], 1)
+        score = torch.as_tensor(st["abs"] / n).float() * down.weight.norm(dim=0)
+        idx = torch.topk(score, keep).indices.sort().values
+        new_down = sliced_linear(down, idx, 1)
+        if compensate and down.bias is not None and st["n"]:
+            dropped = torch.ones(up.out_features, dtype=torch.bool)
+            dropped[idx] = False
+            mean = torch.as_tensor(st["sum"] / n).float()
+            new_down.bias += down.weight[:, dropped] @ mean[dropped]
+        return sliced_linear(up, idx, 0), new_down
 
 
 def prune_heads(

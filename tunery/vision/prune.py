@@ -75,9 +75,7 @@ def prune_ffn(model: Any, batches: Sequence[Any], fraction: float) -> Any:
     """A copy of `model` with `fraction` of each layer's FFN neurons removed, least important
     first (mean |activation| x ||W_fc2 column||, the removed neurons' mean folded into fc2's bias:
     `tunery.onnx.compress.prune_ffn`'s rule)."""
-    import torch
-
-    from tunery.onnx.compress import FfnStats, sliced_linear
+    from tunery.onnx.compress import FfnStats, sliced_ffn
 
     model = copy.deepcopy(model).eval()
     layers = vit_layers(model)
@@ -85,19 +83,8 @@ def prune_ffn(model: Any, batches: Sequence[Any], fraction: float) -> Any:
     keep = max(1, round(width * (1.0 - fraction)))
     stats = [FfnStats() for _ in layers]
     _calibrate(model, batches, {ly.mlp.fc2: st for ly, st in zip(layers, stats, strict=True)})
-    with torch.no_grad():
-        for layer, st in zip(layers, stats, strict=True):
-            up, down = layer.mlp.fc1, layer.mlp.fc2
-            n = max(st["n"], 1)
-            score = torch.as_tensor(st["abs"] / n).float() * down.weight.norm(dim=0)
-            idx = torch.topk(score, keep).indices.sort().values
-            new_down = sliced_linear(down, idx, 1)
-            dropped = torch.ones(width, dtype=torch.bool)
-            dropped[idx] = False
-            new_down.bias += (
-                down.weight[:, dropped] @ torch.as_tensor(st["sum"] / n).float()[dropped]
-            )
-            layer.mlp.fc1, layer.mlp.fc2 = sliced_linear(up, idx, 0), new_down
+    for layer, st in zip(layers, stats, strict=True):
+        layer.mlp.fc1, layer.mlp.fc2 = sliced_ffn(layer.mlp.fc1, layer.mlp.fc2, st, keep)
     model.config.intermediate_size = keep
     log.info("pruned FFN: %d -> %d neurons per layer", width, keep)
     return model
