@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tunery.modeling.training import MARKER
 from tunery.vision import augment as aug
 from tunery.vision.finetune import (
     AugmentedCollator,
@@ -151,7 +152,7 @@ def test_simclr_steps_lower_the_loss_on_fixed_views(tmp_path):
 def test_simclr_resume_after_a_stop_matches_the_uninterrupted_run(tmp_path):
     x, _ = two_class_pixels(32)
 
-    def run(out, *, resume=False, minutes=None):
+    def run(out, *, resume=None, minutes=None):
         settings = SimCLRSettings(batch_size=8, max_steps=4, save_steps=2, max_minutes=minutes)
         model = build_simclr(GREY, settings, spec=TINY)
         result = pretrain(
@@ -166,11 +167,47 @@ def test_simclr_resume_after_a_stop_matches_the_uninterrupted_run(tmp_path):
         return model, result
 
     whole, _ = run(tmp_path / "a")
-    _, stopped = run(tmp_path / "b", minutes=1e-9)  # the budget stops it after one step
+    _, stopped = run(tmp_path / "b", resume="fp", minutes=1e-9)  # stopped after one step
     assert stopped["stopped_by_budget"] and stopped["steps"] == 1
-    resumed, _ = run(tmp_path / "b", resume=True)
+    assert (tmp_path / "b" / "checkpoint-1" / MARKER).is_file()
+    half = tmp_path / "b" / "checkpoint-3"  # a save cut short by a kill: no marker
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"trunc")
+    resumed, result = run(tmp_path / "b", resume="fp")
+    assert result["steps"] == 4 and result["images"] == 3 * 8  # from step 1, not from scratch
+    assert not half.exists()  # skipped and removed
     for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_mae_learns_and_resumes_to_the_uninterrupted_weights(tmp_path):
+    from tunery.vision import mae
+    from tunery.vision.settings import MAESettings
+
+    x, _ = two_class_pixels(32)
+    start = build_simclr(GREY, SimCLRSettings(), spec=TINY)
+
+    def run(out, *, resume=None, minutes=None, steps=4):
+        settings = MAESettings(
+            batch_size=8, max_steps=steps, save_steps=2, max_minutes=minutes, learning_rate=3e-3
+        )
+        model = mae.build_mae(start, settings)
+        return model, mae.pretrain(model, x, settings, out_dir=out, resume=resume)
+
+    model = mae.build_mae(start, MAESettings())
+    for k, v in mae.encoder_weights(start).items():  # the start's weights, but MAE's positions
+        assert torch.equal(model.state_dict()[k], v) == (k != mae.POSITIONS), k
+    _, long = run(tmp_path / "long", steps=24)
+    assert long["loss_last"] < long["loss_first"]
+    whole, _ = run(tmp_path / "a")
+    _, stopped = run(tmp_path / "b", resume="fp", minutes=1e-9)  # stopped after one step
+    assert stopped["stopped_by_budget"] and stopped["steps"] == 1
+    resumed, result = run(tmp_path / "b", resume="fp")
+    assert result["resumed_from_step"] == 1 and result["steps"] == 4
+    for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    encoder = mae.into_encoder(resumed, build_simclr(GREY, SimCLRSettings(), spec=TINY))
+    assert torch.equal(encoder.vit.embeddings.cls_token, resumed.vit.embeddings.cls_token)
 
 
 # --------------------------------------------------------------------------- probe

@@ -11,13 +11,16 @@ own) is computed too, to show the comparison tells the two apart. (The images ar
 the first step the loss sits near ln 15, the uniform guess; the weights still move by ~0.6.)
 
 Then `pretrain` (the library's Trainer loop) runs under torchrun: `simclr.batch_size` is the global
-batch, 4 images per process, and the run counts the global images.
+batch, 4 images per process, and the run counts the global images. Last, the `pretrain` stage
+itself (`python -m tasks.vision.pretrain`, as vision/dvc.yaml runs it) under torchrun, killed after
+its first complete checkpoint and re-run: it resumes there and matches an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,8 +176,136 @@ def test_pretrain_under_torchrun_takes_the_global_batch(tmp_path):
 
 def test_batch_size_must_split_evenly_among_the_processes():
     from tunery.errors import ConfigError
-    from tunery.vision.simclr import per_process_batch
+    from tunery.vision.pretrain_loop import per_process_batch
 
     assert per_process_batch(256, 1) == 256 and per_process_batch(256, 2) == 128
     with pytest.raises(ConfigError, match="global batch"):
         per_process_batch(10, 4)
+
+
+# --------------------------------------------------------------------------- the stage
+HOLD = """
+import os, sys, time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+import tunery.modeling.callbacks as cb
+
+flag, original = Path(os.environ["TUNERY_TEST_HOLD"]), cb.trainer_callbacks
+
+
+class Hold(TrainerCallback):  # after CompletionMarker: the checkpoint is complete
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            flag.write_text(str(state.global_step))
+        time.sleep(3600)
+
+
+cb.trainer_callbacks = lambda **kw: [*original(**kw), Hold()]
+sys.argv = ["tasks.vision.pretrain"]
+from tasks.vision.pretrain import main
+
+main()
+"""
+STAGE_STEPS, SAVE_STEPS = 6, 2
+
+
+@pytest.fixture(scope="module")
+def snapshot_root(tmp_path_factory) -> Path:
+    """A tiny image project up to the corpus stage's snapshot (in this process), ready for
+    `tasks.vision.pretrain`: three classes of 28x28 PNGs, a 2-layer ViT, 6 SimCLR steps of a
+    global batch of 8, a checkpoint every 2."""
+    import yaml
+
+    from tasks.vision import corpus, ingest, prepare
+    from tests.test_vision_pipeline import class_images, tiny_tree
+    from tunery.vision.params import VisionParams
+
+    root = tmp_path_factory.mktemp("vision-ddp") / "proj"
+    for package in ("tunery", "tasks"):
+        shutil.copytree(
+            REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    class_images(root / "data" / "source", per_class=16)
+    tree = tiny_tree({"kind": "folder", "path": "data/source"})
+    tree["tracking"]["log_models"] = False
+    tree["pretrain"]["simclr"].update(
+        batch_size=8, max_steps=STAGE_STEPS, save_steps=SAVE_STEPS, logging_steps=1
+    )
+    (root / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    p = VisionParams.model_validate(tree)
+    raw, data = root / p.ingest.out_dir, root / p.prepare.out_dir
+    ingest.run(p.ingest, root=root, out_dir=raw)
+    prepare.run(p.prepare, raw_dir=raw, out_dir=data)
+    corpus.run(p.corpus, root=root, raw_dir=raw, data_dir=data, out_dir=root / p.corpus.out_dir)
+    return root
+
+
+def stage_env(root: Path, **extra: str) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", **extra)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def run_stage(root: Path) -> dict:
+    argv = [*TORCHRUN, "-m", "tasks.vision.pretrain"]
+    done = subprocess.run(
+        argv, cwd=root, env=stage_env(root), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((root / "models" / "encoder" / "pretrain.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_pretrain_stage_under_torchrun_resumes_after_a_kill(snapshot_root, tmp_path):
+    """The stage's `cmd` under torchrun: rank 0 alone probes and writes; killed (SIGKILL to the
+    whole torchrun tree) right after its first complete checkpoint, the re-run resumes there and
+    ends with the weights of an uninterrupted two-process run."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.services import Proc
+
+    whole_root, killed_root = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole_root, killed_root):
+        shutil.copytree(snapshot_root, root)
+    whole = run_stage(whole_root)
+    assert whole["world_size"] == 2 and whole["steps"] == STAGE_STEPS
+    assert whole["images"] == STAGE_STEPS * 8 and whole["resumed_from_step"] == 0
+    assert set(whole["probe"]) >= {"simclr", "init"}
+    assert not (whole_root / "checkpoints" / "pretrain").exists()  # gone once written
+
+    script = killed_root / "hold_pretrain.py"
+    script.write_text(HOLD)
+    flag = tmp_path / "held"
+    proc = Proc(
+        [*TORCHRUN, str(script)],
+        tmp_path / "killed.log",
+        stage_env(killed_root, TUNERY_TEST_HOLD=str(flag)),
+        cwd=killed_root,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not flag.exists():
+            assert proc.alive(), proc.tail()
+            assert time.monotonic() < deadline, proc.tail()
+            time.sleep(0.2)
+    finally:
+        proc.stop(signal.SIGKILL)  # torchrun and both ranks, no clean-up of their own
+    held_at = int(flag.read_text())
+    assert held_at == SAVE_STEPS
+    assert not (killed_root / "models" / "encoder").exists()  # nothing written
+    resumed = run_stage(killed_root)
+    assert not list((killed_root / "models").glob(".encoder.*"))  # the killed run's temp folder
+    assert resumed["resumed_from_step"] == held_at and resumed["steps"] == STAGE_STEPS
+    assert resumed["images"] == (STAGE_STEPS - held_at) * 8  # only the steps it still took
+    a = load_file(str(killed_root / "models" / "encoder" / "model" / "model.safetensors"))
+    b = load_file(str(whole_root / "models" / "encoder" / "model" / "model.safetensors"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"resumed from step {held_at}; max weight difference to the whole run {worst:.2e}")
+    assert worst < 1e-5

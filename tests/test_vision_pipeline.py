@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -162,8 +163,44 @@ def test_pretrain_keeps_its_starting_weights_and_probes_both(chain):
     assert (enc / "model" / "model.safetensors").is_file()
     m = chain["pretrain"]
     assert m["steps"] == 2 and m["objective"] == "simclr"
-    assert set(m["probe"]) == {"simclr", "init", "diff_pt"}
+    assert set(m["probe"]) == {"pretrained", "init", "diff_pt"}
     assert not (root / p.pretrain.checkpoint_dir).exists()  # removed once the output is written
+
+
+def test_mae_writes_the_same_encoder_folder_from_the_same_start(chain, tmp_path):
+    """`pretrain.objective: mae`: the same starting weights as SimCLR's (init/), an encoder
+    folder the fine-tune reads as it reads SimCLR's, with MAE's encoder weights in it."""
+    from safetensors.torch import load_file
+
+    from tunery.vision import encoder_dir, pretraining
+    from tunery.vision.vit import build_classifier
+
+    root, p = chain["root"], chain["params"]
+    tree = p.model_dump(mode="json")
+    tree["pretrain"].update(objective="mae")
+    tree["pretrain"]["mae"].update(batch_size=8, max_steps=3, logging_steps=1)
+    cfg = VisionParams.model_validate(tree).pretrain
+    out = tmp_path / "encoder"
+    m = pretraining.run(
+        cfg,
+        p.processor,
+        root=root,
+        raw_dir=root / p.ingest.out_dir,
+        data_dir=root / p.prepare.out_dir,
+        out_dir=out,
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    assert m["objective"] == "mae" and m["steps"] == 3 and m["loss_last"] > 0
+    assert set(m["probe"]) == {"pretrained", "init", "diff_pt"}
+    simclr_init = load_file(str(root / p.pretrain.out_dir / "init" / "model.safetensors"))
+    mae_init = load_file(str(out / "init" / "model.safetensors"))
+    assert all(torch.equal(simclr_init[k], mae_init[k]) for k in simclr_init)  # one start
+    trained = load_file(str(out / "model" / "model.safetensors"))
+    moved = [k for k in trained if not torch.equal(trained[k], mae_init[k])]
+    assert "vit.embeddings.position_embeddings" in moved  # MAE's fixed sin-cos
+    assert any(".attention.attention.query.weight" in k for k in moved)
+    clf = build_classifier(p.processor, ["a", "b", "c"], base_dir=encoder_dir.model_dir(out))
+    assert torch.equal(clf.vit.embeddings.cls_token, trained["vit.embeddings.cls_token"])
 
 
 def test_finetune_trains_every_arm_and_gates_pretraining(chain):
@@ -189,6 +226,8 @@ def test_pretrain_gate_steps_aside_when_simclr_loses():
     assert worse["pays"] is False and "does NOT pay" in worse["decision"]
     assert worse["val_macro_f1_diff_pt"] == -5.0
     assert gate({"val": {"macro_f1": 0.5}}, {"val": {"macro_f1": 0.5}}, "lora")["pays"] is True
+    mae = gate({"val": {"macro_f1": 0.5}}, {"val": {"macro_f1": 0.4}}, "full", "mae")
+    assert mae["decision"].startswith("MAE pays: full val macro-F1 0.5000 vs 0.4000")
 
 
 def test_export_folder_is_an_image_model_with_parity(chain):
@@ -408,3 +447,5 @@ def test_stage_value_table_of_a_full_fine_tune_shows_lora_as_the_reference():
     assert v.startswith("lora holdout macro-F1 0.7700 vs full fine-tuning 0.8000 (-0.0300)")
     assert "NOT within 0.005; full fine-tuning is the method and ships" in v
     assert what["pipeline"] == "full on this pipeline's SimCLR encoder"
+    mae = vev.table(arms, None, deployed, "mae")
+    assert {r["row"]: r["what"] for r in mae["rows"]}["probe"].startswith("MAE encoder frozen")

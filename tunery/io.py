@@ -53,12 +53,35 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _sweep_killed(dest: Path) -> None:
+    """Remove the temporary folders a killed writer of `dest` left beside it: their names carry
+    the writer's pid (`.<name>.<pid>.<random>.tmp`), and a pid no longer running on this host
+    (SIGKILL, OOM, power loss: no `finally` ran) will never finish them. A live writer's is kept."""
+    for tmp in dest.parent.glob(f".{dest.name}.*.tmp"):
+        pid = tmp.name[len(dest.name) + 2 :].split(".", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `dest`; on success it replaces `dest` whole."""
+    """Yield a fresh temporary folder beside `dest`; on success it replaces `dest` whole.
+    Folders left by a killed earlier writer of `dest` are removed first (`_sweep_killed`)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    _sweep_killed(dest)
+    prefix = f".{dest.name}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         _as_created(tmp, 0o777, dest)

@@ -43,7 +43,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
         "final_loss",
         "heldout.*_loss",
         "probe.*.logreg",
-        "probe.simclr",
+        "probe.pretrained",
         "probe.init",
         "images_per_s",
         "seconds",

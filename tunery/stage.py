@@ -76,6 +76,13 @@ def log_outputs(
     return linked
 
 
+def _module(stage: str) -> str:
+    """The stage's module as run (`tasks.vision.pretrain` for the image pipeline's)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return name if name.startswith("tasks.") else f"tasks.{stage}"
+
+
 def stage_main(
     stage: str,
     body: StageBody,
@@ -87,7 +94,7 @@ def stage_main(
     `load_params`, or the image pipeline's `tunery.vision.params.load_vision_params`), open the
     stage's tracking run, run `body`, write its metrics."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m tasks.{stage}", description=f"Run the `{stage}` stage."
+        prog=f"python -m {_module(stage)}", description=f"Run the `{stage}` stage."
     )
     parser.add_argument(
         "-p", "--params", default="params.yaml", help="params file (default: params.yaml)"

@@ -72,7 +72,7 @@ def run(
     deployed = vev.deployed_entry(
         manifest, holdout, json.loads(compress_report.read_text()), ft["info"]["method"], shipped
     )
-    table = vev.table(ft["arms"], baseline, deployed)
+    table = vev.table(ft["arms"], baseline, deployed, ft["info"].get("objective", "simclr"))
     gate = gate_report.build(
         holdout=holdout,
         challenger={

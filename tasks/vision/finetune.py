@@ -35,13 +35,15 @@ def run(
         name: splits.load(data_dir, name, root, processor, labels)[1:]
         for name in ("train", *arm_runs.SCORED)
     }
+    objective = encoder_dir.objective(encoder)
     model, arms = arm_runs.run_arms(
         cfg,
         processor,
         labels,
         data,
         init_dir=encoder_dir.init_dir(encoder),
-        simclr_dir=encoder_dir.model_dir(encoder),
+        pretrained_dir=encoder_dir.model_dir(encoder),
+        objective=objective,
     )
     chosen = arms["chosen"]
     shipped = arms["arms"][chosen]
@@ -49,7 +51,8 @@ def run(
         "modality": "image",
         "method": cfg.method,
         "chosen_arm": chosen,
-        "encoder": "simclr" if chosen == "pipeline" else "init (no pretraining)",
+        "encoder": objective if chosen == "pipeline" else "init (no pretraining)",
+        "objective": objective,  # what made the pretrained encoder (the arms' pipeline)
         "processor": contract(processor),
         "settings": cfg.model_dump(mode="json"),
         "train_rows": len(data["train"][1]),

@@ -325,9 +325,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def worker_main(prog: str, fn: Any, argv: list[str] | None) -> None:
+def worker_main(prog: str, fn: Any, argv: list[str] | None, *, loader: Any = None) -> None:
     """A stage's entry point on a torchrun rank other than 0: the stage's command line, then
-    `fn(params, root)`; no tracking run and no metrics file (rank 0 writes those)."""
+    `fn(params, root)`; no tracking run and no metrics file (rank 0 writes those). `loader`
+    reads the params file (`stage_main`'s; default the text pipeline's `load_params`)."""
     import argparse
     import sys
 
@@ -343,7 +344,7 @@ def worker_main(prog: str, fn: Any, argv: list[str] | None) -> None:
     setup_logging(args.verbose)
     root = env.configure()
     try:
-        fn(load_params(root / args.params, args.set), root)
+        fn((loader or load_params)(root / args.params, args.set), root)
     except TuneryError as exc:
         stage = prog.rsplit(".", 1)[-1]  # tasks.pretrain -> pretrain, as stage_main says it
         print(f"tunery {stage} (rank {rank()}): error: {exc}", file=sys.stderr)

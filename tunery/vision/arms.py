@@ -1,10 +1,11 @@
-"""The image fine-tune stage's work: the method on SimCLR's encoder, and the arms it is judged by.
+"""The image fine-tune stage's work: the method on the pretrained encoder (SimCLR's or MAE's), and
+the arms it is judged by.
 
 Arms, all with the same steps, schedule, seed and classifier initialisation:
 
-  probe     SimCLR's encoder frozen, logistic regression on its mean-pooled embeddings
-  base      the method (full in the demo, or LoRA) on the weights SimCLR started from
-  pipeline  the same method on SimCLR's output
+  probe     the pretrained encoder frozen, logistic regression on its pooled embeddings
+  base      the method (full in the demo, or LoRA) on the weights pretraining started from
+  pipeline  the same method on the pretrained encoder
   full      every weight trained, on the encoder the pretrain gate chose (the reference)
   lora      with `method: full` (the demo's default) only: LoRA on that encoder, so the
             table shows the PEFT alternative next to the full fine-tune that is shipped
@@ -93,7 +94,7 @@ def train_arm(
 
 
 def probe_arm(encoder_dir: Path, labels: list[str], data: dict) -> dict[str, Any]:
-    """Logistic regression on the frozen SimCLR encoder's embeddings (train -> each split)."""
+    """Logistic regression on the frozen pretrained encoder's embeddings (train -> each split)."""
     import time
 
     from sklearn.linear_model import LogisticRegression
@@ -117,19 +118,22 @@ def probe_arm(encoder_dir: Path, labels: list[str], data: dict) -> dict[str, Any
     return record
 
 
-def gate(pipeline: dict, base: dict, method: str) -> dict[str, Any]:
-    """The pretrain gate on val macro-F1: does SimCLR's encoder beat its starting weights?"""
+def gate(pipeline: dict, base: dict, method: str, objective: str = "simclr") -> dict[str, Any]:
+    """The pretrain gate on val macro-F1: does the pretrained encoder beat its starting weights?"""
+    from tunery.vision.encoder_dir import objective_name
+
+    name = objective_name(objective)
     p, b = pipeline["val"]["macro_f1"], base["val"]["macro_f1"]
     pays = p >= b
     diff = 100 * (p - b)
     if pays:
         decision = (
-            f"SimCLR pays: {method} val macro-F1 {p:.4f} vs {b:.4f} from its starting weights "
+            f"{name} pays: {method} val macro-F1 {p:.4f} vs {b:.4f} from its starting weights "
             f"({diff:+.1f} pt); the pretrained encoder is shipped"
         )
     else:
         decision = (
-            f"SimCLR does NOT pay: {method} val macro-F1 {p:.4f} vs {b:.4f} from its starting "
+            f"{name} does NOT pay: {method} val macro-F1 {p:.4f} vs {b:.4f} from its starting "
             f"weights ({diff:+.1f} pt); pretraining steps aside, the fine-tune without it is shipped"
         )
     return {
@@ -141,12 +145,19 @@ def gate(pipeline: dict, base: dict, method: str) -> dict[str, Any]:
 
 
 def run_arms(
-    cfg: Any, processor: Any, labels: list[str], data: dict, *, init_dir: Path, simclr_dir: Path
+    cfg: Any,
+    processor: Any,
+    labels: list[str],
+    data: dict,
+    *,
+    init_dir: Path,
+    pretrained_dir: Path,
+    objective: str = "simclr",
 ) -> tuple[Any, dict[str, Any]]:
     """Every arm; returns the shipped model and arms.json's content."""
     arms: dict[str, Any] = {}
     pipeline_model, arms["pipeline"] = train_arm(
-        simclr_dir, cfg.method, cfg, processor, labels, data
+        pretrained_dir, cfg.method, cfg, processor, labels, data
     )
     _log_arm("pipeline", arms["pipeline"])
     if not cfg.ablations:
@@ -155,15 +166,15 @@ def run_arms(
             "chosen": "pipeline",
             "pretrain_gate": {"applied": False},
         }
-    arms["probe"] = probe_arm(simclr_dir, labels, data)
+    arms["probe"] = probe_arm(pretrained_dir, labels, data)
     _log_arm("probe", arms["probe"])
     base_model, arms["base"] = train_arm(init_dir, cfg.method, cfg, processor, labels, data)
     _log_arm("base", arms["base"])
-    decision = gate(arms["pipeline"], arms["base"], cfg.method)
+    decision = gate(arms["pipeline"], arms["base"], cfg.method, objective)
     log.info("pretrain gate: %s", decision["decision"])
     chosen = "pipeline" if decision["pays"] else "base"
     shipped = pipeline_model if chosen == "pipeline" else base_model
-    encoder = simclr_dir if chosen == "pipeline" else init_dir
+    encoder = pretrained_dir if chosen == "pipeline" else init_dir
     if cfg.method == "full":  # the method is the reference; LoRA on the same encoder is shown
         arms["full"] = dict(arms[chosen])
         _, arms["lora"] = train_arm(encoder, "lora", cfg, processor, labels, data)

@@ -1,12 +1,15 @@
 """The image pretrain stage's output folder: the one module that names, writes and reads it.
 
-    init/          the ViT (with its SimCLR head) as SimCLR started: the "no pretraining" weights
-                   the base fine-tune arm starts from (same architecture, same seed)
-    model/         the same model after SimCLR (safetensors, `from_pretrained` folder)
-    pretrain.json  what the run did: steps, images/s, the loss history, the probe
+    init/          the ViT (a `ViTForSimCLR`: with SimCLR's projection head) as pretraining
+                   started: the "no pretraining" weights the base fine-tune arm starts from
+                   (same architecture, same seed), whichever the objective
+    model/         the same model after pretraining (safetensors, `from_pretrained` folder); after
+                   MAE its encoder weights are MAE's and the projection head is init's, unused
+    pretrain.json  what the run did: the objective, steps, images/s, the loss history, the probe
 
 Both weight folders load into `ViTForImageClassification` (`vit.build_classifier(base_dir=...)`):
-the encoder sits under `vit`, the projection head is dropped.
+the encoder sits under `vit`, the projection head is dropped. Readers that embed (the probe arm,
+the LP-FT head, drift) use `ViTForSimCLR.embed`, pooled as its config's `simclr_pooling` says.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ from typing import Any
 from tunery.errors import TuneryError
 
 INIT, MODEL, INFO = "init", "model", "pretrain.json"
+OBJECTIVES = {"simclr": "SimCLR", "mae": "MAE"}  # pretrain.objective -> how reports name it
+
+
+def objective_name(objective: str) -> str:
+    return OBJECTIVES.get(objective, objective)
+
+
+def objective(folder: Path) -> str:
+    """The objective that made the encoder in `folder` (older folders: SimCLR's)."""
+    return read_info(folder).get("objective", "simclr")
 
 
 def init_dir(folder: Path) -> Path:

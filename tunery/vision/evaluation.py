@@ -23,9 +23,9 @@ log = logging.getLogger("tunery.evaluate")
 
 PIXELS_WHAT = "logistic regression on raw pixels"
 ARM_LABELS = {
-    "probe": "SimCLR encoder frozen + logistic regression (probe)",
+    "probe": "{objective} encoder frozen + logistic regression (probe)",
     "base": "{method} from random weights (no pretraining)",
-    "pipeline": "{method} on this pipeline's SimCLR encoder",
+    "pipeline": "{method} on this pipeline's {objective} encoder",
     "lora": "LoRA on the shipped encoder (the PEFT alternative)",
 }
 GRID_FILE = "confident_wrong.png"
@@ -132,16 +132,20 @@ def deployed_entry(
     }
 
 
-def table(arms: dict, baseline: dict | None, deployed: dict) -> dict[str, Any]:
+def table(
+    arms: dict, baseline: dict | None, deployed: dict, objective: str = "simclr"
+) -> dict[str, Any]:
     from tunery.evaluation import stage_value
+    from tunery.vision.encoder_dir import objective_name
 
     method = deployed.get("method") or "fine-tune"
+    name = objective_name(objective)
     return stage_value.build(
         arms=arms,
         baseline=baseline,
         deployed=deployed,
         baseline_what=PIXELS_WHAT,
-        arm_labels={k: v.format(method=method) for k, v in ARM_LABELS.items()},
+        arm_labels={k: v.format(method=method, objective=name) for k, v in ARM_LABELS.items()},
         unit="images",
         baseline_short="raw-pixel LR",
     )

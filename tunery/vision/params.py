@@ -36,7 +36,7 @@ from tunery.data.images import ImageChecks
 from tunery.errors import ConfigError
 from tunery.vision.augment import AugmentConfig
 from tunery.vision.processor import ProcessorConfig
-from tunery.vision.settings import SimCLRSettings
+from tunery.vision.settings import MAESettings, SimCLRSettings
 from tunery.vision.vit import VitSpec
 
 MODALITY = "image"  # the top-level `modality:` key that marks a vision params file
@@ -87,17 +87,25 @@ class VisionIngestConfig(Section):
 
 # --------------------------------------------------------------------------- pretrain
 class VisionPretrainConfig(Section):
-    """SimCLR on the unlabelled pool (plus the train split's images, labels unused)."""
+    """Self-supervised pretraining on the unlabelled pool (plus the train split's images, labels
+    unused): SimCLR (`simclr`) or MAE (`mae`), each with its own schedule."""
 
     init: Literal["scratch", "base"] = "scratch"  # scratch: a ViT of `vit`'s size; base: `base`
     base: str | None = None  # a ViT model folder (its encoder is the starting point)
+    objective: Literal["simclr", "mae"] = "simclr"
     vit: VitSpec = VitSpec()
     simclr: SimCLRSettings = SimCLRSettings()
+    mae: MAESettings = MAESettings()
     augment: AugmentConfig = AugmentConfig()
     probe_max_train: int = Field(default=2000, gt=0)  # train images for the linear probe
     checkpoint_dir: str = "checkpoints/pretrain"  # resume point, outside the DVC output
     out_dir: str = "models/encoder"  # init/ (the weights SimCLR started from), model/ (after it)
     OUTPUTS: ClassVar[dict[str, str]] = {"encoder": "out_dir"}
+
+    @property
+    def schedule(self) -> SimCLRSettings | MAESettings:
+        """The chosen objective's settings (its schedule and its knobs)."""
+        return self.simclr if self.objective == "simclr" else self.mae
 
 
 # --------------------------------------------------------------------------- finetune

@@ -1,17 +1,19 @@
-"""The image pretrain stage's work: SimCLR on the pool, then a probe against the starting weights.
+"""The image pretrain stage's work: SimCLR or MAE on the pool, then a probe against the starting
+weights.
 
 The pool is the unlabelled images plus the train split's images (labels unused; never val, test
 or holdout), read in the pipeline from the corpus stage's snapshot (tunery/vision/corpus.py). The
 starting weights are kept (`init/`), so the fine-tune's "no pretraining" arm starts from exactly
-what SimCLR started from. The probe (logistic regression on frozen mean-pooled
-embeddings, train split -> val split) tells, before any fine-tuning, whether SimCLR taught the
-encoder anything a random ViT's features do not already give.
+what pretraining started from; both objectives start from the same weights (a ViT of `vit`'s
+size from `simclr.seed`, or the base's encoder) and write the same encoder folder
+(tunery/vision/encoder_dir.py). The probe (logistic regression on frozen pooled embeddings,
+train split -> val split) tells, before any fine-tuning, whether pretraining taught the encoder
+anything a random ViT's features do not already give.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,7 +27,8 @@ log = logging.getLogger("tunery.pretrain")
 
 
 def build(cfg: Any, processor: Any, root: Path) -> Any:
-    """The SimCLR model to train: a ViT of `cfg.vit`'s size, or on `cfg.base`'s encoder."""
+    """The starting weights: a `ViTForSimCLR` of `cfg.vit`'s size, or on `cfg.base`'s encoder.
+    SimCLR trains it as it is; MAE trains its own model from it (`mae.build_mae`)."""
     from tunery.vision.simclr import build_simclr
 
     base = None
@@ -38,30 +41,51 @@ def build(cfg: Any, processor: Any, root: Path) -> Any:
     return build_simclr(processor, cfg.simclr, spec=cfg.vit, base_dir=base)
 
 
+def train(cfg: Any, start: Any, pool: Any, processor: Any, **loop: Any) -> tuple[Any, dict]:
+    """Pretrain with `cfg.objective` from `start`: the trained encoder (a `ViTForSimCLR`,
+    `start` itself for SimCLR, a copy with MAE's encoder weights for MAE) and the run's numbers."""
+    if cfg.objective == "simclr":
+        from tunery.vision.simclr import pretrain
+
+        result = pretrain(
+            start, pool, cfg.simclr, processor=processor, augment_cfg=cfg.augment, **loop
+        )
+        return start, result
+    import copy
+
+    from tunery.vision import mae
+
+    model = mae.build_mae(start, cfg.mae)
+    result = mae.pretrain(model, pool, cfg.mae, **loop)
+    return mae.into_encoder(model, copy.deepcopy(start)), result
+
+
 def probe(init: Any, trained: Any, train: tuple, val: tuple, max_train: int) -> dict[str, Any]:
-    """Val accuracy of a logistic regression on frozen embeddings: SimCLR vs its start."""
+    """Val accuracy of a logistic regression on frozen embeddings: pretrained vs its start."""
     from tunery.vision.probe import probe as run_probe
 
     (train_x, train_y), (val_x, val_y) = train, val
     train_x, train_y = train_x[:max_train], train_y[:max_train]
     pooling = trained.config.simclr_pooling
     scores = run_probe(
-        {"simclr": trained, "init": init}, train_x, train_y, val_x, val_y, pooling=pooling
+        {"pretrained": trained, "init": init}, train_x, train_y, val_x, val_y, pooling=pooling
     )
-    scores["diff_pt"] = round(100 * (scores["simclr"] - scores["init"]), 2)
+    scores["diff_pt"] = round(100 * (scores["pretrained"] - scores["init"]), 2)
     return scores
 
 
-def fresh_checkpoints(checkpoint_dir: Path, key: dict[str, Any]) -> None:
-    """Keep `checkpoint_dir`'s checkpoints only if they belong to this run (same settings, same
-    pool): a resume must never continue another configuration's training."""
-    marker = Path(checkpoint_dir) / "run.json"
-    wanted = json.dumps(key, sort_keys=True)
-    if marker.is_file() and marker.read_text() != wanted:
-        log.info("checkpoints in %s are another run's: starting over", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir)
-    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    marker.write_text(wanted)
+def resume_fingerprint(cfg: Any, processor: Any, pool_sha256: list[str]) -> str:
+    """What a checkpoint must share with this run to be resumed: the settings that shape the
+    training (not where it writes, how often it saves or logs, its clock, the probe) and the pool
+    (each image's hash, in order): a resume must never continue another run's training."""
+    from tunery.modeling.training import fingerprint
+
+    shaping = cfg.model_dump(mode="json", exclude={"out_dir", "checkpoint_dir", "probe_max_train"})
+    shaping.pop("mae" if cfg.objective == "simclr" else "augment")  # the other objective's
+    for key in ("max_minutes", "save_steps", "logging_steps"):
+        shaping[cfg.objective].pop(key)
+    pool = hashlib.sha256("".join(pool_sha256).encode()).hexdigest()
+    return fingerprint(shaping, processor.model_dump(mode="json"), pool)
 
 
 def run(
@@ -76,55 +100,46 @@ def run(
 ) -> dict[str, Any]:
     """Pretrain, probe, and write the encoder folder (tunery/vision/encoder_dir.py) atomically;
     the checkpoints (a resume point after a kill) are removed once it is in place."""
-    from tunery.vision.simclr import ViTForSimCLR, pretrain
+    from tunery.modeling.training import is_main_process
+    from tunery.vision.simclr import ViTForSimCLR
 
     pool_df = pool_frame(raw_dir, data_dir)
     pool = splits.pixels(pool_df, root, processor)
+    start = build(cfg, processor, root)
+    fp = resume_fingerprint(cfg, processor, list(pool_df["sha256"]))
+    loop = {"out_dir": checkpoint_dir, "resume": fp}
+    if not is_main_process():  # a torchrun rank other than 0 trains its share; rank 0 writes
+        train(cfg, start, pool, processor, **loop)
+        return {}
     names = splits.labels(data_dir)
     _, train_x, train_y = splits.load(data_dir, "train", root, processor, names)
     _, val_x, val_y = splits.load(data_dir, "val", root, processor, names)
-    model = build(cfg, processor, root)
-    pool_key = hashlib.sha256("".join(pool_df["sha256"]).encode()).hexdigest()
-    fresh_checkpoints(
-        checkpoint_dir,
-        {
-            "pretrain": cfg.model_dump(mode="json"),
-            "processor": processor.model_dump(mode="json"),
-            "pool": pool_key,
-        },
-    )
     log.info(
-        "SimCLR on %d images, %d steps of %d",
+        "%s on %d images, %d steps of %d",
+        cfg.objective,
         len(pool),
-        cfg.simclr.max_steps,
-        cfg.simclr.batch_size,
+        cfg.schedule.max_steps,
+        cfg.schedule.batch_size,
     )
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp / encoder_dir.INIT)
-        result = pretrain(
-            model,
-            pool,
-            cfg.simclr,
-            processor=processor,
-            augment_cfg=cfg.augment,
-            out_dir=checkpoint_dir,
-            resume=True,
-        )
-        shutil.copytree(checkpoint_dir / "model", tmp / encoder_dir.MODEL)
+        start.save_pretrained(tmp / encoder_dir.INIT)  # before SimCLR trains it in place
+        encoder, result = train(cfg, start, pool, processor, **loop)
+        encoder.save_pretrained(tmp / encoder_dir.MODEL)
         init = ViTForSimCLR.from_pretrained(tmp / encoder_dir.INIT, attn_implementation="eager")
-        scores = probe(init, model, (train_x, train_y), (val_x, val_y), cfg.probe_max_train)
+        scores = probe(init, encoder, (train_x, train_y), (val_x, val_y), cfg.probe_max_train)
         log.info(
-            "probe (frozen encoder + logreg, val accuracy): SimCLR %.4f vs its start %.4f (%+.1f pt)",
-            scores["simclr"],
+            "probe (frozen encoder + logreg, val accuracy): %s %.4f vs its start %.4f (%+.1f pt)",
+            cfg.objective,
+            scores["pretrained"],
             scores["init"],
             scores["diff_pt"],
         )
         info = {
-            "objective": "simclr",
+            "objective": cfg.objective,
             "init": cfg.init,
             "pool_images": len(pool),
-            "params": sum(p.numel() for p in model.vit.parameters()),
-            **{k: v for k, v in result.items()},
+            "params": sum(p.numel() for p in encoder.vit.parameters()),
+            **result,
             "final_loss": result["loss_last"],
             "probe": scores,
         }

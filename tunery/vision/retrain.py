@@ -84,17 +84,18 @@ def add_drop(root: Path, params: Any, path: Path) -> Path:
 
 
 def _embed(params: Any, paths: list[Path], model: Any) -> Any:
-    """Pooled SimCLR-encoder embeddings of image files, preprocessed as in training."""
+    """Pooled pretrained-encoder embeddings of image files, preprocessed as in training (pooled
+    as the encoder folder says: what the probe and the fine-tune's LP-FT head read)."""
     from tunery.vision.probe import embed
     from tunery.vision.processor import process_paths
 
     pixels = process_paths(paths, params.processor)
-    return embed(model, pixels, pooling=params.pretrain.simclr.pooling)
+    return embed(model, pixels, pooling=model.config.simclr_pooling)
 
 
 def measure_drift(root: Path, params: Any, new_images: list[Path]) -> dict[str, Any] | None:
     """`drift.score` of the new images vs up to `retrain.drift.reference_rows` training images,
-    embedded by the SimCLR encoder; None when there is no encoder or training split yet."""
+    embedded by the pretrained encoder; None when there is no encoder or training split yet."""
     from tunery.evaluation import drift
     from tunery.vision import encoder_dir, splits
 
@@ -105,7 +106,7 @@ def measure_drift(root: Path, params: Any, new_images: list[Path]) -> dict[str, 
     except TuneryError:
         model_dir = None
     if model_dir is None or not train.is_file():
-        log.info("drift not measured: no SimCLR encoder (%s) or training split yet", folder)
+        log.info("drift not measured: no pretrained encoder (%s) or training split yet", folder)
         return None
     from tunery.vision.simclr import ViTForSimCLR
 

@@ -1,6 +1,7 @@
 """SimCLR (Chen et al., 2020) for a ViT, trained by `transformers.Trainer`.
 
-The objective is the model's own `forward` (as the text side's SimCSE): `ViTForSimCLR` takes two
+The objective is the model's own `forward` (as the text side's SimCSE), trained by the image
+objectives' one loop (`tunery.vision.pretrain_loop.fit`): `ViTForSimCLR` takes two
 views of a batch and returns the NT-Xent loss, so the Trainer's checkpoints (safetensors), resume,
 gradient accumulation and DDP under `torchrun` apply unchanged; under DDP the loss gathers every
 process's projections, so the negatives are the global batch's (as in the paper), and
@@ -14,7 +15,6 @@ which SimCLR throws away after pretraining anyway.
 from __future__ import annotations
 
 import logging
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,9 @@ from typing import Any
 import torch
 from transformers import ViTModel, ViTPreTrainedModel
 
-from tunery.modeling.callbacks import WallClockBudget  # the text loops' budget, DDP-aware
 from tunery.vision.augment import AugmentConfig, augment, generator
 from tunery.vision.processor import ProcessorConfig
 from tunery.vision.settings import SimCLRSettings  # defined apart: params load without torch
-from tunery.vision.trainer import VisionTrainer
 from tunery.vision.vit import VitSpec, build_model, pool
 
 log = logging.getLogger("tunery.vision.simclr")
@@ -170,52 +168,6 @@ def build_simclr(
     )
 
 
-def per_process_batch(batch_size: int, processes: int) -> int:
-    """`simclr.batch_size` is the global batch (as `finetune.batch_size` on the text side): under
-    torchrun each of the processes takes its share, and NT-Xent gathers the views of all, so
-    the negatives, the steps and the schedule do not depend on the number of processes."""
-    if batch_size % processes:
-        from tunery.errors import ConfigError
-
-        raise ConfigError(
-            f"simclr.batch_size {batch_size} is the global batch and must divide evenly among "
-            f"the {processes} training processes"
-        )
-    return batch_size // processes
-
-
-def _args(settings: SimCLRSettings, out_dir: Path) -> Any:
-    from transformers import TrainingArguments
-
-    from tunery.modeling.training import world_size
-
-    cuda = torch.cuda.is_available()
-    processes = world_size()
-    ddp = {"ddp_backend": "nccl" if cuda else "gloo"} if processes > 1 else {}
-    return TrainingArguments(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=per_process_batch(settings.batch_size, processes),
-        learning_rate=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(settings.warmup_share * settings.max_steps)),
-        max_steps=settings.max_steps,
-        logging_steps=settings.logging_steps,
-        save_strategy="steps" if settings.save_steps else "no",
-        save_steps=settings.save_steps or settings.max_steps,
-        save_total_limit=2,
-        report_to="none",
-        remove_unused_columns=False,
-        dataloader_drop_last=True,  # NT-Xent's negatives: every step the same batch size
-        seed=settings.seed,
-        data_seed=settings.seed,
-        disable_tqdm=True,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        **ddp,
-    )
-
-
 def pretrain(
     model: ViTForSimCLR,
     pixel_values: torch.Tensor,
@@ -224,56 +176,24 @@ def pretrain(
     processor: ProcessorConfig,
     augment_cfg: AugmentConfig,
     out_dir: Path,
-    resume: bool = False,
+    resume: str | None = None,
 ) -> dict[str, Any]:
-    """Train `model` on unlabelled `pixel_values`; save it (safetensors) to `out_dir/model`.
+    """Train `model` on unlabelled `pixel_values` (`pretrain_loop.fit`: checkpoints, resume by
+    fingerprint `resume`, budget); save it (safetensors) to `out_dir/model`.
 
-    Checkpoints (`save_steps`) go to `out_dir/checkpoint-<step>`; `resume` continues from the
-    last one. Returns the run's numbers: steps, images seen, seconds, images/s (each image
-    counted once though it is encoded twice), first and last logged loss, the loss history.
-
-    Under torchrun (DDP) `settings.batch_size` is the global batch, split among the processes
-    (`per_process_batch`), and the loss is NT-Xent over the global batch (`nt_xent`); rank 0
-    writes `out_dir/model`. The views differ from one process's: each process's collator seeds
-    them from its own share of the indices.
+    Under torchrun (DDP) `settings.batch_size` is the global batch, split among the processes,
+    and the loss is NT-Xent over the global batch (`nt_xent`). The views differ from one
+    process's: each process's collator seeds them from its own share of the indices.
     """
-    from transformers.trainer_utils import get_last_checkpoint
+    from tunery.vision.pretrain_loop import fit
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = _args(settings, out_dir)
-    budget = WallClockBudget(settings.max_minutes) if settings.max_minutes else None
-    trainer = VisionTrainer(
-        model=model,
-        args=args,
-        train_dataset=ImageTensorDataset(pixel_values),
-        data_collator=SimCLRCollator(augment_cfg, processor, settings.seed),
-        callbacks=[budget] if budget else None,
+    collator = SimCLRCollator(augment_cfg, processor, settings.seed)
+    return fit(
+        model,
+        ImageTensorDataset(pixel_values),
+        collator,
+        settings,
+        out_dir=out_dir,
+        resume=resume,
+        what="pretrain simclr",
     )
-    checkpoint = get_last_checkpoint(str(out_dir)) if resume else None
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - t0
-    if trainer.is_world_process_zero():  # under torchrun: one writer, the others wait for it
-        model.save_pretrained(out_dir / "model")
-    trainer.accelerator.wait_for_everyone()
-    history = [
-        {"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h
-    ]
-    steps = trainer.state.global_step - _step_of(checkpoint)
-    images = steps * settings.batch_size * args.gradient_accumulation_steps  # the global batch
-    return {
-        "steps": trainer.state.global_step,
-        "images": images,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(images / seconds, 1) if seconds else 0.0,
-        "loss_first": history[0]["loss"] if history else None,
-        "loss_last": history[-1]["loss"] if history else None,
-        "stopped_by_budget": bool(budget and budget.stopped_at is not None),
-        "world_size": args.world_size,  # training processes (torchrun); images: the global count
-        "history": history,
-    }
-
-
-def _step_of(checkpoint: str | None) -> int:
-    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
